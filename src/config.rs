@@ -1,0 +1,268 @@
+//! Command-line and environment configuration, and the checks that refuse an unsafe start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Every setting of a herald node. Each flag has an environment-variable twin so the same
+/// binary runs from a shell, a systemd unit or a container without wrapper scripts.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "herald", version, about = "WebSocket notification server")]
+pub struct Config {
+    /// Address the HTTP/WebSocket server listens on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://host:port/db). Without it the node runs standalone with an
+    /// in-memory broker and presence.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// HS256 secret used to verify client JWTs. Required unless --dev.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Bearer key for the HTTP API. Required unless --dev.
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Presence time-to-live. Sessions and the node itself expire this long after the last
+    /// heartbeat; heartbeats run every third of it. Bare numbers are seconds; "500ms",
+    /// "2s" and "1m" are accepted too.
+    #[arg(long, env = "HERALD_PRESENCE_TTL", default_value = "30", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+
+    /// Prefix in front of every Redis key and channel name.
+    #[arg(long, env = "HERALD_PREFIX", default_value = "herald", value_parser = parse_prefix)]
+    pub prefix: String,
+
+    /// Identity of this node in presence and stats. Defaults to a fresh UUID per process,
+    /// so a restarted node never inherits a dead node's keys.
+    #[arg(long, env = "HERALD_NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+
+    /// Maximum concurrent WebSocket sessions on this node; further upgrades get HTTP 503.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest payload delivered to clients and largest frame accepted from them, in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Development mode: a token is the user id itself and the API needs no key.
+    #[arg(long, env = "HERALD_DEV", default_value_t = false)]
+    pub dev: bool,
+
+    /// Interval between server WebSocket pings.
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A session that has sent nothing (no frame, no pong) for this long is closed (4000).
+    #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "60", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Outbound queue capacity per session, in messages. A full queue disconnects the
+    /// session as a slow consumer (4001).
+    #[arg(long, env = "HERALD_OUTBOX_MESSAGES", default_value_t = 256)]
+    pub outbox_messages: usize,
+
+    /// Outbound queue capacity per session, in payload bytes (queued and unflushed).
+    #[arg(long, env = "HERALD_OUTBOX_BYTES", default_value_t = 1024 * 1024)]
+    pub outbox_bytes: usize,
+
+    /// A write that cannot reach the client's socket within this time marks it a slow consumer.
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Upper bound for a clean stop: sessions are closed in batches, then the process exits.
+    #[arg(long, env = "HERALD_DRAIN_GRACE", default_value = "30", value_parser = parse_duration)]
+    pub drain_grace: Duration,
+
+    /// Sessions closed per drain batch.
+    #[arg(long, env = "HERALD_DRAIN_BATCH", default_value_t = 500)]
+    pub drain_batch: usize,
+
+    /// Pause between drain batches, so clients do not all reconnect in the same instant.
+    #[arg(long, env = "HERALD_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub drain_interval: Duration,
+
+    /// Per-connection WebSocket read buffer in bytes. Small on purpose: idle sessions are the
+    /// common case, and the buffer is allocated for every connection.
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 2048)]
+    pub ws_read_buffer: usize,
+
+    /// Maximum topics one connection may join.
+    #[arg(long, env = "HERALD_MAX_TOPICS", default_value_t = 64)]
+    pub max_topics: usize,
+
+    /// Redis deadpool size (multiplexed connections used for commands).
+    #[arg(long, env = "HERALD_REDIS_POOL", default_value_t = 8)]
+    pub redis_pool: usize,
+
+    /// Log format: "text" or "json".
+    #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Why a configuration is refused; printed to the operator before exiting.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "no --jwt-secret (HERALD_JWT_SECRET) given: set one, or pass --dev for local development"
+    )]
+    MissingJwtSecret,
+    #[error("no --api-key (HERALD_API_KEY) given: set one, or pass --dev for local development")]
+    MissingApiKey,
+    #[error("--jwt-secret must be at least 16 bytes")]
+    WeakJwtSecret,
+    #[error("--api-key must be at least 16 bytes")]
+    WeakApiKey,
+    #[error("--presence-ttl must be at least 1s")]
+    TtlTooShort,
+    #[error("--idle-timeout must be longer than --ping-interval")]
+    IdleBelowPing,
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+impl Config {
+    /// Checks combinations that clap cannot express. Called before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.dev {
+            match &self.jwt_secret {
+                None => return Err(ConfigError::MissingJwtSecret),
+                Some(s) if s.len() < 16 => return Err(ConfigError::WeakJwtSecret),
+                Some(_) => {}
+            }
+            match &self.api_key {
+                None => return Err(ConfigError::MissingApiKey),
+                Some(k) if k.len() < 16 => return Err(ConfigError::WeakApiKey),
+                Some(_) => {}
+            }
+        }
+        if self.presence_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::TtlTooShort);
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::IdleBelowPing);
+        }
+        for (name, v) in [
+            ("--max-connections", self.max_connections),
+            ("--max-message-bytes", self.max_message_bytes),
+            ("--outbox-messages", self.outbox_messages),
+            ("--outbox-bytes", self.outbox_bytes),
+            ("--drain-batch", self.drain_batch),
+            ("--ws-read-buffer", self.ws_read_buffer),
+            ("--redis-pool", self.redis_pool),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// How often presence is refreshed: a third of the TTL, so two heartbeats may be lost
+    /// before anything expires.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.presence_ttl / 3
+    }
+}
+
+/// Parses "30" (seconds), "1.5", "500ms", "2s" or "1m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (use e.g. 30, 1.5, 500ms, 2s, 1m)"))?;
+    if !v.is_finite() || v < 0.0 || v * scale > 86_400.0 * 365.0 {
+        return Err(format!("duration out of range: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(is_name_byte) {
+        return Err("prefix must be 1-64 characters of [A-Za-z0-9_.-]".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(is_name_byte) {
+        return Err("node id must be 1-64 characters of [A-Za-z0-9_.-]".into());
+    }
+    Ok(s.to_string())
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(args: &[&str]) -> Config {
+        let mut v = vec!["herald"];
+        v.extend_from_slice(args);
+        Config::parse_from(v)
+    }
+
+    #[test]
+    fn durations_parse_in_every_accepted_form() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("NaN").is_err());
+    }
+
+    #[test]
+    fn production_mode_refuses_to_start_without_secrets() {
+        assert_eq!(base(&[]).validate(), Err(ConfigError::MissingJwtSecret));
+        let c = base(&["--jwt-secret", "0123456789abcdef"]);
+        assert_eq!(c.validate(), Err(ConfigError::MissingApiKey));
+        let c = base(&["--jwt-secret", "short", "--api-key", "0123456789abcdef"]);
+        assert_eq!(c.validate(), Err(ConfigError::WeakJwtSecret));
+        let c = base(&[
+            "--jwt-secret",
+            "0123456789abcdef",
+            "--api-key",
+            "0123456789abcdef",
+        ]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(base(&["--dev"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn heartbeat_is_a_third_of_the_ttl() {
+        let c = base(&["--dev", "--presence-ttl", "3"]);
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(1));
+        assert_eq!(
+            base(&["--dev"]).heartbeat_interval(),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn bad_prefix_and_node_id_are_rejected() {
+        assert!(Config::try_parse_from(["herald", "--prefix", "a b"]).is_err());
+        assert!(Config::try_parse_from(["herald", "--node-id", "x|y"]).is_err());
+        assert!(Config::try_parse_from(["herald", "--node-id", "n-1.a_b"]).is_ok());
+    }
+}

@@ -1,0 +1,196 @@
+//! Turns one published payload into one message frame and hands it to the hub: the frame
+//! is serialised once per node, never once per session.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::hub::Hub;
+use crate::keys::{Keys, Target};
+use crate::metrics as m;
+use crate::protocol::{message_frame, CloseReason};
+
+/// Control messages nodes exchange on `<prefix>:ctl`.
+#[derive(Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Control {
+    /// Close every session of `user` with 4002.
+    Disconnect { user: String },
+}
+
+/// What happened to one payload; returned for tests and the canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered { queued: usize },
+    Oversize,
+    UnknownChannel,
+    Control,
+    BadControl,
+    Canary,
+}
+
+/// Routes payloads from the broker to local sessions.
+pub struct Fanout {
+    hub: Arc<Hub>,
+    keys: Keys,
+    max_bytes: usize,
+    canary: Arc<crate::health::Health>,
+}
+
+impl Fanout {
+    pub fn new(
+        hub: Arc<Hub>,
+        keys: Keys,
+        max_bytes: usize,
+        health: Arc<crate::health::Health>,
+    ) -> Self {
+        Fanout {
+            hub,
+            keys,
+            max_bytes,
+            canary: health,
+        }
+    }
+
+    /// Handles one payload published on `channel`.
+    pub fn handle(&self, channel: &str, payload: &[u8], source: &'static str) -> Outcome {
+        let Some(target) = self.keys.parse_channel(channel) else {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "unknown_channel").increment(1);
+            return Outcome::UnknownChannel;
+        };
+        match target {
+            Target::Control => return self.control(payload),
+            Target::Canary => {
+                self.canary.canary_received(payload);
+                return Outcome::Canary;
+            }
+            _ => {}
+        }
+        metrics::counter!(m::MESSAGES_IN, "source" => source).increment(1);
+        if payload.len() > self.max_bytes {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "oversize").increment(1);
+            tracing::warn!(
+                channel,
+                bytes = payload.len(),
+                max = self.max_bytes,
+                "dropped oversize payload"
+            );
+            return Outcome::Oversize;
+        }
+        // The channel label clients see is the channel without the prefix: "user:42".
+        let label = &channel[self.keys.prefix().len() + 1..];
+        let frame = message_frame(label, None, payload);
+        let len = frame.len();
+        let msg = Message::text(frame);
+        let d = match target {
+            Target::User(u) => self.hub.deliver_user(u, &msg, len),
+            Target::Topic(t) => self.hub.deliver_topic(t, &msg, len),
+            Target::Broadcast => self.hub.deliver_broadcast(&msg, len),
+            Target::Control | Target::Canary => return Outcome::UnknownChannel,
+        };
+        metrics::counter!(m::MESSAGES_OUT).increment(d.queued as u64);
+        if d.slow > 0 {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer")
+                .increment(d.slow as u64);
+        }
+        Outcome::Delivered { queued: d.queued }
+    }
+
+    fn control(&self, payload: &[u8]) -> Outcome {
+        match serde_json::from_slice::<Control>(payload) {
+            Ok(Control::Disconnect { user }) => {
+                let n = self.hub.close_user(&user, CloseReason::Kicked);
+                tracing::info!(user, sessions = n, "disconnect requested");
+                Outcome::Control
+            }
+            Err(e) => {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "bad_control").increment(1);
+                tracing::warn!(error = %e, "ignored malformed control message");
+                Outcome::BadControl
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{SessionControl, SessionInfo};
+    use tokio::sync::mpsc;
+
+    fn setup() -> (Fanout, mpsc::Receiver<Message>, Arc<SessionControl>) {
+        let (stx, _srx) = mpsc::unbounded_channel();
+        let keys = Keys::new("p", "n1");
+        let hub = Arc::new(Hub::new(keys.clone(), stx, 1 << 20));
+        let (tx, rx) = mpsc::channel(8);
+        let ctl = Arc::new(SessionControl::default());
+        let _ = hub.register(
+            SessionInfo {
+                id: uuid::Uuid::new_v4(),
+                user: "42".into(),
+                topics: vec![Arc::<str>::from("t")].into(),
+                connected_at: 0,
+            },
+            tx,
+            ctl.clone(),
+        );
+        let health = Arc::new(crate::health::Health::new(true));
+        (Fanout::new(hub, keys, 16, health), rx, ctl)
+    }
+
+    #[test]
+    fn delivers_user_topic_and_broadcast_frames() {
+        let (f, mut rx, _) = setup();
+        assert_eq!(
+            f.handle("p:user:42", b"{\"a\":1}", "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        assert_eq!(
+            f.handle("p:topic:t", b"x", "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        assert_eq!(
+            f.handle("p:broadcast", b"1", "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        assert_eq!(
+            f.handle("p:user:7", b"1", "redis"),
+            Outcome::Delivered { queued: 0 }
+        );
+        let first = rx.try_recv().unwrap(); // safe: test
+        assert_eq!(
+            first.to_text().unwrap(), // safe: test
+            r#"{"type":"message","channel":"user:42","data":{"a":1}}"#
+        );
+    }
+
+    #[test]
+    fn oversize_and_foreign_payloads_are_dropped() {
+        let (f, mut rx, _) = setup();
+        assert_eq!(
+            f.handle("p:user:42", &[b'x'; 17], "redis"),
+            Outcome::Oversize
+        );
+        assert_eq!(
+            f.handle("q:user:42", b"1", "redis"),
+            Outcome::UnknownChannel
+        );
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn control_disconnect_kicks_the_user() {
+        let (f, _rx, ctl) = setup();
+        assert_eq!(
+            f.handle("p:ctl", b"{\"op\":\"nope\"}", "redis"),
+            Outcome::BadControl
+        );
+        assert!(!ctl.is_closed());
+        assert_eq!(
+            f.handle("p:ctl", br#"{"op":"disconnect","user":"42"}"#, "redis"),
+            Outcome::Control
+        );
+        assert_eq!(ctl.reason(), Some(CloseReason::Kicked));
+    }
+}

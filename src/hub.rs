@@ -1,0 +1,455 @@
+//! The local registry of live sessions: who is connected, which users and topics they hold,
+//! and the bounded outbox of each. The hub does no I/O and never touches Redis; it only
+//! emits ordered subscription commands for the broker to carry out.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::keys::Keys;
+use crate::protocol::CloseReason;
+
+/// A subscription change, in the order the hub decided it. The broker applies them in this
+/// order, which is what makes "subscribe on first session, unsubscribe on last" race-free.
+#[derive(Debug)]
+pub enum SubCommand {
+    /// Subscribe to `channels` (possibly none) and answer `done` once every channel asked
+    /// for so far is confirmed, or at once while the broker is disconnected.
+    Subscribe {
+        channels: Vec<String>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Unsubscribe {
+        channels: Vec<String>,
+    },
+}
+
+/// Cross-task handle used to end a session from outside its loop.
+#[derive(Debug, Default)]
+pub struct SessionControl {
+    kill: CancellationToken,
+    reason: OnceLock<CloseReason>,
+    queued_bytes: AtomicUsize,
+}
+
+impl SessionControl {
+    /// Asks the session to close with `reason`. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.kill.cancel();
+    }
+
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+
+    pub async fn closed(&self) {
+        self.kill.cancelled().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.kill.is_cancelled()
+    }
+
+    /// Called by the session after a queued message left the outbox.
+    pub fn dequeued(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// What the node knows about one session; also what presence stores.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: Uuid,
+    pub user: Arc<str>,
+    pub topics: Arc<[Arc<str>]>,
+    /// Unix milliseconds.
+    pub connected_at: u64,
+}
+
+struct Entry {
+    info: SessionInfo,
+    tx: mpsc::Sender<Message>,
+    ctl: Arc<SessionControl>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<Uuid, Entry>,
+    users: HashMap<Arc<str>, Vec<Uuid>>,
+    topics: HashMap<Arc<str>, HashSet<Uuid>>,
+}
+
+/// Result of a delivery attempt to the sessions of a target.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Messages queued for a session.
+    pub queued: usize,
+    /// Sessions whose outbox was full; each was told to close as a slow consumer.
+    pub slow: usize,
+}
+
+/// What registering a session changed.
+#[derive(Debug)]
+pub struct Registered {
+    /// Resolves once the session's channels are subscribed (or the broker is offline).
+    pub subscribed: oneshot::Receiver<()>,
+    /// The node held no other session of this user.
+    pub first_of_user: bool,
+}
+
+/// What unregistering a session changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The user has no other session on this node.
+    pub last_of_user: bool,
+}
+
+/// Counts for stats and the node heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub connections: usize,
+    pub users: usize,
+}
+
+/// The registry. Cheap reads (deliveries) take a read lock; joins and leaves a write lock.
+pub struct Hub {
+    inner: RwLock<Inner>,
+    keys: Keys,
+    subs: mpsc::UnboundedSender<SubCommand>,
+    outbox_bytes: usize,
+}
+
+impl Hub {
+    /// `subs` receives subscription changes; the queue is unbounded but holds at most one
+    /// command per join or leave in flight, so it is bounded by the connection limit.
+    pub fn new(keys: Keys, subs: mpsc::UnboundedSender<SubCommand>, outbox_bytes: usize) -> Self {
+        Hub {
+            inner: RwLock::new(Inner::default()),
+            keys,
+            subs,
+            outbox_bytes,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping delivery would, so poisoning is ignored.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a session. The returned receiver resolves once the broker has confirmed every
+    /// subscription this session needs (its user channel and topics).
+    pub fn register(
+        &self,
+        info: SessionInfo,
+        tx: mpsc::Sender<Message>,
+        ctl: Arc<SessionControl>,
+    ) -> Registered {
+        let (done_tx, done_rx) = oneshot::channel();
+        let mut inner = self.write();
+        let mut channels = Vec::new();
+        let user_sessions = inner.users.entry(info.user.clone()).or_default();
+        let first_of_user = user_sessions.is_empty();
+        if first_of_user {
+            channels.push(self.keys.user_channel(&info.user));
+        }
+        user_sessions.push(info.id);
+        for topic in info.topics.iter() {
+            let members = inner.topics.entry(topic.clone()).or_default();
+            if members.is_empty() {
+                channels.push(self.keys.topic_channel(topic));
+            }
+            members.insert(info.id);
+        }
+        inner.sessions.insert(info.id, Entry { info, tx, ctl });
+        // Sent under the lock so the broker sees joins and leaves in the order decided here.
+        // A send error means the broker is gone (node shutting down); the receiver then
+        // resolves with an error and the session proceeds without waiting.
+        let _ = self.subs.send(SubCommand::Subscribe {
+            channels,
+            done: Some(done_tx),
+        });
+        Registered {
+            subscribed: done_rx,
+            first_of_user,
+        }
+    }
+
+    /// Removes a session; returns `None` if it was not registered.
+    pub fn unregister(&self, id: Uuid) -> Option<Removed> {
+        let mut inner = self.write();
+        let entry = inner.sessions.remove(&id)?;
+        let mut channels = Vec::new();
+        let mut last_of_user = false;
+        if let Some(list) = inner.users.get_mut(&entry.info.user) {
+            list.retain(|s| *s != id);
+            if list.is_empty() {
+                inner.users.remove(&entry.info.user);
+                channels.push(self.keys.user_channel(&entry.info.user));
+                last_of_user = true;
+            }
+        }
+        for topic in entry.info.topics.iter() {
+            if let Some(members) = inner.topics.get_mut(topic) {
+                members.remove(&id);
+                if members.is_empty() {
+                    inner.topics.remove(topic);
+                    channels.push(self.keys.topic_channel(topic));
+                }
+            }
+        }
+        if !channels.is_empty() {
+            let _ = self.subs.send(SubCommand::Unsubscribe { channels });
+        }
+        Some(Removed { last_of_user })
+    }
+
+    fn offer(&self, entry: &Entry, msg: &Message, len: usize, d: &mut Delivery) {
+        if entry.ctl.is_closed() {
+            return;
+        }
+        let queued = entry.ctl.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.outbox_bytes {
+            entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            entry.ctl.close(CloseReason::SlowConsumer);
+            d.slow += 1;
+            return;
+        }
+        match entry.tx.try_send(msg.clone()) {
+            Ok(()) => d.queued += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                entry.ctl.close(CloseReason::SlowConsumer);
+                d.slow += 1;
+            }
+            // The session loop has already ended and will unregister itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues `msg` (cheap to clone: the payload is shared) for every session of `user`.
+    pub fn deliver_user(&self, user: &str, msg: &Message, len: usize) -> Delivery {
+        let inner = self.read();
+        let mut d = Delivery::default();
+        if let Some(ids) = inner.users.get(user) {
+            for id in ids {
+                if let Some(e) = inner.sessions.get(id) {
+                    self.offer(e, msg, len, &mut d);
+                }
+            }
+        }
+        d
+    }
+
+    pub fn deliver_topic(&self, topic: &str, msg: &Message, len: usize) -> Delivery {
+        let inner = self.read();
+        let mut d = Delivery::default();
+        if let Some(ids) = inner.topics.get(topic) {
+            for id in ids {
+                if let Some(e) = inner.sessions.get(id) {
+                    self.offer(e, msg, len, &mut d);
+                }
+            }
+        }
+        d
+    }
+
+    pub fn deliver_broadcast(&self, msg: &Message, len: usize) -> Delivery {
+        let inner = self.read();
+        let mut d = Delivery::default();
+        for e in inner.sessions.values() {
+            self.offer(e, msg, len, &mut d);
+        }
+        d
+    }
+
+    /// Closes every session of `user` with `reason`; returns how many were told.
+    pub fn close_user(&self, user: &str, reason: CloseReason) -> usize {
+        let inner = self.read();
+        let mut n = 0;
+        if let Some(ids) = inner.users.get(user) {
+            for id in ids {
+                if let Some(e) = inner.sessions.get(id) {
+                    e.ctl.close(reason);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Every live session, for heartbeats and re-assertion after a Redis restart.
+    pub fn snapshot(&self) -> Vec<SessionInfo> {
+        self.read()
+            .sessions
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    /// Controls of every live session, for draining.
+    pub fn controls(&self) -> Vec<Arc<SessionControl>> {
+        self.read()
+            .sessions
+            .values()
+            .map(|e| e.ctl.clone())
+            .collect()
+    }
+
+    /// Channels the node must be subscribed to for its current sessions.
+    pub fn channels(&self) -> Vec<String> {
+        let inner = self.read();
+        inner
+            .users
+            .keys()
+            .map(|u| self.keys.user_channel(u))
+            .chain(inner.topics.keys().map(|t| self.keys.topic_channel(t)))
+            .collect()
+    }
+
+    pub fn counts(&self) -> Counts {
+        let inner = self.read();
+        Counts {
+            connections: inner.sessions.len(),
+            users: inner.users.len(),
+        }
+    }
+
+    /// Number of topics with at least one local session (for tests and metrics).
+    pub fn topic_count(&self) -> usize {
+        self.read().topics.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> (Hub, mpsc::UnboundedReceiver<SubCommand>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Hub::new(Keys::new("p", "n"), tx, 1024), rx)
+    }
+
+    fn info(user: &str, topics: &[&str]) -> SessionInfo {
+        SessionInfo {
+            id: Uuid::new_v4(),
+            user: user.into(),
+            topics: topics.iter().map(|t| Arc::<str>::from(*t)).collect(),
+            connected_at: 0,
+        }
+    }
+
+    fn channels_of(cmd: SubCommand) -> (bool, Vec<String>) {
+        match cmd {
+            SubCommand::Subscribe { channels, .. } => (true, channels),
+            SubCommand::Unsubscribe { channels } => (false, channels),
+        }
+    }
+
+    #[test]
+    fn subscribes_on_first_session_and_unsubscribes_on_last() {
+        let (hub, mut rx) = hub();
+        let a = info("u1", &["t"]);
+        let b = info("u1", &["t"]);
+        let (tx, _r1) = mpsc::channel(4);
+        let _ = hub.register(a.clone(), tx.clone(), Default::default());
+        let _ = hub.register(b.clone(), tx, Default::default());
+        let (sub, ch) = channels_of(rx.try_recv().unwrap()); // safe: test
+        assert!(sub);
+        assert_eq!(ch, vec!["p:user:u1".to_string(), "p:topic:t".to_string()]);
+        let (sub, ch) = channels_of(rx.try_recv().unwrap()); // safe: test
+        assert!(sub && ch.is_empty());
+        assert_eq!(
+            hub.unregister(a.id),
+            Some(Removed {
+                last_of_user: false
+            })
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.unregister(b.id), Some(Removed { last_of_user: true }));
+        let (sub, ch) = channels_of(rx.try_recv().unwrap()); // safe: test
+        assert!(!sub);
+        assert_eq!(ch.len(), 2);
+        assert_eq!(
+            hub.counts(),
+            Counts {
+                connections: 0,
+                users: 0
+            }
+        );
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(hub.unregister(b.id), None);
+    }
+
+    #[test]
+    fn full_outbox_marks_slow_consumer_and_spares_others() {
+        let (hub, _rx) = hub();
+        let slow = info("slow", &[]);
+        let fast = info("fast", &[]);
+        let slow_ctl = Arc::new(SessionControl::default());
+        let (slow_tx, _slow_rx) = mpsc::channel(2);
+        let (fast_tx, mut fast_rx) = mpsc::channel(16);
+        let _ = hub.register(slow, slow_tx, slow_ctl.clone());
+        let _ = hub.register(fast, fast_tx, Default::default());
+        let msg = Message::text("x");
+        let mut total = Delivery::default();
+        for _ in 0..3 {
+            let d = hub.deliver_broadcast(&msg, 1);
+            total.queued += d.queued;
+            total.slow += d.slow;
+        }
+        assert_eq!(total.slow, 1);
+        assert_eq!(slow_ctl.reason(), Some(CloseReason::SlowConsumer));
+        let mut got = 0;
+        while fast_rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 3);
+    }
+
+    #[test]
+    fn byte_budget_is_enforced() {
+        let (hub, _rx) = hub();
+        let s = info("u", &[]);
+        let ctl = Arc::new(SessionControl::default());
+        let (tx, _keep) = mpsc::channel(1000);
+        let _ = hub.register(s, tx, ctl.clone());
+        let msg = Message::text("y".repeat(600));
+        assert_eq!(hub.deliver_user("u", &msg, 600).queued, 1);
+        assert_eq!(hub.deliver_user("u", &msg, 600).slow, 1);
+        assert!(ctl.is_closed());
+        assert_eq!(ctl.queued_bytes(), 600);
+    }
+
+    #[test]
+    fn topic_and_user_delivery_reach_only_members() {
+        let (hub, _rx) = hub();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let _ = hub.register(info("a", &["news"]), tx1, Default::default());
+        let _ = hub.register(info("b", &[]), tx2, Default::default());
+        let m = Message::text("m");
+        assert_eq!(hub.deliver_topic("news", &m, 1).queued, 1);
+        assert_eq!(hub.deliver_user("b", &m, 1).queued, 1);
+        assert_eq!(hub.deliver_user("nobody", &m, 1).queued, 0);
+        assert!(rx1.try_recv().is_ok() && rx1.try_recv().is_err());
+        assert!(rx2.try_recv().is_ok() && rx2.try_recv().is_err());
+        assert_eq!(hub.close_user("a", CloseReason::Kicked), 1);
+    }
+}

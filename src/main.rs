@@ -1,0 +1,103 @@
+//! The `herald` binary: parses configuration, starts a node, serves until SIGTERM/SIGINT,
+//! then drains.
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use herald::config::Config;
+use herald::node::Node;
+
+fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    init_tracing(&config.log_format);
+    if let Err(e) = config.validate() {
+        eprintln!("herald: refusing to start: {e}");
+        tracing::error!("refusing to start: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if config.dev {
+        tracing::warn!("################################################################");
+        tracing::warn!("# --dev: tokens are taken as user ids and the API needs no key. #");
+        tracing::warn!("# Anyone can connect as anyone. Never run this in production.  #");
+        tracing::warn!("################################################################");
+    }
+    let listen = config.listen;
+    let mode = if config.redis_url.is_some() {
+        "cluster"
+    } else {
+        "standalone"
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let node = Node::start(config).context("cannot start the node")?;
+    tracing::info!(node = %node.node_id, %listen, mode, "herald listening");
+
+    let http_stop = CancellationToken::new();
+    let server = tokio::spawn(herald::server::serve(
+        listener,
+        herald::http::routes(node.clone()),
+        http_stop.clone(),
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("stop requested; draining");
+    // HTTP keeps serving while draining so /readyz reports 503 and upgrades are refused.
+    node.drain().await;
+    http_stop.cancel();
+    let _ = server.await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler; only Ctrl-C stops");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

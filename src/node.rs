@@ -1,0 +1,371 @@
+//! Wires a node together (hub, broker, presence, health, auth) and owns its lifecycle:
+//! background tasks, the session life cycle around the socket loop, and draining.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::auth::{Authenticator, Identity};
+use crate::broker::{Broker, MemoryBroker, RedisBroker, SubscriberSettings};
+use crate::config::Config;
+use crate::fanout::Fanout;
+use crate::health::Health;
+use crate::hub::{Hub, SessionControl, SessionInfo, SubCommand};
+use crate::keys::Keys;
+use crate::metrics as m;
+use crate::presence::{MemoryPresence, Presence, RedisPresence};
+use crate::protocol::{CloseReason, ServerFrame};
+use crate::session::{self, SessionLimits};
+
+/// Why a node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid Redis URL: {0}")]
+    RedisUrl(#[from] redis::RedisError),
+    #[error("cannot build the Redis pool: {0}")]
+    Pool(String),
+}
+
+/// How long a new session waits for its subscriptions before its welcome is sent anyway.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+/// Heartbeat retry interval while Redis is failing (bounded by the normal interval).
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A running node.
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub keys: Keys,
+    pub hub: Arc<Hub>,
+    pub broker: Broker,
+    pub presence: Presence,
+    pub health: Arc<Health>,
+    pub auth: Authenticator,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    slots: AtomicUsize,
+    sessions: TaskTracker,
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+/// A reserved connection slot; released when dropped.
+pub struct Slot {
+    node: Arc<Node>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.node.slots.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Node {
+    /// Builds the node and starts its background tasks (subscriber, heartbeat). Never waits
+    /// for Redis: a node started before Redis is reachable reports not-ready until it is.
+    pub fn start(config: Config) -> Result<Arc<Node>, NodeError> {
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let keys = Keys::new(&config.prefix, &node_id);
+        let standalone = config.redis_url.is_none();
+        let health = Arc::new(Health::new(standalone));
+        let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
+        let hub = Arc::new(Hub::new(keys.clone(), sub_tx, config.outbox_bytes));
+        let fanout = Arc::new(Fanout::new(
+            hub.clone(),
+            keys.clone(),
+            config.max_message_bytes,
+            health.clone(),
+        ));
+
+        let (broker, presence) = match &config.redis_url {
+            None => {
+                let b = MemoryBroker::new();
+                b.attach(fanout.clone());
+                (
+                    Broker::Memory(b),
+                    Presence::Memory(MemoryPresence::new(&node_id, config.presence_ttl)),
+                )
+            }
+            Some(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let pool = deadpool_redis::Config::from_url(url.clone())
+                    .builder()
+                    .map_err(|e| NodeError::Pool(e.to_string()))?
+                    .max_size(config.redis_pool)
+                    .wait_timeout(Some(Duration::from_secs(2)))
+                    .create_timeout(Some(Duration::from_secs(2)))
+                    .recycle_timeout(Some(Duration::from_secs(2)))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| NodeError::Pool(e.to_string()))?;
+                (
+                    Broker::Redis(RedisBroker::new(client, pool.clone())),
+                    Presence::Redis(RedisPresence::new(
+                        pool,
+                        keys.clone(),
+                        &node_id,
+                        &config.listen.to_string(),
+                        config.presence_ttl,
+                    )),
+                )
+            }
+        };
+
+        let auth = match &config.jwt_secret {
+            Some(secret) if !config.dev => Authenticator::jwt(secret, config.max_topics),
+            _ => Authenticator::dev(config.max_topics),
+        };
+
+        let node = Arc::new(Node {
+            node_id,
+            keys: keys.clone(),
+            hub,
+            broker,
+            presence,
+            health: health.clone(),
+            auth,
+            metrics: crate::metrics::install(),
+            slots: AtomicUsize::new(0),
+            sessions: TaskTracker::new(),
+            background: TaskTracker::new(),
+            stop_background: CancellationToken::new(),
+            config,
+        });
+
+        let reassert = Arc::new(Notify::new());
+        let settings = SubscriberSettings {
+            static_channels: vec![
+                keys.broadcast_channel(),
+                keys.control_channel(),
+                keys.canary_channel(),
+            ],
+            canary_channel: keys.canary_channel(),
+            probe_interval: node
+                .config
+                .heartbeat_interval()
+                .max(Duration::from_millis(500)),
+            probe_timeout: (node.config.heartbeat_interval() * 2).max(Duration::from_secs(2)),
+            health: health.clone(),
+            on_reconnect: reassert.clone(),
+        };
+        {
+            let n = node.clone();
+            let stop = node.stop_background.clone();
+            node.background.spawn(async move {
+                n.broker
+                    .run_subscriber(fanout, sub_rx, settings, stop)
+                    .await;
+            });
+        }
+        {
+            let n = node.clone();
+            node.background
+                .spawn(async move { n.heartbeat_loop(reassert).await });
+        }
+        Ok(node)
+    }
+
+    /// Refreshes presence every third of the TTL, at once after a pub/sub reconnect, and
+    /// every second while Redis fails (so readiness recovers quickly).
+    async fn heartbeat_loop(self: Arc<Self>, reassert: Arc<Notify>) {
+        let interval = self.config.heartbeat_interval();
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = self.stop_background.cancelled() => return,
+                _ = sleep(wait) => {}
+                _ = reassert.notified() => {}
+            }
+            let sessions = self.hub.snapshot();
+            let counts = self.hub.counts();
+            metrics::gauge!(m::CONNECTIONS).set(counts.connections as f64);
+            metrics::gauge!(m::USERS).set(counts.users as f64);
+            let started = Instant::now();
+            match self.presence.heartbeat(&sessions, counts).await {
+                Ok(()) => {
+                    metrics::histogram!(m::HEARTBEAT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    self.health.set_redis(true);
+                    wait = interval;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence heartbeat failed");
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
+                    self.health.set_redis(false);
+                    wait = interval.min(RETRY_INTERVAL);
+                }
+            }
+        }
+    }
+
+    /// Reserves a connection slot, or `None` when the node is full.
+    pub fn try_reserve(self: &Arc<Self>) -> Option<Slot> {
+        let prev = self.slots.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot { node: self.clone() };
+        (prev < self.config.max_connections).then_some(slot)
+    }
+
+    /// tungstenite settings for every session: the small read buffer is what keeps idle
+    /// sessions cheap, and the write buffer cap bounds a stalled socket.
+    pub fn ws_config(&self) -> WebSocketConfig {
+        let max = self.config.max_message_bytes;
+        WebSocketConfig::default()
+            .read_buffer_size(self.config.ws_read_buffer)
+            .write_buffer_size(0)
+            .max_write_buffer_size(
+                self.config
+                    .outbox_bytes
+                    .saturating_add(max)
+                    .saturating_add(4096),
+            )
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+    }
+
+    /// Runs a session on an upgraded connection, from registration to presence removal.
+    pub fn spawn_session(
+        self: &Arc<Self>,
+        upgrade: hyper::upgrade::OnUpgrade,
+        who: Identity,
+        slot: Slot,
+    ) {
+        let node = self.clone();
+        self.sessions.spawn(async move {
+            let _slot = slot;
+            let upgraded: Upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    metrics::counter!(m::UPGRADES_REJECTED, "reason" => "upgrade_failed")
+                        .increment(1);
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(node.ws_config()),
+            )
+            .await;
+            node.run_session(ws, who).await;
+        });
+    }
+
+    async fn run_session<S>(&self, ws: WebSocketStream<S>, who: Identity)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let info = SessionInfo {
+            id: Uuid::new_v4(),
+            user: who.user.into(),
+            topics: who.topics.into_iter().map(Arc::<str>::from).collect(),
+            connected_at: crate::unix_ms(),
+        };
+        let (tx, rx) = mpsc::channel(self.config.outbox_messages);
+        let ctl = Arc::new(SessionControl::default());
+        let reg = self.hub.register(info.clone(), tx, ctl.clone());
+        metrics::counter!(m::SESSIONS_OPENED).increment(1);
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        if let Err(e) = self.presence.add(&info, reg.first_of_user).await {
+            // The next heartbeat writes it; the session is not refused for a Redis blip.
+            tracing::warn!(error = %e, "presence add failed");
+            metrics::counter!(m::REDIS_ERRORS, "op" => "presence_add").increment(1);
+        }
+        let _ = timeout(SUBSCRIBE_WAIT, reg.subscribed).await;
+
+        let session_id = info.id.to_string();
+        let welcome = ServerFrame::Welcome {
+            session: &session_id,
+            user: &info.user,
+            node: &self.node_id,
+        }
+        .to_text();
+        let limits = SessionLimits {
+            ping_interval: self.config.ping_interval,
+            idle_timeout: self.config.idle_timeout,
+            write_timeout: self.config.write_timeout,
+        };
+        let reason = session::run(ws, welcome, rx, ctl, limits).await;
+
+        let removed = self.hub.unregister(info.id);
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+        metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason.label()).increment(1);
+        if reason == CloseReason::SlowConsumer {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+        }
+        let last = removed.map(|r| r.last_of_user).unwrap_or(false);
+        if let Err(e) = self.presence.remove(&info, last).await {
+            tracing::debug!(error = %e, "presence remove failed; the entry will expire");
+            metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
+        }
+        tracing::debug!(session = %info.id, user = %info.user, reason = reason.label(), "session closed");
+    }
+
+    /// Live sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.hub.counts().connections
+    }
+
+    /// Clean stop: not-ready at once, refuse upgrades, close sessions with 1012 in paced
+    /// batches (each removes its presence as it ends), deregister, stop background tasks.
+    /// Returns within `drain_grace` whatever the clients do.
+    pub async fn drain(&self) {
+        let deadline = Instant::now() + self.config.drain_grace;
+        self.health.set_draining();
+        let controls = self.hub.controls();
+        tracing::info!(sessions = controls.len(), "draining");
+        for (i, batch) in controls.chunks(self.config.drain_batch).enumerate() {
+            if i > 0 {
+                sleep(self.config.drain_interval).await;
+            }
+            for ctl in batch {
+                ctl.close(CloseReason::Draining);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        // Sessions that arrived during the drain are closed too.
+        for ctl in self.hub.controls() {
+            ctl.close(CloseReason::Draining);
+        }
+        self.sessions.close();
+        // Keep a little of the grace for deregistering.
+        let session_deadline = deadline
+            .checked_sub(Duration::from_millis(500))
+            .unwrap_or(deadline)
+            .max(Instant::now());
+        if tokio::time::timeout_at(session_deadline, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.session_count(),
+                "drain grace ran out; dropping remaining sessions"
+            );
+        }
+        if let Err(e) = self.presence.deregister().await {
+            tracing::warn!(error = %e, "deregister failed; the node record will expire");
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout_at(
+            deadline.max(Instant::now() + Duration::from_millis(100)),
+            self.background.wait(),
+        )
+        .await;
+        tracing::info!("drained");
+    }
+}

@@ -1,0 +1,189 @@
+//! One connection's loop: reads client frames, drains the bounded outbox to the socket,
+//! pings, enforces the idle timeout, and closes with a documented code when told to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::hub::SessionControl;
+use crate::metrics as m;
+use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
+
+/// Timing and size limits of a session loop.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+/// Most queued messages written before one flush.
+const WRITE_BATCH: usize = 64;
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs the session until it ends and returns why. The caller has already registered it
+/// and sent nothing; `welcome` is the first frame written.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    welcome: String,
+    mut outbox: mpsc::Receiver<Message>,
+    ctl: Arc<SessionControl>,
+    limits: SessionLimits,
+) -> CloseReason
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let mut last_heard = Instant::now();
+    let mut ticker = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    let mut reason = match timeout(limits.write_timeout, sink.send(Message::text(welcome))).await {
+        Ok(Ok(())) => None,
+        Ok(Err(_)) => Some(CloseReason::ConnectionLost),
+        Err(_) => Some(CloseReason::SlowConsumer),
+    };
+
+    while reason.is_none() {
+        tokio::select! {
+            biased;
+            _ = ctl.closed() => {
+                reason = Some(ctl.reason().unwrap_or(CloseReason::Internal));
+            }
+            msg = outbox.recv() => {
+                let Some(msg) = msg else {
+                    reason = Some(CloseReason::Internal);
+                    break;
+                };
+                // Feed what is already queued, then flush once: one syscall for a burst.
+                let mut batch = vec![msg];
+                while batch.len() < WRITE_BATCH {
+                    match outbox.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let bytes: usize = batch.iter().map(Message::len).sum();
+                let write = async {
+                    for m in batch {
+                        sink.feed(m).await?;
+                    }
+                    sink.flush().await
+                };
+                let result = tokio::select! {
+                    biased;
+                    _ = ctl.closed() => None,
+                    r = timeout(limits.write_timeout, write) => Some(r),
+                };
+                ctl.dequeued(bytes);
+                match result {
+                    None => reason = Some(ctl.reason().unwrap_or(CloseReason::Internal)),
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(_))) => reason = Some(CloseReason::ConnectionLost),
+                    Some(Err(_)) => {
+                        metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                        ctl.close(CloseReason::SlowConsumer);
+                        reason = Some(CloseReason::SlowConsumer);
+                    }
+                }
+            }
+            frame = stream.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    None => reason = Some(CloseReason::ConnectionLost),
+                    Some(Ok(Message::Text(text))) => match parse_client_frame(text.as_str()) {
+                        ClientFrame::LegacyHeartbeat => {
+                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
+                        }
+                        ClientFrame::Ping => {
+                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
+                            if !reply(&mut sink, ServerFrame::Pong.to_text(), limits.write_timeout).await {
+                                reason = Some(CloseReason::ConnectionLost);
+                            }
+                        }
+                        ClientFrame::Unknown(kind) => {
+                            metrics::counter!(m::CLIENT_FRAMES, "kind" => kind).increment(1);
+                            let text = ServerFrame::Error { error: kind }.to_text();
+                            if !reply(&mut sink, text, limits.write_timeout).await {
+                                reason = Some(CloseReason::ConnectionLost);
+                            }
+                        }
+                    },
+                    Some(Ok(Message::Binary(_))) => {
+                        metrics::counter!(m::CLIENT_FRAMES, "kind" => "binary").increment(1);
+                        reason = Some(CloseReason::Binary);
+                    }
+                    Some(Ok(Message::Close(_))) => reason = Some(CloseReason::ClientClosed),
+                    // Pings are answered by tungstenite as part of reading; pongs only
+                    // prove liveness, which `last_heard` already recorded.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Err(e)) => reason = Some(classify(&e)),
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() >= limits.idle_timeout {
+                    reason = Some(CloseReason::IdleTimeout);
+                } else if !matches!(
+                    timeout(limits.write_timeout, sink.send(Message::Ping(Default::default()))).await,
+                    Ok(Ok(()))
+                ) {
+                    reason = Some(CloseReason::ConnectionLost);
+                }
+            }
+        }
+    }
+    // safe: the loop only exits once `reason` is set.
+    let reason = reason.unwrap_or(CloseReason::Internal);
+
+    // Free queued messages before the (possibly slow) close handshake.
+    drop(outbox);
+    if !matches!(
+        reason,
+        CloseReason::ClientClosed | CloseReason::ConnectionLost
+    ) {
+        let frame = CloseFrame {
+            code: CloseCode::from(reason.code()),
+            reason: reason.label().into(),
+        };
+        // A slow consumer is not owed a patient goodbye; its buffers go now.
+        let wait = if reason == CloseReason::SlowConsumer {
+            Duration::from_millis(100)
+        } else {
+            CLOSE_TIMEOUT
+        };
+        let _ = timeout(wait, sink.send(Message::Close(Some(frame)))).await;
+    } else if reason == CloseReason::ClientClosed {
+        // Complete the closing handshake the client started.
+        let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+    }
+    reason
+}
+
+async fn reply<K>(sink: &mut K, text: String, wait: Duration) -> bool
+where
+    K: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    matches!(
+        timeout(wait, sink.send(Message::text(text))).await,
+        Ok(Ok(()))
+    )
+}
+
+fn classify(e: &WsError) -> CloseReason {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
+        WsError::Utf8(_) => CloseReason::InvalidUtf8,
+        WsError::Protocol(_) => CloseReason::Protocol,
+        _ => CloseReason::ConnectionLost,
+    }
+}
