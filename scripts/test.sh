@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test from scratch on a fresh Debian machine: installs what the tests need
+# (redis-server for the private test Redis instances, nginx for the load-balancer test)
+# where it is missing, then builds and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "test.sh: installing ${need[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+  # The packages may start their system services; the tests run private instances on free
+  # ports, so a packaged nginx on :80 is stopped again. A system Redis is left alone.
+  if printf '%s\n' "${need[@]}" | grep -qx nginx; then
+    $sudo service nginx stop >/dev/null 2>&1 || $sudo nginx -s stop >/dev/null 2>&1 || true
+  fi
+fi
+export PATH="$PATH:/usr/sbin"
+
+cargo build --locked --all-targets
+cargo test --locked --all-targets -- "$@"
