@@ -189,7 +189,16 @@ impl RedisBroker {
                             break "subscribe failed";
                         }
                     }
-                    _ = probe.tick() => {
+                    tick = probe.tick() => {
+                        // A tick far behind schedule means this process was not running
+                        // (SIGSTOP, VM pause): the canary may be sitting unread in the socket,
+                        // so its clock restarts instead of condemning a healthy connection.
+                        if tick.elapsed() > s.probe_interval / 2 {
+                            tracing::warn!(late_ms = tick.elapsed().as_millis() as u64, "process was stalled; re-checking the subscription");
+                            s.health.canary_reset();
+                            s.on_reconnect.notify_one();
+                            continue;
+                        }
                         if s.health.canary_overdue(s.probe_timeout.as_millis() as u64) {
                             metrics::counter!(m::CANARY_TIMEOUTS).increment(1);
                             break "canary did not come back";
