@@ -1,0 +1,421 @@
+#!/usr/bin/env bash
+# The docker-compose.yml topology from local processes, without Docker:
+#
+#   redis-server  127.0.0.1:$REDIS_PORT        private, persists nothing (never 6379)
+#   herald1..3    127.0.0.1:$PORT_BASE+1..+3   one Redis, one prefix
+#   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl
+#
+# Usage:
+#   scripts/local-cluster.sh [run]     in the foreground (the default); Ctrl-C or SIGTERM
+#                                      stops everything: the nodes first (they drain,
+#                                      closing sessions with 1012 through nginx), then
+#                                      nginx, then Redis
+#   scripts/local-cluster.sh start     the same in the background (log: $RUN_DIR/cluster.log)
+#   scripts/local-cluster.sh stop      stops a cluster started by `start` or `run`
+#   scripts/local-cluster.sh status    processes, and /readyz of every node and of nginx
+#   scripts/local-cluster.sh token USER [TOPIC...]
+#                                      prints a client JWT signed with HERALD_JWT_SECRET
+#
+# Environment:
+#   PORT_BASE=8080            nginx port; the nodes take the next three
+#   REDIS_PORT=6390           the private redis-server
+#   RUN_DIR=target/local-cluster   configs, logs and pid files
+#   HERALD_BIN=<path>         use this binary instead of building one
+#   PROFILE=debug|release     which `cargo build` to run when HERALD_BIN is unset (debug)
+#   HERALD_JWT_SECRET, HERALD_API_KEY   development defaults as in docker-compose.yml
+#   DEV=1                     run the nodes with --dev (token = user id, API without key)
+#   NODE_ARGS="--flag v ..."  extra herald flags for every node
+#
+# nginx and redis-server are installed with apt-get when missing (as root, or via sudo).
+# Everything listens on 127.0.0.1 only. Every process is started by this script and
+# stopped by it; nothing is left behind.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PORT_BASE=${PORT_BASE:-8080}
+REDIS_PORT=${REDIS_PORT:-6390}
+RUN_DIR=${RUN_DIR:-$ROOT/target/local-cluster}
+PROFILE=${PROFILE:-debug}
+DEV=${DEV:-0}
+NODE_ARGS=${NODE_ARGS:-}
+export HERALD_JWT_SECRET=${HERALD_JWT_SECRET:-change-me-please-0123456789}
+export HERALD_API_KEY=${HERALD_API_KEY:-change-me-please-0123456789}
+# herald's drain grace (default 30s) plus a margin, before a node is killed on stop.
+STOP_WAIT=${STOP_WAIT:-35}
+
+LB_PORT=$PORT_BASE
+NODE_PORTS=("$((PORT_BASE + 1))" "$((PORT_BASE + 2))" "$((PORT_BASE + 3))")
+
+say() { printf 'local-cluster: %s\n' "$*" >&2; }
+die() {
+    say "$*"
+    exit 1
+}
+
+# ---------- small helpers ----------
+
+# True while $1 is a live process (a zombie child that was not reaped yet counts as gone).
+alive() {
+    local pid=$1 stat
+    [[ -n $pid && -r /proc/$pid/stat ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
+# True if something accepts connections on 127.0.0.1:$1.
+port_busy() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# HTTP status of GET 127.0.0.1:$1$2, or 000 (plain bash, no curl needed).
+http_status() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 0
+        printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&3
+        IFS=' ' read -r -t 5 _ code _ <&3 && printf '%s' "$code"
+    ) 2>/dev/null || true
+}
+
+status_of() {
+    local s
+    s=$(http_status "$1" "$2")
+    printf '%s' "${s:-000}"
+}
+
+# Waits up to $3 seconds for GET 127.0.0.1:$1$2 to answer 200.
+wait_200() {
+    local deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
+        [[ $(status_of "$1" "$2") == 200 ]] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+find_bin() {
+    local name=$1 p
+    for p in "$(command -v "$name" 2>/dev/null || true)" "/usr/sbin/$name" "/usr/bin/$name"; do
+        [[ -n $p && -x $p ]] && {
+            printf '%s' "$p"
+            return 0
+        }
+    done
+    return 1
+}
+
+# Installs Debian package $2 for binary $1 when missing. The package may start its system
+# service (nginx on port 80, redis on 6379); this script did not ask for that, so it stops
+# a service that the installation just started.
+ensure_installed() {
+    local bin=$1 pkg=$2 service=$3 sudo=()
+    find_bin "$bin" >/dev/null && return 0
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "$bin is missing: install it with: apt-get install -y $pkg"
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null || die "$bin is missing and there is no apt-get: install $pkg"
+    say "$bin is missing; installing $pkg with apt-get"
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg"
+    if command -v service >/dev/null && "${sudo[@]}" service "$service" status >/dev/null 2>&1; then
+        say "stopping the $service system service the package started"
+        "${sudo[@]}" service "$service" stop || true
+    fi
+    find_bin "$bin" >/dev/null || die "$bin still missing after installing $pkg"
+}
+
+# ---------- token ----------
+
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+
+cmd_token() {
+    local user=${1:-}
+    [[ -n $user ]] || die "usage: $0 token USER [TOPIC...]"
+    shift
+    if [[ $DEV == 1 ]]; then
+        printf '%s\n' "$user"
+        return
+    fi
+    command -v openssl >/dev/null || die "token needs openssl (or run with DEV=1: the token is the user id)"
+    local s topics="" header payload sig
+    for s in "$user" "$@"; do
+        [[ $s =~ ^[^[:space:]\"\\]+$ ]] || die "invalid name: $s"
+    done
+    for s in "$@"; do topics+="${topics:+,}\"$s\""; done
+    header=$(printf '{"alg":"HS256","typ":"JWT"}' | b64url)
+    payload=$(printf '{"sub":"%s","exp":%d,"topics":[%s]}' "$user" "$(($(date +%s) + 86400))" "$topics" | b64url)
+    sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -hmac "$HERALD_JWT_SECRET" -binary | b64url)
+    printf '%s.%s.%s\n' "$header" "$payload" "$sig"
+}
+
+# ---------- run (foreground supervisor) ----------
+
+NAMES=()
+PIDS=()
+SLEEPER=""
+CLEANED=0
+
+# Starts "$@" as a child in its own session (so a terminal's Ctrl-C reaches only this
+# script, which then stops everything in order) and records its pid.
+spawn() {
+    local name=$1 log=$2
+    shift 2
+    if command -v setsid >/dev/null; then
+        setsid "$@" >"$log" 2>&1 </dev/null &
+    else
+        "$@" >"$log" 2>&1 </dev/null &
+    fi
+    NAMES+=("$name")
+    PIDS+=("$!")
+    printf '%s\n' "$!" >"$RUN_DIR/pids/$name.pid"
+}
+
+# Sends $2 (unless it is "-") to the child named $1 and waits up to $3 seconds before
+# SIGKILL.
+stop_child() {
+    local name=$1 sig=$2 wait=$3 i pid=""
+    for i in "${!NAMES[@]}"; do [[ ${NAMES[$i]} == "$name" ]] && pid=${PIDS[$i]}; done
+    [[ -n $pid ]] || return 0
+    if [[ $sig != - ]] && alive "$pid"; then
+        kill "-$sig" "$pid" 2>/dev/null || true
+    fi
+    local deadline=$((SECONDS + wait))
+    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+    if alive "$pid"; then
+        say "$name did not stop within ${wait}s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    rm -f "$RUN_DIR/pids/$name.pid"
+}
+
+cleanup() {
+    ((CLEANED)) && return 0
+    CLEANED=1
+    # Stopping is bounded (STOP_WAIT per node at most): do not abandon it half-way.
+    trap 'say "still stopping; nodes drain for up to ${STOP_WAIT}s"' INT TERM
+    [[ -n $SLEEPER ]] && kill "$SLEEPER" 2>/dev/null
+    ((${#PIDS[@]})) || return 0
+    say "stopping: the nodes (draining), then nginx, then redis"
+    local i
+    # Drain every node at once, then wait for each.
+    for i in "${!NAMES[@]}"; do
+        if [[ ${NAMES[$i]} == herald* ]] && alive "${PIDS[$i]}"; then
+            kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+        fi
+    done
+    for i in 1 2 3; do stop_child "herald$i" - "$STOP_WAIT"; done
+    stop_child nginx TERM 5
+    stop_child redis TERM 5
+    rm -f "$RUN_DIR/cluster.pid"
+    say "stopped"
+}
+
+check_free() {
+    local port
+    for port in "$@"; do
+        ! port_busy "$port" || die "port $port is already in use (set PORT_BASE / REDIS_PORT)"
+    done
+}
+
+cmd_run() {
+    [[ $REDIS_PORT != 6379 ]] || die "REDIS_PORT=6379 is refused: this script never touches the system Redis"
+    mkdir -p "$RUN_DIR/pids" "$RUN_DIR/nginx" "$RUN_DIR/redis"
+    RUN_DIR=$(cd "$RUN_DIR" && pwd)
+    if [[ -f $RUN_DIR/cluster.pid ]] && alive "$(cat "$RUN_DIR/cluster.pid")"; then
+        die "already running (pid $(cat "$RUN_DIR/cluster.pid")); use: $0 stop"
+    fi
+    check_free "$LB_PORT" "${NODE_PORTS[@]}" "$REDIS_PORT"
+
+    ensure_installed redis-server redis-server redis-server
+    ensure_installed nginx nginx nginx
+    local redis_bin nginx_bin
+    redis_bin=$(find_bin redis-server)
+    nginx_bin=$(find_bin nginx)
+
+    if [[ -z ${HERALD_BIN:-} ]]; then
+        local flags=()
+        [[ $PROFILE == release ]] && flags=(--release)
+        say "building herald ($PROFILE)"
+        (cd "$ROOT" && cargo build "${flags[@]}" --bin herald)
+        HERALD_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/herald
+    fi
+    [[ -x $HERALD_BIN ]] || die "no herald binary at $HERALD_BIN"
+
+    printf '%s\n' "$$" >"$RUN_DIR/cluster.pid"
+    trap 'cleanup; exit 130' INT
+    trap 'cleanup; exit 143' TERM
+    trap cleanup EXIT
+
+    spawn redis "$RUN_DIR/redis.log" "$redis_bin" --port "$REDIS_PORT" --bind 127.0.0.1 \
+        --save "" --appendonly no --protected-mode no --dir "$RUN_DIR/redis"
+    local deadline=$((SECONDS + 10))
+    until port_busy "$REDIS_PORT"; do
+        ((SECONDS < deadline)) || die "redis-server did not start; see $RUN_DIR/redis.log"
+        sleep 0.1
+    done
+
+    local i mode=()
+    [[ $DEV == 1 ]] && mode=(--dev)
+    local extra=()
+    # Word splitting of NODE_ARGS is intended: it is a list of flags.
+    # shellcheck disable=SC2206
+    [[ -n $NODE_ARGS ]] && extra=($NODE_ARGS)
+    for i in 1 2 3; do
+        spawn "herald$i" "$RUN_DIR/herald$i.log" env HERALD_LOG="${HERALD_LOG:-info}" \
+            "$HERALD_BIN" --listen "127.0.0.1:${NODE_PORTS[$((i - 1))]}" \
+            --redis-url "redis://127.0.0.1:$REDIS_PORT/" --node-id "herald$i" \
+            "${mode[@]}" "${extra[@]}"
+    done
+    for i in 1 2 3; do
+        wait_200 "${NODE_PORTS[$((i - 1))]}" /readyz 30 ||
+            die "herald$i is not ready; see $RUN_DIR/herald$i.log"
+    done
+
+    sed -e "s/__LISTEN__/127.0.0.1:$LB_PORT/" \
+        -e "s/__HERALD1__/127.0.0.1:${NODE_PORTS[0]}/" \
+        -e "s/__HERALD2__/127.0.0.1:${NODE_PORTS[1]}/" \
+        -e "s/__HERALD3__/127.0.0.1:${NODE_PORTS[2]}/" \
+        "$ROOT/deploy/nginx-local.conf.tmpl" >"$RUN_DIR/nginx/nginx.conf"
+    spawn nginx "$RUN_DIR/nginx/stderr.log" "$nginx_bin" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf"
+    wait_200 "$LB_PORT" /readyz 15 ||
+        die "nginx is not answering; see $RUN_DIR/nginx/stderr.log and $RUN_DIR/nginx/nginx-error.log"
+
+    local key_hdr="-H 'Authorization: Bearer $HERALD_API_KEY' " token_expr="\$($0 token alice)"
+    if [[ $DEV == 1 ]]; then
+        key_hdr=""
+        token_expr=alice
+    fi
+    cat <<EOF
+
+herald local cluster is up ($([[ $DEV == 1 ]] && echo "--dev" || echo "JWT + API key"))
+  load balancer  http://127.0.0.1:$LB_PORT      WebSocket: ws://127.0.0.1:$LB_PORT/ws?token=<token>
+  nodes          http://127.0.0.1:${NODE_PORTS[0]} .. ${NODE_PORTS[2]}  (/readyz, /metrics per node)
+  redis          redis://127.0.0.1:$REDIS_PORT/
+  files          $RUN_DIR  (herald*.log, redis.log, nginx/)
+
+Smoke test without a WebSocket client (curl shows the raw frames; the welcome names the node):
+  # terminal 1: a session for user alice
+  curl -sN --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket' \\
+       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \\
+       "http://127.0.0.1:$LB_PORT/ws?token=$token_expr"
+  # terminal 2: publish to alice, then to everyone
+  curl -sS ${key_hdr}-d '{"user":"alice","data":{"hello":"world"}}' http://127.0.0.1:$LB_PORT/api/publish
+  curl -sS ${key_hdr}-d '{"broadcast":true,"data":"hi all"}' http://127.0.0.1:$LB_PORT/api/publish
+(curl never answers pings, so herald closes that session after its idle timeout, 60s.)
+
+Ctrl-C stops everything.
+EOF
+
+    local reported=()
+    while true; do
+        for i in "${!NAMES[@]}"; do
+            if [[ -z ${reported[$i]:-} ]] && ! alive "${PIDS[$i]}"; then
+                reported[i]=1
+                say "${NAMES[$i]} (pid ${PIDS[$i]}) exited; see its log in $RUN_DIR"
+            fi
+        done
+        sleep 1 &
+        SLEEPER=$!
+        wait "$SLEEPER" 2>/dev/null || true
+        SLEEPER=""
+    done
+}
+
+# ---------- start / stop / status ----------
+
+cmd_start() {
+    mkdir -p "$RUN_DIR"
+    RUN_DIR=$(cd "$RUN_DIR" && pwd)
+    export RUN_DIR
+    if [[ -f $RUN_DIR/cluster.pid ]] && alive "$(cat "$RUN_DIR/cluster.pid")"; then
+        die "already running (pid $(cat "$RUN_DIR/cluster.pid"))"
+    fi
+    rm -f "$RUN_DIR/cluster.pid"
+    local log=$RUN_DIR/cluster.log
+    if command -v setsid >/dev/null; then
+        setsid "$0" run >"$log" 2>&1 </dev/null &
+    else
+        nohup "$0" run >"$log" 2>&1 </dev/null &
+    fi
+    local pid=$! deadline=$((SECONDS + 600))
+    # The first start may build herald, so allow for a compile.
+    until grep -q 'cluster is up' "$log" 2>/dev/null; do
+        if ! alive "$pid"; then
+            cat "$log" >&2
+            die "the cluster did not start"
+        fi
+        ((SECONDS < deadline)) || die "the cluster did not come up; see $log"
+        sleep 0.5
+    done
+    sed -n '/cluster is up/,$p' "$log"
+    say "running in the background (pid $pid); stop it with: $0 stop"
+}
+
+cmd_stop() {
+    local pidfile=$RUN_DIR/cluster.pid pid
+    [[ -f $pidfile ]] || {
+        say "not running (no $pidfile)"
+        return 0
+    }
+    pid=$(cat "$pidfile")
+    if alive "$pid"; then
+        kill -TERM "$pid"
+        local deadline=$((SECONDS + STOP_WAIT + 15))
+        while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    fi
+    if alive "$pid"; then
+        say "supervisor $pid did not stop; killing it and its processes"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    local f p
+    for f in "$RUN_DIR"/pids/*.pid; do
+        [[ -f $f ]] || continue
+        p=$(cat "$f")
+        if alive "$p"; then
+            say "killing leftover $(basename "$f" .pid) ($p)"
+            kill -KILL "$p" 2>/dev/null || true
+        fi
+        rm -f "$f"
+    done
+    rm -f "$pidfile"
+    say "stopped"
+}
+
+cmd_status() {
+    local f name pid state
+    if [[ -f $RUN_DIR/cluster.pid ]] && alive "$(cat "$RUN_DIR/cluster.pid")"; then
+        echo "supervisor  pid $(cat "$RUN_DIR/cluster.pid")  running"
+    else
+        echo "supervisor  not running"
+    fi
+    for f in "$RUN_DIR"/pids/*.pid; do
+        [[ -f $f ]] || continue
+        name=$(basename "$f" .pid)
+        pid=$(cat "$f")
+        state=dead
+        alive "$pid" && state=running
+        printf '%-10s  pid %-7s %s\n' "$name" "$pid" "$state"
+    done
+    local i
+    for i in 1 2 3; do
+        printf 'herald%s     127.0.0.1:%s /readyz %s\n' "$i" "${NODE_PORTS[$((i - 1))]}" \
+            "$(status_of "${NODE_PORTS[$((i - 1))]}" /readyz)"
+    done
+    printf 'nginx       127.0.0.1:%s /readyz %s\n' "$LB_PORT" "$(status_of "$LB_PORT" /readyz)"
+}
+
+case ${1:-run} in
+run) cmd_run ;;
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+token)
+    shift
+    cmd_token "$@"
+    ;;
+-h | --help | help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//' ;;
+*) die "unknown command: $1 (run, start, stop, status, token, help)" ;;
+esac
