@@ -40,7 +40,8 @@ fn nginx_bin() -> String {
     );
 }
 
-/// One nginx process in its own run directory; killed on drop, even when the test panics.
+/// One nginx process in its own run directory; killed on drop, even when the test panics
+/// (the directory, with nginx's logs, is kept only then).
 struct Nginx {
     port: u16,
     dir: PathBuf,
@@ -159,6 +160,10 @@ impl Drop for Nginx {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // Keep the config and logs of a failed run for reading.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
