@@ -92,6 +92,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 2048)]
     pub ws_read_buffer: usize,
 
+    /// Kernel send buffer per client socket (SO_SNDBUF), in bytes. Unset: the kernel
+    /// autotunes it (up to net.ipv4.tcp_wmem, 4 MiB by default), which a client that does
+    /// not read can fill before its outbox does. Setting it bounds kernel memory per
+    /// connection and makes slow consumers visible sooner.
+    #[arg(long, env = "HERALD_TCP_SEND_BUFFER")]
+    pub tcp_send_buffer: Option<usize>,
+
     /// Maximum topics one connection may join.
     #[arg(long, env = "HERALD_MAX_TOPICS", default_value_t = 64)]
     pub max_topics: usize,

@@ -78,6 +78,14 @@ impl Fanout {
             );
             return Outcome::Oversize;
         }
+        let wanted = match target {
+            Target::User(u) => self.hub.has_user(u),
+            Target::Topic(t) => self.hub.has_topic(t),
+            _ => true,
+        };
+        if !wanted {
+            return Outcome::Delivered { queued: 0 };
+        }
         // The channel label clients see is the channel without the prefix: "user:42".
         let label = &channel[self.keys.prefix().len() + 1..];
         let frame = message_frame(label, None, payload);

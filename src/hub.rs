@@ -243,6 +243,17 @@ impl Hub {
         }
     }
 
+    /// True when at least one local session would receive a message for `user` (or
+    /// `topic`): lets the fan-out skip building frames nobody here will read, which matters
+    /// when a flood for a just-disconnected user is still in flight.
+    pub fn has_user(&self, user: &str) -> bool {
+        self.read().users.contains_key(user)
+    }
+
+    pub fn has_topic(&self, topic: &str) -> bool {
+        self.read().topics.contains_key(topic)
+    }
+
     /// Queues `msg` (cheap to clone: the payload is shared) for every session of `user`.
     pub fn deliver_user(&self, user: &str, msg: &Message, len: usize) -> Delivery {
         let inner = self.read();

@@ -73,6 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(herald::server::serve(
         listener,
         herald::http::routes(node.clone()),
+        node.config.tcp_send_buffer,
         http_stop.clone(),
     ));
 

@@ -39,6 +39,8 @@ pub const API_REQUESTS: &str = "herald_api_requests_total";
 pub const CANARY_RTT_SECONDS: &str = "herald_pubsub_canary_rtt_seconds";
 /// Counter: canaries that did not come back in time (the subscription was then rebuilt).
 pub const CANARY_TIMEOUTS: &str = "herald_pubsub_canary_timeouts_total";
+/// Counter: heartbeats that found this node's presence already expired (it was away).
+pub const PRESENCE_REASSERTS: &str = "herald_presence_reasserts_total";
 /// Histogram: seconds a presence heartbeat took.
 pub const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
 

@@ -182,11 +182,24 @@ impl Node {
     async fn heartbeat_loop(self: Arc<Self>, reassert: Arc<Notify>) {
         let interval = self.config.heartbeat_interval();
         let mut wait = Duration::ZERO;
+        let mut last_ok: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = self.stop_background.cancelled() => return,
                 _ = sleep(wait) => {}
                 _ = reassert.notified() => {}
+            }
+            // Longer than the TTL since the last successful heartbeat means this node's
+            // records have expired (it was frozen, partitioned or Redis lost them): the
+            // heartbeat below rewrites every session, so it doubles as the re-assertion.
+            if let Some(t) = last_ok {
+                if t.elapsed() > self.config.presence_ttl {
+                    tracing::warn!(
+                        away_ms = t.elapsed().as_millis() as u64,
+                        "presence expired while this node was away; re-asserting"
+                    );
+                    metrics::counter!(m::PRESENCE_REASSERTS).increment(1);
+                }
             }
             let sessions = self.hub.snapshot();
             let counts = self.hub.counts();
@@ -195,6 +208,7 @@ impl Node {
             let started = Instant::now();
             match self.presence.heartbeat(&sessions, counts).await {
                 Ok(()) => {
+                    last_ok = Some(Instant::now());
                     metrics::histogram!(m::HEARTBEAT_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     self.health.set_redis(true);

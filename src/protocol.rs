@@ -350,4 +350,46 @@ mod tests {
         );
         assert_eq!(ServerFrame::Pong.to_text(), r#"{"type":"pong"}"#);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn client_frame_parser_never_panics(text in any::<String>()) {
+                let _ = parse_client_frame(&text);
+            }
+
+            #[test]
+            fn only_the_ping_type_is_a_ping(kind in "[a-zA-Z_]{0,12}") {
+                let frame = parse_client_frame(&format!(r#"{{"type":"{kind}"}}"#));
+                prop_assert_eq!(frame == ClientFrame::Ping, kind == "ping");
+            }
+
+            #[test]
+            fn publish_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse_publish(&body);
+            }
+
+            #[test]
+            fn publish_parser_accepts_every_valid_user(user in "[A-Za-z0-9@._:-]{1,64}", n in any::<i64>()) {
+                let body = serde_json::json!({"user": user, "data": n}).to_string();
+                let (target, data) = parse_publish(body.as_bytes()).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(target, PublishTarget::Users(vec![user]));
+                prop_assert_eq!(data.get(), n.to_string());
+            }
+
+            #[test]
+            fn message_frames_are_always_valid_json(
+                channel in any::<String>(),
+                payload in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let frame = message_frame(&channel, Some("1-0"), &payload);
+                let v: serde_json::Value = serde_json::from_str(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(&v["type"], "message");
+                prop_assert_eq!(v["channel"].as_str(), Some(channel.as_str()));
+            }
+        }
+    }
 }

@@ -22,9 +22,11 @@ const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves `routes` on `listener` until `shutdown`, then finishes in-flight HTTP requests.
 /// Upgraded WebSocket connections are not tracked here: the node owns and drains them.
+/// `send_buffer` sets SO_SNDBUF on every accepted socket (see `--tcp-send-buffer`).
 pub async fn serve(
     listener: TcpListener,
     routes: BoxedFilter<(Response,)>,
+    send_buffer: Option<usize>,
     shutdown: CancellationToken,
 ) {
     let conns = TaskTracker::new();
@@ -42,6 +44,11 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = send_buffer {
+            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes) {
+                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+            }
+        }
         let svc = TowerToHyperService::new(warp::service(routes.clone()));
         let stop = shutdown.clone();
         conns.spawn(async move {

@@ -72,6 +72,10 @@ async fn frozen_node_sessions_expire_then_return_once_after_sigcont() {
     )
     .await;
     a.wait_ready().await;
+    eventually(WAIT, "the node noticed it was away", || async {
+        (a.metric("herald_presence_reasserts_total").await >= 1.0).then_some(())
+    })
+    .await;
     // Exactly one entry: re-assertion rewrote the same member, it did not add another.
     assert_eq!(online_count(&b, "frozen-user").await, 1);
     b.publish(json!({"user": "frozen-user", "data": "after resume"}))

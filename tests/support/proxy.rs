@@ -43,7 +43,7 @@ impl Proxy {
                 // Cut: a new connection is reset at once. A blackhole keeps it open and
                 // silent instead (handled while piping).
                 if m.load(Ordering::SeqCst) == CUT {
-                    let _ = client.set_linger(Some(Duration::ZERO));
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
                     drop(client);
                     continue;
                 }
