@@ -91,7 +91,7 @@ where
                     Some(Ok(Ok(()))) => {}
                     Some(Ok(Err(_))) => reason = Some(CloseReason::ConnectionLost),
                     Some(Err(_)) => {
-                        metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                        // Counted once, by the node, like every SlowConsumer ending.
                         ctl.close(CloseReason::SlowConsumer);
                         reason = Some(CloseReason::SlowConsumer);
                     }
