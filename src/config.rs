@@ -99,6 +99,19 @@ pub struct Config {
     #[arg(long, env = "HERALD_TCP_SEND_BUFFER")]
     pub tcp_send_buffer: Option<usize>,
 
+    /// Durable inbox: entries kept per user (approximately; Redis trims whole nodes).
+    #[arg(long, env = "HERALD_INBOX_MAX_LEN", default_value_t = 1000)]
+    pub inbox_max_len: u64,
+
+    /// Durable inbox: how long entries (and an idle inbox) are kept.
+    #[arg(long, env = "HERALD_INBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub inbox_retention: Duration,
+
+    /// Most durable messages replayed to one connection; beyond it the client gets a
+    /// `gap` frame and should resync through the API.
+    #[arg(long, env = "HERALD_REPLAY_LIMIT", default_value_t = 500)]
+    pub replay_limit: usize,
+
     /// Maximum topics one connection may join.
     #[arg(long, env = "HERALD_MAX_TOPICS", default_value_t = 64)]
     pub max_topics: usize,
@@ -162,6 +175,8 @@ impl Config {
             ("--drain-batch", self.drain_batch),
             ("--ws-read-buffer", self.ws_read_buffer),
             ("--redis-pool", self.redis_pool),
+            ("--replay-limit", self.replay_limit),
+            ("--inbox-max-len", self.inbox_max_len as usize),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -177,11 +192,15 @@ impl Config {
     }
 }
 
-/// Parses "30" (seconds), "1.5", "500ms", "2s" or "1m".
+/// Parses "30" (seconds), "1.5", "500ms", "2s", "1m", "2h" or "7d".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600.0)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
@@ -234,6 +253,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("NaN").is_err());

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-use tokio_tungstenite::tungstenite::Message;
-
-use crate::hub::Hub;
+use crate::hub::{Hub, Outgoing};
+use crate::inbox::open_envelope;
 use crate::keys::{Keys, Target};
 use crate::metrics as m;
 use crate::protocol::{message_frame, CloseReason};
+use serde::Deserialize;
 
 /// Control messages nodes exchange on `<prefix>:ctl`.
 #[derive(Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -68,6 +67,14 @@ impl Fanout {
             _ => {}
         }
         metrics::counter!(m::MESSAGES_IN, "source" => source).increment(1);
+        // Durable messages arrive enveloped with their inbox id (see inbox::envelope).
+        let (id, payload) = match target {
+            Target::User(_) => match open_envelope(payload) {
+                Some((id, inner)) => (Some(id), inner),
+                None => (None, payload),
+            },
+            _ => (None, payload),
+        };
         if payload.len() > self.max_bytes {
             metrics::counter!(m::MESSAGES_DROPPED, "reason" => "oversize").increment(1);
             tracing::warn!(
@@ -88,9 +95,9 @@ impl Fanout {
         }
         // The channel label clients see is the channel without the prefix: "user:42".
         let label = &channel[self.keys.prefix().len() + 1..];
-        let frame = message_frame(label, None, payload);
-        let len = frame.len();
-        let msg = Message::text(frame);
+        let id_text = id.map(|i| i.to_string());
+        let msg = Outgoing::new(message_frame(label, id_text.as_deref(), payload), id);
+        let len = msg.len();
         let d = match target {
             Target::User(u) => self.hub.deliver_user(u, &msg, len),
             Target::Topic(t) => self.hub.deliver_topic(t, &msg, len),
@@ -127,7 +134,7 @@ mod tests {
     use crate::hub::{SessionControl, SessionInfo};
     use tokio::sync::mpsc;
 
-    fn setup() -> (Fanout, mpsc::Receiver<Message>, Arc<SessionControl>) {
+    fn setup() -> (Fanout, mpsc::Receiver<Outgoing>, Arc<SessionControl>) {
         let (stx, _srx) = mpsc::unbounded_channel();
         let keys = Keys::new("p", "n1");
         let hub = Arc::new(Hub::new(keys.clone(), stx, 1 << 20));
@@ -168,8 +175,26 @@ mod tests {
         );
         let first = rx.try_recv().unwrap(); // safe: test
         assert_eq!(
-            first.to_text().unwrap(), // safe: test
+            first.text.as_str(),
             r#"{"type":"message","channel":"user:42","data":{"a":1}}"#
+        );
+        assert_eq!(first.id, None);
+    }
+
+    #[test]
+    fn enveloped_payloads_carry_their_inbox_id() {
+        let (f, mut rx, _) = setup();
+        let id = crate::inbox::StreamId { ms: 9, seq: 1 };
+        let raw = crate::inbox::envelope(id, b"{\"x\":2}");
+        assert_eq!(
+            f.handle("p:user:42", &raw, "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        let got = rx.try_recv().unwrap(); // safe: test
+        assert_eq!(got.id, Some(id));
+        assert_eq!(
+            got.text.as_str(),
+            r#"{"type":"message","channel":"user:42","id":"9-1","data":{"x":2}}"#
         );
     }
 

@@ -18,9 +18,10 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::auth::api_key_ok;
 use crate::fanout::Control;
+use crate::inbox::StreamId;
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{parse_publish, ErrorBody, PresenceResponse, PublishTarget};
+use crate::protocol::{parse_publish, ErrorBody, PresenceResponse, Publish, PublishTarget};
 
 /// Extra body room on top of the payload limit, for the target fields of a publish.
 const PUBLISH_ENVELOPE_BYTES: u64 = 512 * 1024;
@@ -60,6 +61,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 struct WsQuery {
     token: Option<String>,
     topics: Option<String>,
+    since: Option<String>,
 }
 
 fn ws_route(node: Arc<Node>) -> BoxedFilter<(Response,)> {
@@ -134,6 +136,17 @@ fn upgrade(
             return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
         }
     };
+    let since = match query.since.as_deref().map(str::parse::<StreamId>) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(())) => {
+            return reject_upgrade(
+                StatusCode::BAD_REQUEST,
+                "bad_since",
+                "since must be an inbox id such as 1732530000000-0",
+            )
+        }
+    };
     let key = headers.get("sec-websocket-key").cloned();
     let is_ws = header_has(&headers, CONNECTION, "upgrade")
         && header_has(&headers, UPGRADE, "websocket")
@@ -155,7 +168,7 @@ fn upgrade(
             .insert("retry-after", HeaderValue::from_static("5"));
         return res;
     };
-    node.spawn_session(on_upgrade, who, slot);
+    node.spawn_session(on_upgrade, who, since, slot);
 
     let mut res = Response::new(Default::default());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -209,10 +222,27 @@ fn api_routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
     let disconnect = warp::path!("api" / "disconnect" / String)
         .and(warp::post())
         .and(api_auth(node.clone()))
-        .and(with_node(node))
+        .and(with_node(node.clone()))
         .then(disconnect);
+    let inbox = warp::path!("api" / "inbox" / String)
+        .and(warp::get())
+        .and(api_auth(node.clone()))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(with_node(node.clone()))
+        .then(inbox_list);
+    let inbox_ack = warp::path!("api" / "inbox" / String / "ack")
+        .and(warp::post())
+        .and(api_auth(node.clone()))
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::bytes())
+        .and(with_node(node))
+        .then(inbox_ack);
     publish
         .or(presence)
+        .unify()
+        .or(inbox)
+        .unify()
+        .or(inbox_ack)
         .unify()
         .or(stats)
         .unify()
@@ -256,6 +286,9 @@ fn count(route: &'static str, res: Response) -> Response {
 struct PublishResponse {
     ok: bool,
     channels: usize,
+    /// Inbox id per user, for durable publishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ids: Option<std::collections::BTreeMap<String, String>>,
 }
 
 async fn publish(body: Bytes, node: Arc<Node>) -> Response {
@@ -263,7 +296,11 @@ async fn publish(body: Bytes, node: Arc<Node>) -> Response {
 }
 
 async fn publish_inner(body: Bytes, node: &Node) -> Response {
-    let (target, data) = match parse_publish(&body) {
+    let Publish {
+        target,
+        data,
+        durable,
+    } = match parse_publish(&body) {
         Ok(v) => v,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_request", msg),
     };
@@ -277,6 +314,33 @@ async fn publish_inner(body: Bytes, node: &Node) -> Response {
                 payload.len(),
                 node.config.max_message_bytes
             ),
+        );
+    }
+    if durable {
+        let PublishTarget::Users(users) = target else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "durable applies to users only",
+            );
+        };
+        let results = join_all(users.iter().map(|u| node.publish_durable(u, payload))).await;
+        let mut ids = std::collections::BTreeMap::new();
+        for (user, r) in users.iter().zip(results) {
+            match r {
+                Ok(id) => {
+                    ids.insert(user.clone(), id.to_string());
+                }
+                Err(e) => return unavailable(e, "publish_durable"),
+            }
+        }
+        return json(
+            StatusCode::OK,
+            &PublishResponse {
+                ok: true,
+                channels: users.len(),
+                ids: Some(ids),
+            },
         );
     }
     let channels: Vec<String> = match target {
@@ -293,6 +357,7 @@ async fn publish_inner(body: Bytes, node: &Node) -> Response {
         &PublishResponse {
             ok: true,
             channels: channels.len(),
+            ids: None,
         },
     )
 }
@@ -345,6 +410,100 @@ async fn disconnect(user: String, node: Arc<Node>) -> Response {
         Err(e) => unavailable(e, "disconnect"),
     };
     count("disconnect", res)
+}
+
+#[derive(Deserialize, Default)]
+struct InboxQuery {
+    limit: Option<usize>,
+}
+
+/// Most entries one `GET /api/inbox/<uid>` returns.
+const INBOX_PAGE_MAX: usize = 1000;
+
+#[derive(Serialize)]
+struct InboxEntryBody {
+    id: String,
+    data: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct InboxResponse {
+    user: String,
+    cursor: Option<String>,
+    entries: Vec<InboxEntryBody>,
+}
+
+/// The payload as clients receive it in `data`: JSON when it parses, else a string.
+fn payload_value(data: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(data)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(data).into_owned()))
+}
+
+async fn inbox_list(user: String, query: String, node: Arc<Node>) -> Response {
+    let user = match decode_user(&user) {
+        Ok(u) => u,
+        Err(res) => return count("inbox", *res),
+    };
+    let q: InboxQuery = serde_urlencoded::from_str(&query).unwrap_or_default();
+    let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
+    let cursor = match node.inbox.cursor(&user).await {
+        Ok(c) => c,
+        Err(e) => return count("inbox", unavailable(e, "inbox_read")),
+    };
+    let res = match node.inbox.read_after(&user, cursor, limit).await {
+        Ok(entries) => json(
+            StatusCode::OK,
+            &InboxResponse {
+                user,
+                cursor: cursor.map(|c| c.to_string()),
+                entries: entries
+                    .into_iter()
+                    .map(|e| InboxEntryBody {
+                        id: e.id.to_string(),
+                        data: payload_value(&e.data),
+                    })
+                    .collect(),
+            },
+        ),
+        Err(e) => unavailable(e, "inbox_read"),
+    };
+    count("inbox", res)
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    id: String,
+}
+
+#[derive(Serialize)]
+struct AckResponse {
+    ok: bool,
+    moved: bool,
+}
+
+async fn inbox_ack(user: String, body: Bytes, node: Arc<Node>) -> Response {
+    let user = match decode_user(&user) {
+        Ok(u) => u,
+        Err(res) => return count("inbox_ack", *res),
+    };
+    let id = match serde_json::from_slice::<AckBody>(&body).map(|b| b.id.parse::<StreamId>()) {
+        Ok(Ok(id)) => id,
+        _ => {
+            return count(
+                "inbox_ack",
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    r#"body must be {"id":"<inbox id>"}"#,
+                ),
+            )
+        }
+    };
+    let res = match node.inbox.ack(&user, id).await {
+        Ok(moved) => json(StatusCode::OK, &AckResponse { ok: true, moved }),
+        Err(e) => unavailable(e, "inbox_ack"),
+    };
+    count("inbox_ack", res)
 }
 
 // ===== Operations =====

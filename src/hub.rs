@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::inbox::StreamId;
 use crate::keys::Keys;
 use crate::protocol::CloseReason;
 
@@ -27,6 +28,32 @@ pub enum SubCommand {
     Unsubscribe {
         channels: Vec<String>,
     },
+}
+
+/// One queued frame: the serialised text, shared by every recipient (cloning bumps a
+/// reference count), and the inbox id of a durable message, used to drop live copies of
+/// entries a replay already delivered.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub text: Utf8Bytes,
+    pub id: Option<StreamId>,
+}
+
+impl Outgoing {
+    pub fn new(text: String, id: Option<StreamId>) -> Self {
+        Outgoing {
+            text: text.into(),
+            id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
 }
 
 /// Cross-task handle used to end a session from outside its loop.
@@ -78,7 +105,7 @@ pub struct SessionInfo {
 
 struct Entry {
     info: SessionInfo,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     ctl: Arc<SessionControl>,
 }
 
@@ -156,7 +183,7 @@ impl Hub {
     pub fn register(
         &self,
         info: SessionInfo,
-        tx: mpsc::Sender<Message>,
+        tx: mpsc::Sender<Outgoing>,
         ctl: Arc<SessionControl>,
     ) -> Registered {
         let (done_tx, done_rx) = oneshot::channel();
@@ -218,7 +245,7 @@ impl Hub {
         Some(Removed { last_of_user })
     }
 
-    fn offer(&self, entry: &Entry, msg: &Message, len: usize, d: &mut Delivery) {
+    fn offer(&self, entry: &Entry, msg: &Outgoing, len: usize, d: &mut Delivery) {
         if entry.ctl.is_closed() {
             return;
         }
@@ -255,7 +282,7 @@ impl Hub {
     }
 
     /// Queues `msg` (cheap to clone: the payload is shared) for every session of `user`.
-    pub fn deliver_user(&self, user: &str, msg: &Message, len: usize) -> Delivery {
+    pub fn deliver_user(&self, user: &str, msg: &Outgoing, len: usize) -> Delivery {
         let inner = self.read();
         let mut d = Delivery::default();
         if let Some(ids) = inner.users.get(user) {
@@ -268,7 +295,7 @@ impl Hub {
         d
     }
 
-    pub fn deliver_topic(&self, topic: &str, msg: &Message, len: usize) -> Delivery {
+    pub fn deliver_topic(&self, topic: &str, msg: &Outgoing, len: usize) -> Delivery {
         let inner = self.read();
         let mut d = Delivery::default();
         if let Some(ids) = inner.topics.get(topic) {
@@ -281,7 +308,7 @@ impl Hub {
         d
     }
 
-    pub fn deliver_broadcast(&self, msg: &Message, len: usize) -> Delivery {
+    pub fn deliver_broadcast(&self, msg: &Outgoing, len: usize) -> Delivery {
         let inner = self.read();
         let mut d = Delivery::default();
         for e in inner.sessions.values() {
@@ -418,7 +445,7 @@ mod tests {
         let (fast_tx, mut fast_rx) = mpsc::channel(16);
         let _ = hub.register(slow, slow_tx, slow_ctl.clone());
         let _ = hub.register(fast, fast_tx, Default::default());
-        let msg = Message::text("x");
+        let msg = Outgoing::new("x".into(), None);
         let mut total = Delivery::default();
         for _ in 0..3 {
             let d = hub.deliver_broadcast(&msg, 1);
@@ -441,7 +468,7 @@ mod tests {
         let ctl = Arc::new(SessionControl::default());
         let (tx, _keep) = mpsc::channel(1000);
         let _ = hub.register(s, tx, ctl.clone());
-        let msg = Message::text("y".repeat(600));
+        let msg = Outgoing::new("y".repeat(600), None);
         assert_eq!(hub.deliver_user("u", &msg, 600).queued, 1);
         assert_eq!(hub.deliver_user("u", &msg, 600).slow, 1);
         assert!(ctl.is_closed());
@@ -455,7 +482,7 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(4);
         let _ = hub.register(info("a", &["news"]), tx1, Default::default());
         let _ = hub.register(info("b", &[]), tx2, Default::default());
-        let m = Message::text("m");
+        let m = Outgoing::new("m".into(), None);
         assert_eq!(hub.deliver_topic("news", &m, 1).queued, 1);
         assert_eq!(hub.deliver_user("b", &m, 1).queued, 1);
         assert_eq!(hub.deliver_user("nobody", &m, 1).queued, 0);

@@ -81,6 +81,26 @@ impl Keys {
         format!("{}:node:{}", self.prefix, node)
     }
 
+    /// STREAM: one user's durable inbox (entries `d` = payload), capped by length and age.
+    pub fn inbox_key(&self, user: &str) -> String {
+        format!("{}:inbox:{}", self.prefix, user)
+    }
+
+    /// STRING: the id of the last inbox entry the user acknowledged.
+    pub fn cursor_key(&self, user: &str) -> String {
+        format!("{}:cursor:{}", self.prefix, user)
+    }
+
+    /// STREAM of online/offline events, and the pub/sub channel of the same name.
+    pub fn events_key(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// HASH user -> reason of offline events waiting out the grace window.
+    pub fn offline_pending_key(&self) -> String {
+        format!("{}:offline-pending", self.prefix)
+    }
+
     /// Prefix of every node info key, for scripts that look nodes up by id.
     pub fn node_key_prefix(&self) -> String {
         format!("{}:node:", self.prefix)

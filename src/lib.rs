@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod health;
 pub mod http;
 pub mod hub;
+pub mod inbox;
 pub mod keys;
 pub mod metrics;
 pub mod node;

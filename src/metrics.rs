@@ -17,6 +17,8 @@ pub const SESSIONS_CLOSED: &str = "herald_sessions_closed_total";
 pub const UPGRADES_REJECTED: &str = "herald_upgrades_rejected_total";
 /// Counter: payloads received for fan-out, by `source` (redis, local).
 pub const MESSAGES_IN: &str = "herald_messages_in_total";
+/// Counter: durable messages replayed to reconnecting sessions.
+pub const MESSAGES_REPLAYED: &str = "herald_messages_replayed_total";
 /// Counter: message frames queued to sessions.
 pub const MESSAGES_OUT: &str = "herald_messages_out_total";
 /// Counter: payloads or deliveries dropped, by `reason`.

@@ -21,11 +21,12 @@ use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::hub::{Hub, SessionControl, SessionInfo, SubCommand};
+use crate::inbox::{envelope, Inbox, InboxError, InboxPolicy, MemoryInbox, RedisInbox, StreamId};
 use crate::keys::Keys;
 use crate::metrics as m;
 use crate::presence::{MemoryPresence, Presence, RedisPresence};
-use crate::protocol::{CloseReason, ServerFrame};
-use crate::session::{self, SessionLimits};
+use crate::protocol::{message_frame, CloseReason, ServerFrame};
+use crate::session::{self, Acker, SessionLimits, SessionParts};
 
 /// Why a node could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,7 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Broker,
     pub presence: Presence,
+    pub inbox: Inbox,
     pub health: Arc<Health>,
     pub auth: Authenticator,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -89,13 +91,18 @@ impl Node {
             health.clone(),
         ));
 
-        let (broker, presence) = match &config.redis_url {
+        let policy = InboxPolicy {
+            max_len: config.inbox_max_len,
+            retention: config.inbox_retention,
+        };
+        let (broker, presence, inbox) = match &config.redis_url {
             None => {
                 let b = MemoryBroker::new();
                 b.attach(fanout.clone());
                 (
                     Broker::Memory(b),
                     Presence::Memory(MemoryPresence::new(&node_id, config.presence_ttl)),
+                    Inbox::Memory(MemoryInbox::new(policy)),
                 )
             }
             Some(url) => {
@@ -113,12 +120,13 @@ impl Node {
                 (
                     Broker::Redis(RedisBroker::new(client, pool.clone())),
                     Presence::Redis(RedisPresence::new(
-                        pool,
+                        pool.clone(),
                         keys.clone(),
                         &node_id,
                         &config.listen.to_string(),
                         config.presence_ttl,
                     )),
+                    Inbox::Redis(RedisInbox::new(pool, keys.clone(), policy)),
                 )
             }
         };
@@ -134,6 +142,7 @@ impl Node {
             hub,
             broker,
             presence,
+            inbox,
             health: health.clone(),
             auth,
             metrics: crate::metrics::install(),
@@ -183,11 +192,14 @@ impl Node {
         let interval = self.config.heartbeat_interval();
         let mut wait = Duration::ZERO;
         let mut last_ok: Option<Instant> = None;
+        // Redis Functions are not persisted by a Redis without RDB/AOF, so the inbox
+        // function is (re)loaded after start, after failures and after every reconnect.
+        let mut functions_loaded = false;
         loop {
             tokio::select! {
                 _ = self.stop_background.cancelled() => return,
                 _ = sleep(wait) => {}
-                _ = reassert.notified() => {}
+                _ = reassert.notified() => functions_loaded = false,
             }
             // Longer than the TTL since the last successful heartbeat means this node's
             // records have expired (it was frozen, partitioned or Redis lost them): the
@@ -209,12 +221,23 @@ impl Node {
             match self.presence.heartbeat(&sessions, counts).await {
                 Ok(()) => {
                     last_ok = Some(Instant::now());
+                    if !functions_loaded {
+                        match self.inbox.load().await {
+                            Ok(()) => functions_loaded = true,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot load the herald_notify function");
+                                metrics::counter!(m::REDIS_ERRORS, "op" => "function_load")
+                                    .increment(1);
+                            }
+                        }
+                    }
                     metrics::histogram!(m::HEARTBEAT_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     self.health.set_redis(true);
                     wait = interval;
                 }
                 Err(e) => {
+                    functions_loaded = false;
                     tracing::warn!(error = %e, "presence heartbeat failed");
                     metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
                     self.health.set_redis(false);
@@ -253,6 +276,7 @@ impl Node {
         self: &Arc<Self>,
         upgrade: hyper::upgrade::OnUpgrade,
         who: Identity,
+        since: Option<StreamId>,
         slot: Slot,
     ) {
         let node = self.clone();
@@ -273,11 +297,11 @@ impl Node {
                 Some(node.ws_config()),
             )
             .await;
-            node.run_session(ws, who).await;
+            node.run_session(ws, who, since).await;
         });
     }
 
-    async fn run_session<S>(&self, ws: WebSocketStream<S>, who: Identity)
+    async fn run_session<S>(&self, ws: WebSocketStream<S>, who: Identity, since: Option<StreamId>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -311,7 +335,23 @@ impl Node {
             idle_timeout: self.config.idle_timeout,
             write_timeout: self.config.write_timeout,
         };
-        let reason = session::run(ws, welcome, rx, ctl, limits).await;
+        let mut ws = ws;
+        let reason = match self.greet(&mut ws, welcome, &info.user, since).await {
+            Err(reason) => reason,
+            Ok(replayed_up_to) => {
+                let parts = SessionParts {
+                    outbox: rx,
+                    ctl,
+                    limits,
+                    replayed_up_to,
+                    acker: Some(Acker {
+                        inbox: self.inbox.clone(),
+                        user: info.user.clone(),
+                    }),
+                };
+                session::run(ws, parts).await
+            }
+        };
 
         let removed = self.hub.unregister(info.id);
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
@@ -325,6 +365,111 @@ impl Node {
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
         }
         tracing::debug!(session = %info.id, user = %info.user, reason = reason.label(), "session closed");
+    }
+
+    /// Sends the welcome, then replays the durable inbox after `since` (or after the user's
+    /// read cursor) in pages, with a gap frame when entries were lost. Runs after the
+    /// subscription is confirmed, so live copies of replayed entries can be dropped by id
+    /// (returned) without a hole between replay and live delivery.
+    async fn greet<S>(
+        &self,
+        ws: &mut WebSocketStream<S>,
+        welcome: String,
+        user: &str,
+        since: Option<StreamId>,
+    ) -> Result<Option<StreamId>, CloseReason>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let wt = self.config.write_timeout;
+        send_text(ws, welcome, wt).await?;
+        let start = match since {
+            Some(s) => Some(s),
+            None => match self.inbox.cursor(user).await {
+                Ok(c) => c,
+                Err(e) => {
+                    replay_failed(&e);
+                    return Ok(None);
+                }
+            },
+        };
+        if let Some(start) = start {
+            match self.inbox.trimmed_after(user, start).await {
+                Ok(true) => {
+                    send_text(ws, ServerFrame::Gap { reason: "trimmed" }.to_text(), wt).await?
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    replay_failed(&e);
+                    return Ok(None);
+                }
+            }
+        }
+        let label = format!("user:{user}");
+        let limit = self.config.replay_limit;
+        let mut after = start;
+        let mut replayed = None;
+        let mut sent = 0usize;
+        while sent < limit {
+            let page = match self
+                .inbox
+                .read_after(user, after, REPLAY_PAGE.min(limit - sent))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    replay_failed(&e);
+                    break;
+                }
+            };
+            if page.is_empty() {
+                break;
+            }
+            for entry in page {
+                after = Some(entry.id);
+                replayed = Some(entry.id);
+                sent += 1;
+                if entry.data.len() > self.config.max_message_bytes {
+                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "oversize").increment(1);
+                    continue;
+                }
+                let frame = message_frame(&label, Some(&entry.id.to_string()), &entry.data);
+                send_text(ws, frame, wt).await?;
+                metrics::counter!(m::MESSAGES_REPLAYED).increment(1);
+            }
+        }
+        if sent >= limit
+            && matches!(self.inbox.read_after(user, after, 1).await, Ok(more) if !more.is_empty())
+        {
+            send_text(
+                ws,
+                ServerFrame::Gap {
+                    reason: "replay_limit",
+                }
+                .to_text(),
+                wt,
+            )
+            .await?;
+        }
+        Ok(replayed)
+    }
+
+    /// Publishes a durable notification: stored in the user's inbox and delivered live with
+    /// its id. On Redis the `herald_notify` function does both atomically.
+    pub async fn publish_durable(
+        &self,
+        user: &str,
+        payload: &[u8],
+    ) -> Result<StreamId, InboxError> {
+        let id = self.inbox.notify(user, payload).await?;
+        if let Inbox::Memory(_) = self.inbox {
+            // The memory broker cannot fail.
+            let _ = self
+                .broker
+                .publish(&self.keys.user_channel(user), &envelope(id, payload))
+                .await;
+        }
+        Ok(id)
     }
 
     /// Live sessions on this node.
@@ -381,5 +526,35 @@ impl Node {
         )
         .await;
         tracing::info!("drained");
+    }
+}
+
+/// Entries read from the inbox per round trip while replaying: bounds node memory per
+/// replaying session to this many payloads.
+const REPLAY_PAGE: usize = 16;
+
+fn replay_failed(e: &InboxError) {
+    tracing::warn!(error = %e, "inbox replay failed; continuing with live messages");
+    metrics::counter!(m::REDIS_ERRORS, "op" => "inbox_replay").increment(1);
+}
+
+async fn send_text<S>(
+    ws: &mut WebSocketStream<S>,
+    text: String,
+    wait: Duration,
+) -> Result<(), CloseReason>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    match timeout(
+        wait,
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text)),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(CloseReason::ConnectionLost),
+        Err(_) => Err(CloseReason::SlowConsumer),
     }
 }

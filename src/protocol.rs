@@ -88,6 +88,8 @@ pub enum ClientFrame {
     LegacyHeartbeat,
     /// `{"type":"ping"}`: answered with `{"type":"pong"}`.
     Ping,
+    /// `{"type":"ack","id":"<stream id>"}`: moves the user's inbox read cursor.
+    Ack(crate::inbox::StreamId),
     /// Anything else: answered with an error frame, the session stays open.
     Unknown(&'static str),
 }
@@ -96,6 +98,8 @@ pub enum ClientFrame {
 struct TypedFrame<'a> {
     #[serde(borrow, rename = "type")]
     kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Parses one text frame from a client. Never fails: unknown input is reported as such.
@@ -106,6 +110,10 @@ pub fn parse_client_frame(text: &str) -> ClientFrame {
     }
     match serde_json::from_str::<TypedFrame>(trimmed) {
         Ok(f) if f.kind == "ping" => ClientFrame::Ping,
+        Ok(f) if f.kind == "ack" => match f.id.as_deref().map(str::parse) {
+            Some(Ok(id)) => ClientFrame::Ack(id),
+            _ => ClientFrame::Unknown("bad_id"),
+        },
         Ok(_) => ClientFrame::Unknown("unknown_type"),
         Err(_) => ClientFrame::Unknown("malformed"),
     }
@@ -124,6 +132,12 @@ pub enum ServerFrame<'a> {
     Pong,
     Error {
         error: &'a str,
+    },
+    /// Durable messages were lost to the client: `trimmed` (entries after `since` were
+    /// dropped by the inbox caps; sent before the replay) or `replay_limit` (more were
+    /// pending than one connection replays; sent after the replay).
+    Gap {
+        reason: &'a str,
     },
 }
 
@@ -168,6 +182,9 @@ pub struct PublishRequest {
     pub users: Option<Vec<String>>,
     pub topic: Option<String>,
     pub broadcast: Option<bool>,
+    /// Store in the users' durable inboxes as well (user and users targets only).
+    #[serde(default)]
+    pub durable: bool,
     /// Required; any JSON value, `null` included.
     pub data: Box<RawValue>,
 }
@@ -193,6 +210,8 @@ pub enum PublishError {
     UserCount(usize),
     #[error("\"broadcast\" must be true when given")]
     BroadcastFalse,
+    #[error("\"durable\" applies to \"user\" and \"users\" only")]
+    DurableTarget,
 }
 
 /// Most users one publish request may address.
@@ -201,6 +220,9 @@ pub const MAX_USERS_PER_PUBLISH: usize = 1000;
 impl PublishRequest {
     /// Checks the request and returns its target and the raw JSON payload.
     pub fn validate(self) -> Result<(PublishTarget, Box<RawValue>), PublishError> {
+        if self.durable && (self.topic.is_some() || self.broadcast.is_some()) {
+            return Err(PublishError::DurableTarget);
+        }
         let count = self.user.is_some() as u8
             + self.users.is_some() as u8
             + self.topic.is_some() as u8
@@ -236,10 +258,24 @@ impl PublishRequest {
     }
 }
 
+/// A validated publish request.
+#[derive(Debug)]
+pub struct Publish {
+    pub target: PublishTarget,
+    pub data: Box<RawValue>,
+    pub durable: bool,
+}
+
 /// Parses and validates a publish body in one step; used by the API and by fuzzing.
-pub fn parse_publish(body: &[u8]) -> Result<(PublishTarget, Box<RawValue>), String> {
+pub fn parse_publish(body: &[u8]) -> Result<Publish, String> {
     let req: PublishRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    req.validate().map_err(|e| e.to_string())
+    let durable = req.durable;
+    let (target, data) = req.validate().map_err(|e| e.to_string())?;
+    Ok(Publish {
+        target,
+        data,
+        durable,
+    })
 }
 
 /// One session in `GET /api/presence/<uid>`.
@@ -302,6 +338,18 @@ mod tests {
             ClientFrame::Unknown("unknown_type")
         );
         assert_eq!(parse_client_frame("{"), ClientFrame::Unknown("malformed"));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ack","id":"5-1"}"#),
+            ClientFrame::Ack(crate::inbox::StreamId { ms: 5, seq: 1 })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ack","id":"x"}"#),
+            ClientFrame::Unknown("bad_id")
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ack"}"#),
+            ClientFrame::Unknown("bad_id")
+        );
         assert_eq!(parse_client_frame(""), ClientFrame::Unknown("malformed"));
     }
 
@@ -334,6 +382,9 @@ mod tests {
         assert!(parse_publish(br#"{"user":"a b","data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1","data":1,"extra":2}"#).is_err());
         assert!(parse_publish(b"\xff").is_err());
+        assert!(parse_publish(br#"{"user":"1","durable":true,"data":1}"#).is_ok_and(|p| p.durable));
+        assert!(parse_publish(br#"{"topic":"t","durable":true,"data":1}"#).is_err());
+        assert!(parse_publish(br#"{"broadcast":true,"durable":true,"data":1}"#).is_err());
     }
 
     #[test]
@@ -375,9 +426,10 @@ mod tests {
             #[test]
             fn publish_parser_accepts_every_valid_user(user in "[A-Za-z0-9@._:-]{1,64}", n in any::<i64>()) {
                 let body = serde_json::json!({"user": user, "data": n}).to_string();
-                let (target, data) = parse_publish(body.as_bytes()).map_err(TestCaseError::fail)?;
-                prop_assert_eq!(target, PublishTarget::Users(vec![user]));
-                prop_assert_eq!(data.get(), n.to_string());
+                let p = parse_publish(body.as_bytes()).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(p.target, PublishTarget::Users(vec![user]));
+                prop_assert_eq!(p.data.get(), n.to_string());
+                prop_assert!(!p.durable);
             }
 
             #[test]

@@ -14,7 +14,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::SessionControl;
+use crate::hub::{Outgoing, SessionControl};
+use crate::inbox::{Inbox, StreamId};
 use crate::metrics as m;
 use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
 
@@ -31,28 +32,41 @@ const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs the session until it ends and returns why. The caller has already registered it
-/// and sent nothing; `welcome` is the first frame written.
-pub async fn run<S>(
-    ws: WebSocketStream<S>,
-    welcome: String,
-    mut outbox: mpsc::Receiver<Message>,
-    ctl: Arc<SessionControl>,
-    limits: SessionLimits,
-) -> CloseReason
+/// Lets a session move its user's inbox read cursor when the client acknowledges.
+#[derive(Clone)]
+pub struct Acker {
+    pub inbox: Inbox,
+    pub user: Arc<str>,
+}
+
+/// Everything the loop needs besides the socket.
+pub struct SessionParts {
+    pub outbox: mpsc::Receiver<Outgoing>,
+    pub ctl: Arc<SessionControl>,
+    pub limits: SessionLimits,
+    /// Durable messages up to this id were already replayed; live copies are dropped.
+    pub replayed_up_to: Option<StreamId>,
+    pub acker: Option<Acker>,
+}
+
+/// Runs the session until it ends and returns why. The caller has registered it and sent
+/// the welcome (and any replay).
+pub async fn run<S>(ws: WebSocketStream<S>, parts: SessionParts) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let SessionParts {
+        mut outbox,
+        ctl,
+        limits,
+        replayed_up_to,
+        acker,
+    } = parts;
     let (mut sink, mut stream) = ws.split();
     let mut last_heard = Instant::now();
     let mut ticker = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-
-    let mut reason = match timeout(limits.write_timeout, sink.send(Message::text(welcome))).await {
-        Ok(Ok(())) => None,
-        Ok(Err(_)) => Some(CloseReason::ConnectionLost),
-        Err(_) => Some(CloseReason::SlowConsumer),
-    };
+    let mut reason = None;
 
     while reason.is_none() {
         tokio::select! {
@@ -73,10 +87,14 @@ where
                         Err(_) => break,
                     }
                 }
-                let bytes: usize = batch.iter().map(Message::len).sum();
+                let bytes: usize = batch.iter().map(Outgoing::len).sum();
                 let write = async {
                     for m in batch {
-                        sink.feed(m).await?;
+                        // A live copy of an entry the replay already delivered.
+                        if m.id.is_some() && m.id <= replayed_up_to {
+                            continue;
+                        }
+                        sink.feed(Message::Text(m.text)).await?;
                     }
                     sink.flush().await
                 };
@@ -109,6 +127,19 @@ where
                             metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
                             if !reply(&mut sink, ServerFrame::Pong.to_text(), limits.write_timeout).await {
                                 reason = Some(CloseReason::ConnectionLost);
+                            }
+                        }
+                        ClientFrame::Ack(id) => {
+                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
+                            let stored = match &acker {
+                                Some(a) => matches!(timeout(limits.write_timeout, a.inbox.ack(&a.user, id)).await, Ok(Ok(_))),
+                                None => false,
+                            };
+                            if !stored {
+                                let text = ServerFrame::Error { error: "ack_failed" }.to_text();
+                                if !reply(&mut sink, text, limits.write_timeout).await {
+                                    reason = Some(CloseReason::ConnectionLost);
+                                }
                             }
                         }
                         ClientFrame::Unknown(kind) => {
