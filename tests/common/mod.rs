@@ -573,3 +573,293 @@ pub async fn send_text(ws: &mut Ws, text: &str) {
         .await
         .expect("send"); // safe: test harness
 }
+
+// ===== more helpers (integration suite) =====
+
+impl RedisServer {
+    /// Publishes `payload` on `channel` `n` times over one pipelined connection; returns the
+    /// summed receiver counts.
+    pub fn publish_many(&self, channel: &str, payload: &[u8], n: usize) -> i64 {
+        let mut conn = self.conn().expect("redis connection");
+        let mut pipe = redis::pipe();
+        for _ in 0..n {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload);
+        }
+        let counts: Vec<i64> = pipe.query(&mut conn).expect("pipelined publish");
+        counts.iter().sum()
+    }
+
+    /// `PUBSUB CHANNELS <pattern>`, sorted.
+    pub fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cmd(&["PUBSUB", "CHANNELS", pattern])
+            .expect("pubsub channels");
+        v.sort();
+        v
+    }
+
+    /// `PUBSUB NUMSUB <channel>`: how many connections (nodes) subscribe to `channel`.
+    pub fn numsub(&self, channel: &str) -> i64 {
+        let (_, n): (String, i64) = self
+            .cmd(&["PUBSUB", "NUMSUB", channel])
+            .expect("pubsub numsub");
+        n
+    }
+}
+
+impl Herald {
+    /// GET /readyz: (status, body).
+    pub async fn readyz(&self) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Whether this node reports `user` online.
+    pub async fn online(&self, user: &str) -> bool {
+        let (status, body) = self.api_get(&format!("/api/presence/{user}")).await;
+        assert_eq!(status, 200, "presence: {body}");
+        body["online"]
+            .as_bool()
+            .expect("presence body has a boolean \"online\"")
+    }
+
+    /// Node ids listed by this node's /api/stats.
+    pub async fn stats_nodes(&self) -> Vec<String> {
+        let stats = self.stats().await;
+        let mut ids: Vec<String> = stats["nodes"]
+            .as_array()
+            .expect("stats.nodes is an array")
+            .iter()
+            .map(|n| n["node"].as_str().expect("node id").to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Polls until `user`'s sessions as seen by this node are exactly on `nodes` (sorted
+    /// node ids, one entry per session).
+    pub async fn wait_presence_nodes(&self, user: &str, nodes: &[&str]) {
+        let want: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
+        eventually(
+            WAIT,
+            &format!("presence of {user} on {nodes:?}, via {}", self.node_id),
+            || async {
+                let mut got: Vec<String> = self
+                    .presence_sessions(user)
+                    .await
+                    .iter()
+                    .map(|s| s["node"].as_str().unwrap_or_default().to_string())
+                    .collect();
+                got.sort();
+                (got == want).then_some(())
+            },
+        )
+        .await
+    }
+}
+
+/// Connects with an explicit token in the query string.
+pub async fn connect_token(node: &Herald, token: &str) -> Client {
+    connect_url(&node.ws_url(&format!("?token={token}"))).await
+}
+
+/// Opens a WebSocket to `url` sending `Authorization: Bearer <token>`.
+pub async fn open_bearer(
+    url: &str,
+    token: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async_with_config(req, None, true),
+    )
+    .await
+    .map_err(|_| tokio_tungstenite::tungstenite::Error::ConnectionClosed)??;
+    Ok(ws)
+}
+
+/// HTTP status of an upgrade refused for a request built from `url` and an optional bearer.
+pub async fn refused_status_bearer(url: &str, token: &str) -> u16 {
+    match open_bearer(url, token).await {
+        Ok(_) => panic!("upgrade to {url} with a bearer header should have been refused"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("unexpected error for {url}: {e}"),
+    }
+}
+
+/// Connects `user` over a socket whose receive buffer is tiny and fixed (no autotuning),
+/// so a client that stops reading backs up the server after a few hundred KB, not 30 MB.
+pub async fn connect_small_rcvbuf(node: &Herald, user: &str) -> Client {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.port).parse().expect("addr");
+    let stream = tokio::time::timeout(WAIT, sock.connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("tcp connect");
+    let url = node.ws_url(&format!("?token={}", token(user, &[])));
+    let cfg = WebSocketConfig::default().max_message_size(Some(16 << 20));
+    let (mut ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(cfg)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("websocket handshake");
+    let welcome = recv_json(&mut ws, WAIT).await.expect("welcome frame");
+    assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+    Client { ws, welcome }
+}
+
+/// Closes from the client side and waits (bounded) for the server's answer.
+pub async fn close_client(mut ws: Ws) {
+    let _ = ws.close(None).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.next()).await {}
+}
+
+// ===== raw WebSocket over TCP (a client that never answers pings) =====
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A hand-rolled WebSocket client: it sends exactly what the test writes and never answers
+/// a ping, unlike tungstenite.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A frame read by [`RawWs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawFrame {
+    Text(String),
+    Ping,
+    Pong,
+    Close(Option<u16>),
+    Other(u8),
+}
+
+impl RawWs {
+    /// Performs the upgrade by hand; panics unless the server answers 101.
+    pub async fn connect(node: &Herald, token: &str) -> RawWs {
+        let mut stream = TcpStream::connect(("127.0.0.1", node.port))
+            .await
+            .expect("tcp connect");
+        let req = format!(
+            "GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            node.port
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .expect("send upgrade");
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("upgrade response in time")
+                .expect("read upgrade response");
+            assert!(n > 0, "connection closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "expected 101 Switching Protocols, got: {head}"
+        );
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "wrong Sec-WebSocket-Accept in: {head}"
+        );
+        RawWs {
+            stream,
+            buf: buf[end..].to_vec(),
+        }
+    }
+
+    /// Sends one masked client frame.
+    pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+        let mut out = vec![0x80 | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= u16::MAX as usize {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&out).await.expect("send frame");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(0x1, text.as_bytes()).await
+    }
+
+    /// Next frame; `Ok(None)` when the connection ended, `Err(())` on timeout.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<RawFrame>, ()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(Some(frame));
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// Parses one unmasked server frame from the front of `buf`.
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let (len, mut pos) = match buf[1] & 0x7f {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => {
+            let b: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if buf[1] & 0x80 != 0 {
+        pos += 4; // a server must not mask, but skip a mask key if one is there
+    }
+    let payload = buf.get(pos..pos + len)?;
+    let frame = match opcode {
+        0x1 => RawFrame::Text(String::from_utf8_lossy(payload).to_string()),
+        0x8 => RawFrame::Close(
+            (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
+        ),
+        0x9 => RawFrame::Ping,
+        0xA => RawFrame::Pong,
+        other => RawFrame::Other(other),
+    };
+    Some((frame, pos + len))
+}
