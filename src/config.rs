@@ -112,6 +112,19 @@ pub struct Config {
     #[arg(long, env = "HERALD_REPLAY_LIMIT", default_value_t = 500)]
     pub replay_limit: usize,
 
+    /// A user without sessions for this long gets an `offline` event; a reconnect within
+    /// it (a page reload) produces no events at all.
+    #[arg(long, env = "HERALD_OFFLINE_GRACE", default_value = "5", value_parser = parse_duration)]
+    pub offline_grace: Duration,
+
+    /// Approximate cap of the `<prefix>:events` stream.
+    #[arg(long, env = "HERALD_EVENTS_MAX_LEN", default_value_t = 100_000)]
+    pub events_max_len: u64,
+
+    /// The events stream expires this long after its last event.
+    #[arg(long, env = "HERALD_EVENTS_RETENTION", default_value = "1d", value_parser = parse_duration)]
+    pub events_retention: Duration,
+
     /// Maximum topics one connection may join.
     #[arg(long, env = "HERALD_MAX_TOPICS", default_value_t = 64)]
     pub max_topics: usize,

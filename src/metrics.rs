@@ -43,6 +43,8 @@ pub const CANARY_RTT_SECONDS: &str = "herald_pubsub_canary_rtt_seconds";
 pub const CANARY_TIMEOUTS: &str = "herald_pubsub_canary_timeouts_total";
 /// Counter: heartbeats that found this node's presence already expired (it was away).
 pub const PRESENCE_REASSERTS: &str = "herald_presence_reasserts_total";
+/// Counter: `offline` events this node's reaper emitted.
+pub const OFFLINE_EVENTS_REAPED: &str = "herald_offline_events_reaped_total";
 /// Histogram: seconds a presence heartbeat took.
 pub const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
 

@@ -24,7 +24,7 @@ use crate::hub::{Hub, SessionControl, SessionInfo, SubCommand};
 use crate::inbox::{envelope, Inbox, InboxError, InboxPolicy, MemoryInbox, RedisInbox, StreamId};
 use crate::keys::Keys;
 use crate::metrics as m;
-use crate::presence::{MemoryPresence, Presence, RedisPresence};
+use crate::presence::{EventPolicy, MemoryPresence, Presence, RedisPresence};
 use crate::protocol::{message_frame, CloseReason, ServerFrame};
 use crate::session::{self, Acker, SessionLimits, SessionParts};
 
@@ -125,6 +125,11 @@ impl Node {
                         &node_id,
                         &config.listen.to_string(),
                         config.presence_ttl,
+                        EventPolicy {
+                            grace: config.offline_grace,
+                            max_len: config.events_max_len,
+                            retention: config.events_retention,
+                        },
                     )),
                     Inbox::Redis(RedisInbox::new(pool, keys.clone(), policy)),
                 )
@@ -182,6 +187,10 @@ impl Node {
             let n = node.clone();
             node.background
                 .spawn(async move { n.heartbeat_loop(reassert).await });
+        }
+        if node.health.clustered() {
+            let n = node.clone();
+            node.background.spawn(async move { n.reaper_loop().await });
         }
         Ok(node)
     }
@@ -242,6 +251,28 @@ impl Node {
                     metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
                     self.health.set_redis(false);
                     wait = interval.min(RETRY_INTERVAL);
+                }
+            }
+        }
+    }
+
+    /// Emits the `offline` events that are due, every second (or every heartbeat interval if
+    /// shorter). Every node runs it; the script makes each event happen exactly once.
+    async fn reaper_loop(self: Arc<Self>) {
+        let every = self.config.heartbeat_interval().min(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.stop_background.cancelled() => return,
+                _ = sleep(every) => {}
+            }
+            match self.presence.reap().await {
+                Ok(n) if n > 0 => {
+                    metrics::counter!(m::OFFLINE_EVENTS_REAPED).increment(n);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "offline reaper failed");
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "reap").increment(1);
                 }
             }
         }
@@ -360,7 +391,12 @@ impl Node {
             metrics::counter!(m::SLOW_CONSUMERS).increment(1);
         }
         let last = removed.map(|r| r.last_of_user).unwrap_or(false);
-        if let Err(e) = self.presence.remove(&info, last).await {
+        let offline_reason = match reason {
+            CloseReason::Kicked => "kicked",
+            CloseReason::Draining => "drained",
+            _ => "closed",
+        };
+        if let Err(e) = self.presence.remove(&info, last, offline_reason).await {
             tracing::debug!(error = %e, "presence remove failed; the entry will expire");
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
         }

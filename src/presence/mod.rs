@@ -8,7 +8,7 @@ mod redis;
 use std::time::Duration;
 
 pub use self::memory::MemoryPresence;
-pub use self::redis::RedisPresence;
+pub use self::redis::{EventPolicy, RedisPresence};
 use crate::hub::{Counts, SessionInfo};
 use crate::protocol::{PresenceSession, StatsResponse};
 
@@ -47,14 +47,29 @@ impl Presence {
         }
     }
 
-    /// Removes a session at once (its expiry would remove it anyway).
-    pub async fn remove(&self, s: &SessionInfo, last_of_user: bool) -> Result<(), PresenceError> {
+    /// Removes a session at once (its expiry would remove it anyway). `reason` (closed,
+    /// kicked, drained) is what the user's `offline` event reports if this was their last
+    /// session anywhere.
+    pub async fn remove(
+        &self,
+        s: &SessionInfo,
+        last_of_user: bool,
+        reason: &str,
+    ) -> Result<(), PresenceError> {
         match self {
             Presence::Memory(p) => {
                 p.remove(s);
                 Ok(())
             }
-            Presence::Redis(p) => with_timeout(p.remove(s, last_of_user)).await,
+            Presence::Redis(p) => with_timeout(p.remove(s, last_of_user, reason)).await,
+        }
+    }
+
+    /// Emits `offline` events whose grace has run out (Redis only; events need Redis).
+    pub async fn reap(&self) -> Result<u64, PresenceError> {
+        match self {
+            Presence::Memory(_) => Ok(0),
+            Presence::Redis(p) => with_timeout(p.reap()).await,
         }
     }
 

@@ -8,102 +8,172 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 use futures_util::future::try_join_all;
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 
 use super::PresenceError;
 use crate::hub::{Counts, SessionInfo};
 use crate::keys::Keys;
 use crate::protocol::{NodeStats, PresenceSession, StatsResponse};
 
-/// Shared Lua prelude: `now` and `exp` in Redis-server milliseconds, and a helper that
-/// extends a key's TTL to at least `ttl` without ever shortening it.
+/// Shared Lua prelude. Every script gets the same first four ARGV: presence TTL, offline
+/// grace, events stream cap and events stream TTL (ms). It defines `now` and `exp` in
+/// Redis-server milliseconds, `extend` (grows a key's TTL, never shrinks it) and `emit`
+/// (appends an online/offline event to the events stream and publishes it).
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local exp = string.format('%.0f', now + ttl)
-local function extend(key)
-  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+local grace = tonumber(ARGV[2])
+local events_max = tonumber(ARGV[3])
+local events_ttl = tonumber(ARGV[4])
+local function ms(x) return string.format('%.0f', x) end
+local exp = ms(now + ttl)
+local function extend(key, min)
+  min = min or ttl
+  if redis.call('PTTL', key) < min then redis.call('PEXPIRE', key, min) end
+end
+local function emit(events, kind, uid, reason, node)
+  local fields = {'type', kind, 'user', uid, 'ts', ms(now)}
+  local ev = {type = kind, user = uid, ts = now}
+  if reason ~= '' then
+    table.insert(fields, 'reason'); table.insert(fields, reason); ev.reason = reason
+  end
+  if node ~= '' then
+    table.insert(fields, 'node'); table.insert(fields, node); ev.node = node
+  end
+  ev.id = redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', unpack(fields))
+  extend(events, events_ttl)
+  redis.call('PUBLISH', events, cjson.encode(ev))
+end
+-- A user is online while their users-score is above now + grace, pending offline while it
+-- is between now and now + grace, and due for an offline event once it is below now.
+local function settle_due(users, events, pending, uid)
+  local known = redis.call('ZSCORE', users, uid)
+  if known and tonumber(known) <= now then
+    emit(events, 'offline', uid, redis.call('HGET', pending, uid) or 'expired', '')
+    redis.call('HDEL', pending, uid)
+    return false
+  end
+  if known and tonumber(known) <= now + grace then redis.call('HDEL', pending, uid) end
+  return known
 end
 "#;
 
-/// KEYS: users, presence:<uid>, node:<id>. ARGV: ttl, uid, member, first_of_user (0/1).
+/// KEYS: users, presence:<uid>, node:<id>, events, offline-pending.
+/// ARGV: (prelude), uid, member, first_of_user (0/1), node id.
 const ADD: &str = r#"
-redis.call('ZADD', KEYS[2], exp, ARGV[3])
+local uid = ARGV[5]
+local known = settle_due(KEYS[1], KEYS[4], KEYS[5], uid)
+redis.call('ZADD', KEYS[2], exp, ARGV[6])
 extend(KEYS[2])
-redis.call('ZADD', KEYS[1], 'GT', exp, ARGV[2])
-extend(KEYS[1])
+redis.call('ZADD', KEYS[1], 'GT', ms(now + ttl + grace), uid)
+extend(KEYS[1], ttl + grace)
+if not known then emit(KEYS[4], 'online', uid, '', ARGV[8]) end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'connections', 1)
-  if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[3], 'users', 1) end
+  if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[3], 'users', 1) end
 end
 return 1
 "#;
 
-/// KEYS: users, presence:<uid>, node:<id>. ARGV: ttl (unused), uid, member, last_of_user.
+/// KEYS: users, presence:<uid>, node:<id>, events, offline-pending.
+/// ARGV: (prelude), uid, member, last_of_user (0/1), reason (closed, kicked, drained).
+/// The user's last session anywhere starts the grace window; the reaper emits `offline`.
 const REMOVE: &str = r#"
-local removed = redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[2]) end
+local uid = ARGV[5]
+local removed = redis.call('ZREM', KEYS[2], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms(now))
+if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZSCORE', KEYS[1], uid) then
+  redis.call('ZADD', KEYS[1], 'XX', ms(now + grace), uid)
+  redis.call('HSET', KEYS[5], uid, ARGV[8])
+  extend(KEYS[5], ttl + grace)
+end
 if removed == 1 and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'connections', -1)
-  if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[3], 'users', -1) end
+  if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[3], 'users', -1) end
 end
 return removed
 "#;
 
-/// KEYS: users, presence:<uid1>, presence:<uid2>, ...
-/// ARGV: ttl, then per user: uid, member count, members...
+/// KEYS: users, events, offline-pending, presence:<uid1>, presence:<uid2>, ...
+/// ARGV: (prelude), node id, then per user: uid, member count, members...
 const TOUCH: &str = r#"
-local i = 2
-for k = 2, #KEYS do
+local i = 6
+for k = 4, #KEYS do
   local uid = ARGV[i]
   local n = tonumber(ARGV[i + 1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ms(now))
   for j = 1, n do redis.call('ZADD', KEYS[k], exp, ARGV[i + 1 + j]) end
   extend(KEYS[k])
-  redis.call('ZADD', KEYS[1], 'GT', exp, uid)
+  local known = settle_due(KEYS[1], KEYS[2], KEYS[3], uid)
+  redis.call('ZADD', KEYS[1], 'GT', ms(now + ttl + grace), uid)
+  if not known then emit(KEYS[2], 'online', uid, '', ARGV[5]) end
   i = i + 2 + n
 end
-extend(KEYS[1])
-return #KEYS - 1
+extend(KEYS[1], ttl + grace)
+return #KEYS - 3
 "#;
 
-/// KEYS: nodes, node:<id>, users. ARGV: ttl, node id, connections, users, started_at, listen.
+/// KEYS: users, events, offline-pending. ARGV: (prelude), presence key prefix, limit.
+/// Emits exactly one `offline` per user whose grace has run out and who has no live
+/// session; atomic, so any number of nodes may run it concurrently.
+const REAP: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms(now), 'LIMIT', 0, tonumber(ARGV[6]))
+local n = 0
+for _, uid in ipairs(due) do
+  local pkey = ARGV[5] .. uid
+  redis.call('ZREMRANGEBYSCORE', pkey, '-inf', ms(now))
+  local best = redis.call('ZREVRANGE', pkey, 0, 0, 'WITHSCORES')
+  if best[2] then
+    redis.call('ZADD', KEYS[1], ms(tonumber(best[2]) + grace), uid)
+  else
+    redis.call('ZREM', KEYS[1], uid)
+    emit(KEYS[2], 'offline', uid, redis.call('HGET', KEYS[3], uid) or 'expired', '')
+    redis.call('HDEL', KEYS[3], uid)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// KEYS: nodes, node:<id>. ARGV: (prelude), node id, connections, users, started_at, listen.
 const NODE: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], exp, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms(now))
+redis.call('ZADD', KEYS[1], exp, ARGV[5])
 extend(KEYS[1])
-redis.call('HSET', KEYS[2], 'connections', ARGV[3], 'users', ARGV[4], 'started_at', ARGV[5], 'listen', ARGV[6])
+redis.call('HSET', KEYS[2], 'connections', ARGV[6], 'users', ARGV[7], 'started_at', ARGV[8], 'listen', ARGV[9])
 redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 return now
 "#;
 
-/// KEYS: nodes, node:<id>. ARGV: ttl (unused), node id.
+/// KEYS: nodes, node:<id>. ARGV: (prelude), node id.
 const DEREGISTER: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[5])
 redis.call('DEL', KEYS[2])
 return 1
 "#;
 
-/// KEYS: presence:<uid>. ARGV: ttl (unused). Returns live members.
+/// KEYS: presence:<uid>. ARGV: (prelude). Returns live members.
 const READ_USER: &str = r#"
-return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ms(now), '+inf')
 "#;
 
-/// KEYS: nodes, users. ARGV: ttl (unused), node key prefix.
-/// Returns {users, id1, connections1, users1, id2, ...} for live nodes.
+/// KEYS: nodes, users. ARGV: (prelude), node key prefix.
+/// Returns {users, id1, connections1, users1, id2, ...} for live nodes. Users in their
+/// offline grace window are not counted.
 const STATS: &str = r#"
-local out = { redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') }
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
-  local h = redis.call('HMGET', ARGV[2] .. id, 'connections', 'users')
+local out = { redis.call('ZCOUNT', KEYS[2], '(' .. ms(now + grace), '+inf') }
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ms(now), '+inf')) do
+  local h = redis.call('HMGET', ARGV[5] .. id, 'connections', 'users')
   table.insert(out, id)
   table.insert(out, tonumber(h[1]) or 0)
   table.insert(out, tonumber(h[2]) or 0)
 end
 return out
 "#;
+
+/// Most users one reaper run settles.
+const REAP_BATCH: usize = 200;
 
 /// Users per TOUCH call: keeps each script run short so Redis stays responsive.
 const TOUCH_BATCH: usize = 200;
@@ -116,10 +186,22 @@ struct Scripts {
     deregister: Script,
     read_user: Script,
     stats: Script,
+    reap: Script,
 }
 
 fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
+}
+
+/// Online/offline event settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EventPolicy {
+    /// How long a user may be without sessions before `offline` is emitted.
+    pub grace: Duration,
+    /// Approximate cap of the events stream.
+    pub max_len: u64,
+    /// Expiry of the events stream after its last event.
+    pub retention: Duration,
 }
 
 /// Presence in Redis.
@@ -131,11 +213,19 @@ pub struct RedisPresence {
     listen: String,
     started_at: u64,
     ttl: Duration,
+    events: EventPolicy,
     scripts: Arc<Scripts>,
 }
 
 impl RedisPresence {
-    pub fn new(pool: Pool, keys: Keys, node: &str, listen: &str, ttl: Duration) -> Self {
+    pub fn new(
+        pool: Pool,
+        keys: Keys,
+        node: &str,
+        listen: &str,
+        ttl: Duration,
+        events: EventPolicy,
+    ) -> Self {
         RedisPresence {
             pool,
             keys,
@@ -143,6 +233,7 @@ impl RedisPresence {
             listen: listen.to_string(),
             started_at: crate::unix_ms(),
             ttl,
+            events,
             scripts: Arc::new(Scripts {
                 add: script(ADD),
                 remove: script(REMOVE),
@@ -151,12 +242,19 @@ impl RedisPresence {
                 deregister: script(DEREGISTER),
                 read_user: script(READ_USER),
                 stats: script(STATS),
+                reap: script(REAP),
             }),
         }
     }
 
-    fn ttl_ms(&self) -> u64 {
-        self.ttl.as_millis() as u64
+    /// Starts an invocation with the four prelude arguments every script expects.
+    fn invoke<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(self.ttl.as_millis() as u64)
+            .arg(self.events.grace.as_millis() as u64)
+            .arg(self.events.max_len)
+            .arg(self.events.retention.as_millis() as u64);
+        inv
     }
 
     /// The ZSET member for a session: `<session>|<node>|<connected_at ms>`.
@@ -166,35 +264,38 @@ impl RedisPresence {
 
     pub async fn add(&self, s: &SessionInfo, first_of_user: bool) -> Result<(), PresenceError> {
         let mut conn = self.pool.get().await?;
-        let _: i64 = self
-            .scripts
-            .add
-            .key(self.keys.users_key())
+        let mut inv = self.invoke(&self.scripts.add);
+        inv.key(self.keys.users_key())
             .key(self.keys.presence_key(&s.user))
             .key(self.keys.node_key(&self.node))
-            .arg(self.ttl_ms())
+            .key(self.keys.events_key())
+            .key(self.keys.offline_pending_key())
             .arg(&*s.user)
             .arg(self.member(s))
             .arg(first_of_user as u8)
-            .invoke_async(&mut *conn)
-            .await?;
+            .arg(&self.node);
+        let _: i64 = inv.invoke_async(&mut *conn).await?;
         Ok(())
     }
 
-    pub async fn remove(&self, s: &SessionInfo, last_of_user: bool) -> Result<(), PresenceError> {
+    pub async fn remove(
+        &self,
+        s: &SessionInfo,
+        last_of_user: bool,
+        reason: &str,
+    ) -> Result<(), PresenceError> {
         let mut conn = self.pool.get().await?;
-        let _: i64 = self
-            .scripts
-            .remove
-            .key(self.keys.users_key())
+        let mut inv = self.invoke(&self.scripts.remove);
+        inv.key(self.keys.users_key())
             .key(self.keys.presence_key(&s.user))
             .key(self.keys.node_key(&self.node))
-            .arg(self.ttl_ms())
+            .key(self.keys.events_key())
+            .key(self.keys.offline_pending_key())
             .arg(&*s.user)
             .arg(self.member(s))
             .arg(last_of_user as u8)
-            .invoke_async(&mut *conn)
-            .await?;
+            .arg(reason);
+        let _: i64 = inv.invoke_async(&mut *conn).await?;
         Ok(())
     }
 
@@ -205,20 +306,15 @@ impl RedisPresence {
     ) -> Result<(), PresenceError> {
         // The node record goes first: presence readers only trust live nodes' counts.
         let mut conn = self.pool.get().await?;
-        let _: i64 = self
-            .scripts
-            .node
-            .key(self.keys.nodes_key())
+        let mut inv = self.invoke(&self.scripts.node);
+        inv.key(self.keys.nodes_key())
             .key(self.keys.node_key(&self.node))
-            .key(self.keys.users_key())
-            .arg(self.ttl_ms())
             .arg(&self.node)
             .arg(counts.connections)
             .arg(counts.users)
             .arg(self.started_at)
-            .arg(&self.listen)
-            .invoke_async(&mut *conn)
-            .await?;
+            .arg(&self.listen);
+        let _: i64 = inv.invoke_async(&mut *conn).await?;
 
         let mut by_user: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for s in sessions {
@@ -227,8 +323,11 @@ impl RedisPresence {
         let users: Vec<(&str, Vec<String>)> = by_user.into_iter().collect();
         // The multiplexed connection pipelines these concurrent calls on one socket.
         let calls = users.chunks(TOUCH_BATCH).map(|chunk| {
-            let mut inv = self.scripts.touch.key(self.keys.users_key());
-            inv.arg(self.ttl_ms());
+            let mut inv = self.invoke(&self.scripts.touch);
+            inv.key(self.keys.users_key())
+                .key(self.keys.events_key())
+                .key(self.keys.offline_pending_key())
+                .arg(&self.node);
             for (user, members) in chunk {
                 inv.key(self.keys.presence_key(user));
                 inv.arg(*user).arg(members.len()).arg(members);
@@ -243,29 +342,34 @@ impl RedisPresence {
         Ok(())
     }
 
+    /// Emits `offline` for users whose grace ran out; returns how many.
+    pub async fn reap(&self) -> Result<u64, PresenceError> {
+        let mut conn = self.pool.get().await?;
+        let mut inv = self.invoke(&self.scripts.reap);
+        inv.key(self.keys.users_key())
+            .key(self.keys.events_key())
+            .key(self.keys.offline_pending_key())
+            .arg(self.keys.presence_key(""))
+            .arg(REAP_BATCH);
+        let n: i64 = inv.invoke_async(&mut *conn).await?;
+        Ok(n.max(0) as u64)
+    }
+
     pub async fn deregister(&self) -> Result<(), PresenceError> {
         let mut conn = self.pool.get().await?;
-        let _: i64 = self
-            .scripts
-            .deregister
-            .key(self.keys.nodes_key())
+        let mut inv = self.invoke(&self.scripts.deregister);
+        inv.key(self.keys.nodes_key())
             .key(self.keys.node_key(&self.node))
-            .arg(self.ttl_ms())
-            .arg(&self.node)
-            .invoke_async(&mut *conn)
-            .await?;
+            .arg(&self.node);
+        let _: i64 = inv.invoke_async(&mut *conn).await?;
         Ok(())
     }
 
     pub async fn user(&self, user: &str) -> Result<Vec<PresenceSession>, PresenceError> {
         let mut conn = self.pool.get().await?;
-        let members: Vec<String> = self
-            .scripts
-            .read_user
-            .key(self.keys.presence_key(user))
-            .arg(self.ttl_ms())
-            .invoke_async(&mut *conn)
-            .await?;
+        let mut inv = self.invoke(&self.scripts.read_user);
+        inv.key(self.keys.presence_key(user));
+        let members: Vec<String> = inv.invoke_async(&mut *conn).await?;
         let mut out: Vec<PresenceSession> =
             members.iter().filter_map(|m| parse_member(m)).collect();
         out.sort_by_key(|s| s.connected_at);
@@ -274,15 +378,11 @@ impl RedisPresence {
 
     pub async fn stats(&self) -> Result<StatsResponse, PresenceError> {
         let mut conn = self.pool.get().await?;
-        let raw: Vec<redis::Value> = self
-            .scripts
-            .stats
-            .key(self.keys.nodes_key())
+        let mut inv = self.invoke(&self.scripts.stats);
+        inv.key(self.keys.nodes_key())
             .key(self.keys.users_key())
-            .arg(self.ttl_ms())
-            .arg(self.keys.node_key_prefix())
-            .invoke_async(&mut *conn)
-            .await?;
+            .arg(self.keys.node_key_prefix());
+        let raw: Vec<redis::Value> = inv.invoke_async(&mut *conn).await?;
         Ok(parse_stats(&raw))
     }
 }
