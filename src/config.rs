@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
 
+    /// Listen backlog: connections the kernel queues before they are accepted. The usual
+    /// default (128) overflows when thousands of clients reconnect at once (after a drain),
+    /// and each overflow costs the client a one-second SYN retry.
+    #[arg(long, env = "HERALD_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Maximum concurrent WebSocket sessions on this node; further upgrades get HTTP 503.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -89,7 +95,7 @@ pub struct Config {
 
     /// Per-connection WebSocket read buffer in bytes. Small on purpose: idle sessions are the
     /// common case, and the buffer is allocated for every connection.
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 2048)]
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 1024)]
     pub ws_read_buffer: usize,
 
     /// Kernel send buffer per client socket (SO_SNDBUF), in bytes. Unset: the kernel

@@ -2,11 +2,11 @@
 //! and the bounded outbox of each. The hub does no I/O and never touches Redis; it only
 //! emits ordered subscription commands for the broker to carry out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -56,12 +56,16 @@ impl Outgoing {
     }
 }
 
-/// Cross-task handle used to end a session from outside its loop.
+/// Cross-task handle of one session: its bounded outbox and the means to end it from
+/// outside its loop. The outbox is a plain queue that allocates nothing until the first
+/// message (a channel per session would cost ~2 KiB even when idle).
 #[derive(Debug, Default)]
 pub struct SessionControl {
     kill: CancellationToken,
     reason: OnceLock<CloseReason>,
     queued_bytes: AtomicUsize,
+    outbox: Mutex<VecDeque<Outgoing>>,
+    ready: Notify,
 }
 
 impl SessionControl {
@@ -83,13 +87,64 @@ impl SessionControl {
         self.kill.is_cancelled()
     }
 
-    /// Called by the session after a queued message left the outbox.
-    pub fn dequeued(&self, bytes: usize) {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outgoing>> {
+        // Pushing and popping cannot leave the queue inconsistent, so poisoning is ignored.
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message unless `capacity` messages are already waiting.
+    fn push(&self, msg: Outgoing, capacity: usize) -> bool {
+        {
+            let mut q = self.queue();
+            if q.len() >= capacity {
+                return false;
+            }
+            q.push_back(msg);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// Waits until a message may be waiting (spurious wake-ups are possible).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Takes up to `max` queued messages, oldest first, and releases their byte budget.
+    pub fn take(&self, max: usize) -> Vec<Outgoing> {
+        let batch: Vec<Outgoing> = {
+            let mut q = self.queue();
+            let n = q.len().min(max);
+            let batch = q.drain(..n).collect();
+            if !q.is_empty() {
+                // More is waiting: make sure the loop comes back for it.
+                self.ready.notify_one();
+            }
+            if q.is_empty() && q.capacity() > 64 {
+                // A burst grew the queue; idle sessions should not keep that memory.
+                q.shrink_to(0);
+            }
+            batch
+        };
+        let bytes: usize = batch.iter().map(Outgoing::len).sum();
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        batch
+    }
+
+    /// Drops everything queued (the session is ending) and frees the memory at once.
+    pub fn discard(&self) {
+        let mut q = self.queue();
+        q.clear();
+        q.shrink_to(0);
+        self.queued_bytes.store(0, Ordering::Relaxed);
     }
 
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue().len()
     }
 }
 
@@ -105,7 +160,6 @@ pub struct SessionInfo {
 
 struct Entry {
     info: SessionInfo,
-    tx: mpsc::Sender<Outgoing>,
     ctl: Arc<SessionControl>,
 }
 
@@ -153,17 +207,26 @@ pub struct Hub {
     inner: RwLock<Inner>,
     keys: Keys,
     subs: mpsc::UnboundedSender<SubCommand>,
+    outbox_messages: usize,
     outbox_bytes: usize,
 }
 
 impl Hub {
     /// `subs` receives subscription changes; the queue is unbounded but holds at most one
     /// command per join or leave in flight, so it is bounded by the connection limit.
-    pub fn new(keys: Keys, subs: mpsc::UnboundedSender<SubCommand>, outbox_bytes: usize) -> Self {
+    /// Each session's outbox holds at most `outbox_messages` messages and `outbox_bytes`
+    /// bytes; either limit reached marks the session a slow consumer.
+    pub fn new(
+        keys: Keys,
+        subs: mpsc::UnboundedSender<SubCommand>,
+        outbox_messages: usize,
+        outbox_bytes: usize,
+    ) -> Self {
         Hub {
             inner: RwLock::new(Inner::default()),
             keys,
             subs,
+            outbox_messages,
             outbox_bytes,
         }
     }
@@ -180,12 +243,7 @@ impl Hub {
 
     /// Adds a session. The returned receiver resolves once the broker has confirmed every
     /// subscription this session needs (its user channel and topics).
-    pub fn register(
-        &self,
-        info: SessionInfo,
-        tx: mpsc::Sender<Outgoing>,
-        ctl: Arc<SessionControl>,
-    ) -> Registered {
+    pub fn register(&self, info: SessionInfo, ctl: Arc<SessionControl>) -> Registered {
         let (done_tx, done_rx) = oneshot::channel();
         let mut inner = self.write();
         let mut channels = Vec::new();
@@ -202,7 +260,7 @@ impl Hub {
             }
             members.insert(info.id);
         }
-        inner.sessions.insert(info.id, Entry { info, tx, ctl });
+        inner.sessions.insert(info.id, Entry { info, ctl });
         // Sent under the lock so the broker sees joins and leaves in the order decided here.
         // A send error means the broker is gone (node shutting down); the receiver then
         // resolves with an error and the session proceeds without waiting.
@@ -256,17 +314,12 @@ impl Hub {
             d.slow += 1;
             return;
         }
-        match entry.tx.try_send(msg.clone()) {
-            Ok(()) => d.queued += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                entry.ctl.close(CloseReason::SlowConsumer);
-                d.slow += 1;
-            }
-            // The session loop has already ended and will unregister itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            }
+        if entry.ctl.push(msg.clone(), self.outbox_messages) {
+            d.queued += 1;
+        } else {
+            entry.ctl.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            entry.ctl.close(CloseReason::SlowConsumer);
+            d.slow += 1;
         }
     }
 
@@ -381,7 +434,7 @@ mod tests {
 
     fn hub() -> (Hub, mpsc::UnboundedReceiver<SubCommand>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Hub::new(Keys::new("p", "n"), tx, 1024), rx)
+        (Hub::new(Keys::new("p", "n"), tx, 2, 1024), rx)
     }
 
     fn info(user: &str, topics: &[&str]) -> SessionInfo {
@@ -405,9 +458,8 @@ mod tests {
         let (hub, mut rx) = hub();
         let a = info("u1", &["t"]);
         let b = info("u1", &["t"]);
-        let (tx, _r1) = mpsc::channel(4);
-        let _ = hub.register(a.clone(), tx.clone(), Default::default());
-        let _ = hub.register(b.clone(), tx, Default::default());
+        let _ = hub.register(a.clone(), Default::default());
+        let _ = hub.register(b.clone(), Default::default());
         let (sub, ch) = channels_of(rx.try_recv().unwrap()); // safe: test
         assert!(sub);
         assert_eq!(ch, vec!["p:user:u1".to_string(), "p:topic:t".to_string()]);
@@ -438,37 +490,38 @@ mod tests {
     #[test]
     fn full_outbox_marks_slow_consumer_and_spares_others() {
         let (hub, _rx) = hub();
-        let slow = info("slow", &[]);
-        let fast = info("fast", &[]);
         let slow_ctl = Arc::new(SessionControl::default());
-        let (slow_tx, _slow_rx) = mpsc::channel(2);
-        let (fast_tx, mut fast_rx) = mpsc::channel(16);
-        let _ = hub.register(slow, slow_tx, slow_ctl.clone());
-        let _ = hub.register(fast, fast_tx, Default::default());
+        let fast_ctl = Arc::new(SessionControl::default());
+        let _ = hub.register(info("slow", &[]), slow_ctl.clone());
+        let _ = hub.register(info("fast", &[]), fast_ctl.clone());
         let msg = Outgoing::new("x".into(), None);
         let mut total = Delivery::default();
+        let mut fast_got = 0;
         for _ in 0..3 {
             let d = hub.deliver_broadcast(&msg, 1);
             total.queued += d.queued;
             total.slow += d.slow;
+            // The fast session keeps up; the slow one never reads.
+            fast_got += fast_ctl.take(16).len();
         }
         assert_eq!(total.slow, 1);
         assert_eq!(slow_ctl.reason(), Some(CloseReason::SlowConsumer));
-        let mut got = 0;
-        while fast_rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 3);
+        assert_eq!(fast_got, 3);
+        assert!(!fast_ctl.is_closed());
+        slow_ctl.discard();
+        assert_eq!((slow_ctl.queued(), slow_ctl.queued_bytes()), (0, 0));
     }
 
     #[test]
-    fn byte_budget_is_enforced() {
-        let (hub, _rx) = hub();
-        let s = info("u", &[]);
+    fn byte_budget_is_enforced_and_released_on_take() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Hub::new(Keys::new("p", "n"), tx, 100, 1024);
         let ctl = Arc::new(SessionControl::default());
-        let (tx, _keep) = mpsc::channel(1000);
-        let _ = hub.register(s, tx, ctl.clone());
+        let _ = hub.register(info("u", &[]), ctl.clone());
         let msg = Outgoing::new("y".repeat(600), None);
+        assert_eq!(hub.deliver_user("u", &msg, 600).queued, 1);
+        assert_eq!(ctl.take(10).len(), 1);
+        assert_eq!(ctl.queued_bytes(), 0);
         assert_eq!(hub.deliver_user("u", &msg, 600).queued, 1);
         assert_eq!(hub.deliver_user("u", &msg, 600).slow, 1);
         assert!(ctl.is_closed());
@@ -476,18 +529,29 @@ mod tests {
     }
 
     #[test]
+    fn take_returns_batches_in_order() {
+        let ctl = SessionControl::default();
+        for i in 0..5 {
+            assert!(ctl.push(Outgoing::new(i.to_string(), None), 10));
+        }
+        let first: Vec<String> = ctl.take(3).iter().map(|m| m.text.to_string()).collect();
+        assert_eq!(first, vec!["0", "1", "2"]);
+        assert_eq!(ctl.take(10).len(), 2);
+        assert!(ctl.take(10).is_empty());
+    }
+
+    #[test]
     fn topic_and_user_delivery_reach_only_members() {
         let (hub, _rx) = hub();
-        let (tx1, mut rx1) = mpsc::channel(4);
-        let (tx2, mut rx2) = mpsc::channel(4);
-        let _ = hub.register(info("a", &["news"]), tx1, Default::default());
-        let _ = hub.register(info("b", &[]), tx2, Default::default());
+        let a = Arc::new(SessionControl::default());
+        let b = Arc::new(SessionControl::default());
+        let _ = hub.register(info("a", &["news"]), a.clone());
+        let _ = hub.register(info("b", &[]), b.clone());
         let m = Outgoing::new("m".into(), None);
         assert_eq!(hub.deliver_topic("news", &m, 1).queued, 1);
         assert_eq!(hub.deliver_user("b", &m, 1).queued, 1);
         assert_eq!(hub.deliver_user("nobody", &m, 1).queued, 0);
-        assert!(rx1.try_recv().is_ok() && rx1.try_recv().is_err());
-        assert!(rx2.try_recv().is_ok() && rx2.try_recv().is_err());
+        assert_eq!((a.queued(), b.queued()), (1, 1));
         assert_eq!(hub.close_user("a", CloseReason::Kicked), 1);
     }
 }

@@ -63,8 +63,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         "standalone"
     };
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = bind(listen, config.listen_backlog)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let node = Node::start(config).context("cannot start the node")?;
     tracing::info!(node = %node.node_id, %listen, mode, "herald listening");
@@ -85,6 +84,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let _ = server.await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// Binds with an explicit backlog (tokio's `TcpListener::bind` uses 128).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn shutdown_signal() {

@@ -83,7 +83,12 @@ impl Node {
         let standalone = config.redis_url.is_none();
         let health = Arc::new(Health::new(standalone));
         let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
-        let hub = Arc::new(Hub::new(keys.clone(), sub_tx, config.outbox_bytes));
+        let hub = Arc::new(Hub::new(
+            keys.clone(),
+            sub_tx,
+            config.outbox_messages,
+            config.outbox_bytes,
+        ));
         let fanout = Arc::new(Fanout::new(
             hub.clone(),
             keys.clone(),
@@ -342,12 +347,13 @@ impl Node {
             topics: who.topics.into_iter().map(Arc::<str>::from).collect(),
             connected_at: crate::unix_ms(),
         };
-        let (tx, rx) = mpsc::channel(self.config.outbox_messages);
         let ctl = Arc::new(SessionControl::default());
-        let reg = self.hub.register(info.clone(), tx, ctl.clone());
+        let reg = self.hub.register(info.clone(), ctl.clone());
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
-        if let Err(e) = self.presence.add(&info, reg.first_of_user).await {
+        // The Redis futures are large (~14 KB with their timeouts); boxed, they cost memory
+        // only while they run instead of inflating every idle session task.
+        if let Err(e) = Box::pin(self.presence.add(&info, reg.first_of_user)).await {
             // The next heartbeat writes it; the session is not refused for a Redis blip.
             tracing::warn!(error = %e, "presence add failed");
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_add").increment(1);
@@ -367,11 +373,10 @@ impl Node {
             write_timeout: self.config.write_timeout,
         };
         let mut ws = ws;
-        let reason = match self.greet(&mut ws, welcome, &info.user, since).await {
+        let reason = match Box::pin(self.greet(&mut ws, welcome, &info.user, since)).await {
             Err(reason) => reason,
             Ok(replayed_up_to) => {
                 let parts = SessionParts {
-                    outbox: rx,
                     ctl,
                     limits,
                     replayed_up_to,
@@ -396,7 +401,7 @@ impl Node {
             CloseReason::Draining => "drained",
             _ => "closed",
         };
-        if let Err(e) = self.presence.remove(&info, last, offline_reason).await {
+        if let Err(e) = Box::pin(self.presence.remove(&info, last, offline_reason)).await {
             tracing::debug!(error = %e, "presence remove failed; the entry will expire");
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
         }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -14,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::{Outgoing, SessionControl};
+use crate::hub::SessionControl;
 use crate::inbox::{Inbox, StreamId};
 use crate::metrics as m;
 use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
@@ -41,7 +40,7 @@ pub struct Acker {
 
 /// Everything the loop needs besides the socket.
 pub struct SessionParts {
-    pub outbox: mpsc::Receiver<Outgoing>,
+    /// Holds the outbox too.
     pub ctl: Arc<SessionControl>,
     pub limits: SessionLimits,
     /// Durable messages up to this id were already replayed; live copies are dropped.
@@ -56,7 +55,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let SessionParts {
-        mut outbox,
         ctl,
         limits,
         replayed_up_to,
@@ -74,20 +72,12 @@ where
             _ = ctl.closed() => {
                 reason = Some(ctl.reason().unwrap_or(CloseReason::Internal));
             }
-            msg = outbox.recv() => {
-                let Some(msg) = msg else {
-                    reason = Some(CloseReason::Internal);
-                    break;
-                };
+            _ = ctl.ready() => {
                 // Feed what is already queued, then flush once: one syscall for a burst.
-                let mut batch = vec![msg];
-                while batch.len() < WRITE_BATCH {
-                    match outbox.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
+                let batch = ctl.take(WRITE_BATCH);
+                if batch.is_empty() {
+                    continue;
                 }
-                let bytes: usize = batch.iter().map(Outgoing::len).sum();
                 let write = async {
                     for m in batch {
                         // A live copy of an entry the replay already delivered.
@@ -103,7 +93,6 @@ where
                     _ = ctl.closed() => None,
                     r = timeout(limits.write_timeout, write) => Some(r),
                 };
-                ctl.dequeued(bytes);
                 match result {
                     None => reason = Some(ctl.reason().unwrap_or(CloseReason::Internal)),
                     Some(Ok(Ok(()))) => {}
@@ -176,8 +165,9 @@ where
     // safe: the loop only exits once `reason` is set.
     let reason = reason.unwrap_or(CloseReason::Internal);
 
-    // Free queued messages before the (possibly slow) close handshake.
-    drop(outbox);
+    // Stop deliveries and free queued messages before the (possibly slow) close handshake.
+    ctl.close(reason);
+    ctl.discard();
     if !matches!(
         reason,
         CloseReason::ClientClosed | CloseReason::ConnectionLost

@@ -2,7 +2,6 @@
 //! server (`TIME`), so clock skew between nodes can neither resurrect nor kill a session.
 //! docs/redis.md lists the keys; every one carries a TTL.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,6 +176,8 @@ const REAP_BATCH: usize = 200;
 
 /// Users per TOUCH call: keeps each script run short so Redis stays responsive.
 const TOUCH_BATCH: usize = 200;
+/// TOUCH calls in flight at once (pipelined on one multiplexed connection).
+const TOUCH_CONCURRENCY: usize = 4;
 
 struct Scripts {
     add: Script,
@@ -316,29 +317,36 @@ impl RedisPresence {
             .arg(&self.listen);
         let _: i64 = inv.invoke_async(&mut *conn).await?;
 
-        let mut by_user: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for s in sessions {
-            by_user.entry(&s.user).or_default().push(self.member(s));
+        // Sessions grouped by user, in chunks of TOUCH_BATCH users, sent in waves of
+        // TOUCH_CONCURRENCY calls: a heartbeat of a big node never materialises every
+        // member string at once (glibc would keep that peak as RSS).
+        let mut sorted: Vec<&SessionInfo> = sessions.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+        let groups: Vec<&[&SessionInfo]> = sorted.chunk_by(|a, b| a.user == b.user).collect();
+        for wave in groups.chunks(TOUCH_BATCH * TOUCH_CONCURRENCY) {
+            let mut calls = Vec::with_capacity(TOUCH_CONCURRENCY);
+            for chunk in wave.chunks(TOUCH_BATCH) {
+                let mut inv = self.invoke(&self.scripts.touch);
+                inv.key(self.keys.users_key())
+                    .key(self.keys.events_key())
+                    .key(self.keys.offline_pending_key())
+                    .arg(&self.node);
+                for group in chunk {
+                    let user = &group[0].user;
+                    inv.key(self.keys.presence_key(user));
+                    inv.arg(&**user).arg(group.len());
+                    for s in group.iter() {
+                        inv.arg(self.member(s));
+                    }
+                }
+                let mut conn = conn.clone();
+                calls.push(async move {
+                    let n: i64 = inv.invoke_async(&mut conn).await?;
+                    Ok::<i64, PresenceError>(n)
+                });
+            }
+            try_join_all(calls).await?;
         }
-        let users: Vec<(&str, Vec<String>)> = by_user.into_iter().collect();
-        // The multiplexed connection pipelines these concurrent calls on one socket.
-        let calls = users.chunks(TOUCH_BATCH).map(|chunk| {
-            let mut inv = self.invoke(&self.scripts.touch);
-            inv.key(self.keys.users_key())
-                .key(self.keys.events_key())
-                .key(self.keys.offline_pending_key())
-                .arg(&self.node);
-            for (user, members) in chunk {
-                inv.key(self.keys.presence_key(user));
-                inv.arg(*user).arg(members.len()).arg(members);
-            }
-            let mut conn = conn.clone();
-            async move {
-                let n: i64 = inv.invoke_async(&mut conn).await?;
-                Ok::<i64, PresenceError>(n)
-            }
-        });
-        try_join_all(calls).await?;
         Ok(())
     }
 
