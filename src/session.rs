@@ -121,7 +121,12 @@ where
                         ClientFrame::Ack(id) => {
                             metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
                             let stored = match &acker {
-                                Some(a) => matches!(timeout(limits.write_timeout, a.inbox.ack(&a.user, id)).await, Ok(Ok(_))),
+                                // Boxed: the Redis future is large and would otherwise size
+                                // every idle session's task.
+                                Some(a) => matches!(
+                                    timeout(limits.write_timeout, Box::pin(a.inbox.ack(&a.user, id))).await,
+                                    Ok(Ok(_))
+                                ),
                                 None => false,
                             };
                             if !stored {
