@@ -95,7 +95,7 @@ pub struct Config {
 
     /// Per-connection WebSocket read buffer in bytes. Small on purpose: idle sessions are the
     /// common case, and the buffer is allocated for every connection.
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 1024)]
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 512)]
     pub ws_read_buffer: usize,
 
     /// Kernel send buffer per client socket (SO_SNDBUF), in bytes. Unset: the kernel
