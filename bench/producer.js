@@ -22,10 +22,10 @@
 // Usage:
 //   node producer.js --redis-url redis://127.0.0.1:6390 [--prefix sio-bench] --mode fanout \
 //       --users 16000 [--first-user 0] [--topics 10] --rate 2000 --duration 20 \
-//       [--payload-bytes 128] --expect-file out.json [--stats-file stats.json] [--start-file f]
+//       [--payload-bytes 100] --expect-file out.json [--stats-file stats.json] [--start-file f]
 //
-// --payload-bytes is the length of the JSON object text (seq, ts and pad together); pad is
-// sized to reach it (it is never negative). --start-file makes the producer connect, then
+// --payload-bytes is the number of "x" in "pad" (herald-bench's meaning too; default 100).
+// --start-file makes the producer connect, then
 // wait (at most 10 minutes) until that file exists before the clock starts, so a caller can
 // know its pid early.
 "use strict";
@@ -50,7 +50,7 @@ function parseArgs(argv) {
     topics: 0,
     rate: 0,
     duration: 0,
-    payloadBytes: 128,
+    payloadBytes: 100,
     expectFile: null,
     statsFile: null,
     startFile: null,
@@ -110,10 +110,8 @@ function randBelow(n) {
   return rng % n;
 }
 
-// Pad so that JSON.stringify({seq, ts, pad}) is about payloadBytes long; seq and ts are
-// counted at their typical width (ts: 13-16 digits, seq: up to 6).
-const overhead = '{"seq":123456,"ts":1234567890123456,"pad":""}'.length;
-const pad = "x".repeat(Math.max(0, o.payloadBytes - overhead));
+// --payload-bytes is the number of "x" in "pad", as in herald-bench's own producer.
+const pad = "x".repeat(o.payloadBytes);
 
 function writeAtomic(file, text) {
   const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
@@ -225,7 +223,7 @@ async function main() {
     flush_ms: Number(end - publishedAt) / 1e6,
     max_lag_ms: maxLagMs,
     max_batch: maxBatch,
-    payload_bytes: JSON.stringify({ seq: 1, ts: Number(start), pad }).length,
+    pad_bytes: pad.length,
     producer_cpu_s: (usage.user + usage.system) / 1e6,
     pid: process.pid,
   };

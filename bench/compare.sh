@@ -1,0 +1,456 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: herald vs Socket.IO 4 + @socket.io/redis-adapter, same machine,
+# same run, same topology, same load generator (herald-bench, --protocol herald|socketio).
+#
+# Topology (both systems): one private redis-server (never 6379), two server nodes on
+# 127.0.0.1, 2 x SESSIONS_PER_NODE authenticated sessions (HS256 JWT, sub = bench-<i>) opened
+# by herald-bench from source addresses $SOURCE_IPS and spread over both nodes.
+#   herald:    target/release/herald x 2 (--redis-url --jwt-secret --api-key --prefix
+#              --max-connections 20000); producer: herald-bench --producer redis.
+#   socket.io: node bench/socketio-server.js x 2 (Redis adapter, websocket only);
+#              producer: node bench/producer.js (@socket.io/redis-emitter), herald-bench
+#              --producer external --expect-file.
+#
+# Phases, each run for herald then for socket.io before the next phase starts:
+#   idle          open all sessions, hold IDLE_HOLD s: node RSS per idle session
+#   connect       open all sessions as fast as CONCURRENCY allows: handshakes per second
+#   fanout-R      R msg/s for DURATION s, each to one random user (FANOUT_RATES)
+#   broadcast-R   R msg/s for DURATION s to every session (BROADCAST_RATES)
+# Every phase opens its own sessions and closes them at the end. Before a phase the script
+# waits (up to QUIET_WAIT s) until processes not started here use less than QUIET_CPU of a
+# core; a phase the bench reports as "noisy" is run again (NOISY_RETRIES times) and, if still
+# noisy, reported flagged: no number of a noisy phase enters a ratio.
+#
+# Output: OUT_DIR/<phase>-<system>.json (raw herald-bench JSON), .meta.json (what this
+# script measured itself: RSS and CPU of every server pid from /proc, producer stats,
+# attempts), logs, and OUT_DIR/table.md (also printed).
+#
+# Knobs (environment):
+#   SESSIONS_PER_NODE=8000   sessions per node (2 nodes)
+#   DURATION=20              seconds of publishing per message phase
+#   IDLE_HOLD=30             seconds an idle phase holds its sessions (> 25 s ping interval)
+#   FANOUT_RATES="2000 5000" BROADCAST_RATES="1 5"
+#   PAYLOAD_BYTES=100        bytes of "x" in each payload's "pad" (herald-bench's meaning)
+#   DRAIN=3                  seconds the bench keeps reading after the producer stopped
+#   CONCURRENCY=100          handshakes in flight per bench process
+#   SOURCE_IPS=127.0.0.2-127.0.0.20
+#   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio"
+#   NOISY_RETRIES=2  QUIET_WAIT=180  QUIET_CPU=0.25
+#   OUT_DIR=target/bench-compare/<utc time>
+#   HERALD_BIN / BENCH_BIN   use these binaries instead of building target/release/*
+#   SKIP_BUILD=1             do not run cargo build / npm ci (binaries and node_modules exist)
+#
+# Usage: bench/compare.sh      (from anywhere inside the repository)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+SESSIONS_PER_NODE=${SESSIONS_PER_NODE:-8000}
+DURATION=${DURATION:-20}
+IDLE_HOLD=${IDLE_HOLD:-30}
+FANOUT_RATES=${FANOUT_RATES:-2000 5000}
+BROADCAST_RATES=${BROADCAST_RATES:-1 5}
+PAYLOAD_BYTES=${PAYLOAD_BYTES:-100}
+DRAIN=${DRAIN:-3}
+CONCURRENCY=${CONCURRENCY:-100}
+SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.20}
+PHASES=${PHASES:-idle connect fanout broadcast}
+SYSTEMS=${SYSTEMS:-herald socketio}
+NOISY_RETRIES=${NOISY_RETRIES:-2}
+QUIET_WAIT=${QUIET_WAIT:-180}
+QUIET_CPU=${QUIET_CPU:-0.25}
+OUT_DIR=${OUT_DIR:-target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
+PER_PROCESS=${PER_PROCESS:-17000} # sessions per bench process (open-file hard limit 20,000)
+NODES=2
+SESSIONS=$((SESSIONS_PER_NODE * NODES))
+HERALD_PREFIX=hbench
+SIO_PREFIX=sio-bench
+
+JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+export HERALD_BENCH_SECRET="$JWT_SECRET" BENCH_JWT_SECRET="$JWT_SECRET"
+
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+PIDS=()
+
+log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local pid=$1 keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    forget_pid "$1"
+}
+
+# A free TCP port on 127.0.0.1 below the ephemeral range (the bench uses those as sources).
+free_port() {
+    local p
+    for _ in $(seq 1 200); do
+        p=$((20000 + RANDOM % 12000))
+        [ "$p" = 6379 ] && continue
+        if [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    log "no free port found"
+    return 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# utime + stime in clock ticks (USER_HZ = 100); the comm field may hold spaces.
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0; }
+
+# ---------------------------------------------------------------- build and install
+for tool in redis-server redis-cli node npm curl jq ss; do
+    command -v "$tool" >/dev/null || { log "missing $tool"; exit 2; }
+done
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    log "npm ci in bench/"
+    (cd bench && npm ci --no-audit --no-fund --loglevel=error >"$OUT_DIR/npm-ci.log" 2>&1) || {
+        cat "$OUT_DIR/npm-ci.log" >&2
+        exit 1
+    }
+    if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+        log "cargo build --release --bins"
+        cargo build --release --bins 2>"$OUT_DIR/cargo-build.log" || {
+            tail -30 "$OUT_DIR/cargo-build.log" >&2
+            exit 1
+        }
+    fi
+fi
+# The herald tree measured: commit, and anything uncommitted under src/ (another change in
+# progress would be measured too).
+{
+    git rev-parse HEAD 2>/dev/null || echo "no git"
+    git status --short -- src Cargo.toml Cargo.lock 2>/dev/null || true
+} >"$OUT_DIR/tree-status.txt"
+HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
+BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
+if [ ! -x "$HERALD" ] || [ ! -x "$BENCH" ]; then log "missing $HERALD or $BENCH"; exit 2; fi
+[ -d bench/node_modules/socket.io ] || { log "bench/node_modules missing (run without SKIP_BUILD)"; exit 2; }
+
+# What the bench of this tree supports (it grows scenarios; check before relying on them).
+BENCH_HELP=$("$BENCH" --help 2>&1 || true)
+has_scenario() { grep -qE "^  $1 " <<<"$BENCH_HELP"; }
+has_flag() { "$BENCH" "$1" --help 2>&1 | grep -q -- "$2"; }
+
+# Both the servers and the bench hold one descriptor per session.
+ulimit -n "$(ulimit -Hn)"
+
+# ---------------------------------------------------------------- servers
+REDIS_PORT=$(free_port)
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxclients 1000 --daemonize no --logfile "$OUT_DIR/redis.log" &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+for _ in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+redis-cli -p "$REDIS_PORT" ping >/dev/null || { log "redis-server did not start"; exit 1; }
+log "redis-server pid $REDIS_PID port $REDIS_PORT"
+
+wait_http() { # url pid logfile name
+    for _ in $(seq 1 300); do
+        curl -fsS "$1" >/dev/null 2>&1 && return 0
+        if ! kill -0 "$2" 2>/dev/null; then
+            log "$4 exited; log follows"
+            cat "$3" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "$4 not ready (see $3)"
+    return 1
+}
+
+H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=()
+start_herald() {
+    local i port pid
+    for i in $(seq 1 $NODES); do
+        port=$(free_port)
+        env -u HERALD_REDIS_URL HERALD_LOG="${HERALD_LOG:-warn}" "$HERALD" \
+            --listen "127.0.0.1:$port" --redis-url "$REDIS_URL" --jwt-secret "$JWT_SECRET" \
+            --api-key "$API_KEY" --prefix "$HERALD_PREFIX" --max-connections 20000 \
+            --node-id "herald-$i" --drain-grace 5 >"$OUT_DIR/herald-$i.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_http "http://127.0.0.1:$port/readyz" "$pid" "$OUT_DIR/herald-$i.log" "herald-$i"
+        H_PORTS+=("$port") H_PIDS+=("$pid")
+        log "herald-$i pid $pid port $port"
+    done
+}
+start_socketio() {
+    local i port pid
+    for i in $(seq 1 $NODES); do
+        port=$(free_port)
+        node bench/socketio-server.js --port "$port" --redis-url "$REDIS_URL" \
+            --prefix "$SIO_PREFIX" >"$OUT_DIR/socketio-$i.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_http "http://127.0.0.1:$port/healthz" "$pid" "$OUT_DIR/socketio-$i.log" "socketio-$i"
+        S_PORTS+=("$port") S_PIDS+=("$pid")
+        log "socketio-$i pid $pid port $port ($(head -1 "$OUT_DIR/socketio-$i.log"))"
+    done
+}
+[[ " $SYSTEMS " == *" herald "* ]] && start_herald
+[[ " $SYSTEMS " == *" socketio "* ]] && start_socketio
+sleep 2
+
+server_pids() { if [ "$1" = herald ]; then echo "${H_PIDS[@]}"; else echo "${S_PIDS[@]}"; fi; }
+targets() {
+    local p out=()
+    if [ "$1" = herald ]; then
+        for p in "${H_PORTS[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
+    else
+        for p in "${S_PORTS[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
+    fi
+    echo "${out[@]}"
+}
+OUR_PIDS() { echo "$REDIS_PID ${H_PIDS[*]} ${S_PIDS[*]}"; }
+
+# ---------------------------------------------------------------- quiet machine
+# CPU (in cores) used over one second by everything except the processes started here.
+foreign_cpu() {
+    local t0 t1 o0=0 o1=0 p
+    t0=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
+    for p in $(OUR_PIDS); do o0=$((o0 + $(cpu_ticks "$p"))); done
+    sleep 1
+    t1=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
+    for p in $(OUR_PIDS); do o1=$((o1 + $(cpu_ticks "$p"))); done
+    awk -v a=$((t1 - t0)) -v b=$((o1 - o0)) 'BEGIN { v = (a - b) / 100; if (v < 0) v = 0; printf "%.2f", v }'
+}
+wait_quiet() {
+    local waited=0 c
+    while :; do
+        c=$(foreign_cpu)
+        if awk -v c="$c" -v m="$QUIET_CPU" 'BEGIN { exit !(c < m) }'; then return 0; fi
+        if [ "$waited" -ge "$QUIET_WAIT" ]; then
+            log "machine still busy (${c} cores used by other processes); running anyway"
+            return 0
+        fi
+        [ $((waited % 15)) = 0 ] && log "waiting for a quiet machine (${c} cores used by other processes)"
+        sleep 2
+        waited=$((waited + 3))
+    done
+}
+
+# ---------------------------------------------------------------- one phase
+# run_phase <name> <system> <scenario> [<mode> <rate>]
+#   scenario: idle | connect | fanout | broadcast
+run_phase() {
+    local name=$1 sys=$2 scenario=$3 rate=${4:-0}
+    local json="$OUT_DIR/$name-$sys.json" meta="$OUT_DIR/$name-$sys.meta.json"
+    local attempt=0 noisy
+    if ! has_scenario "$scenario"; then
+        log "herald-bench has no '$scenario' scenario: skipping $name for $sys"
+        echo "{\"skipped\":\"herald-bench has no $scenario scenario\"}" >"$meta"
+        return 0
+    fi
+    while :; do
+        attempt=$((attempt + 1))
+        wait_quiet
+        run_once "$name" "$sys" "$scenario" "$rate" "$attempt" || {
+            log "$name/$sys attempt $attempt failed (see $OUT_DIR/$name-$sys.log)"
+        }
+        noisy=$(jq -r '[.. | objects | select(has("noisy")) | .noisy] | if length == 0 then "unknown" else any end' "$json" 2>/dev/null || echo missing)
+        if [ "$noisy" = true ] && [ "$attempt" -le "$NOISY_RETRIES" ]; then
+            log "$name/$sys was noisy (other work on the machine); again"
+            mv "$json" "$OUT_DIR/$name-$sys.noisy-$attempt.json"
+            sleep 5
+            continue
+        fi
+        break
+    done
+    jq --argjson a "$attempt" '. + {attempts: $a}' "$meta" >"$meta.tmp" && mv "$meta.tmp" "$meta"
+}
+
+run_once() {
+    local name=$1 sys=$2 scenario=$3 rate=$4 attempt=$5
+    local json="$OUT_DIR/$name-$sys.json" meta="$OUT_DIR/$name-$sys.meta.json"
+    local logf="$OUT_DIR/$name-$sys.log" ready="$OUT_DIR/$name-$sys.ready"
+    local expect="$OUT_DIR/$name-$sys.expect.json" pstats="$OUT_DIR/$name-$sys.producer.json"
+    local spids proto pidlist nproc k n first args=() bench_pids=() readies=() rc=0
+    read -ra spids <<<"$(server_pids "$sys")"
+    pidlist=$(IFS=,; echo "${spids[*]}")
+    proto=$([ "$sys" = herald ] && echo herald || echo socketio)
+    rm -f "$json" "$ready"* "$expect" "$pstats"
+
+    read -ra args <<<"$(targets "$sys")"
+    args+=(--protocol "$proto" --source-ips "$SOURCE_IPS" --pids "$pidlist" --redis-pid "$REDIS_PID")
+    has_flag "$scenario" "--secret" && args+=(--secret "$JWT_SECRET")
+    case $scenario in
+    idle) args+=(--hold "$IDLE_HOLD") ;;
+    connect) ;;
+    fanout | broadcast)
+        args+=(--rate "$rate" --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --drain "$DRAIN")
+        if [ "$sys" = herald ]; then
+            args+=(--producer redis --redis-url "$REDIS_URL" --prefix "$HERALD_PREFIX")
+        else
+            args+=(--producer external --expect-file "$expect")
+        fi
+        ;;
+    esac
+
+    # RSS and CPU of every server pid, measured here too (independent of the bench's JSON).
+    local p rss0=() cpu0=() rss_conn=() rss1=() cpu1=() t0 t1 tconn
+    for p in "${spids[@]}"; do rss0+=("$(rss_kib "$p")"); cpu0+=("$(cpu_ticks "$p")"); done
+    local rcpu0 rcpu1
+    rcpu0=$(cpu_ticks "$REDIS_PID")
+    t0=$(date +%s.%N)
+
+    nproc=$(((SESSIONS + PER_PROCESS - 1) / PER_PROCESS))
+    local go="$OUT_DIR/.go-$name-$sys" pidsfile="$OUT_DIR/.pids-$name-$sys"
+    local prod_go="$ready" prod_pid=""
+    rm -f "$go" "$pidsfile"
+    [ "$nproc" -gt 1 ] && prod_go="$OUT_DIR/.go-producer-$name-$sys" && rm -f "$prod_go"
+
+    # Socket.IO phases with messages: the producer connects first and starts publishing
+    # as soon as every session is connected (its --start-file appears).
+    if [ "$sys" = socketio ] && { [ "$scenario" = fanout ] || [ "$scenario" = broadcast ]; }; then
+        node bench/producer.js --redis-url "$REDIS_URL" --prefix "$SIO_PREFIX" --mode "$scenario" \
+            --users "$SESSIONS" --rate "$rate" --duration "$DURATION" \
+            --payload-bytes "$PAYLOAD_BYTES" --expect-file "$expect" --stats-file "$pstats" \
+            --start-file "$prod_go" >>"$OUT_DIR/$name-$sys.producer.log" 2>&1 &
+        prod_pid=$!
+        PIDS+=("$prod_pid")
+    fi
+
+    # Each bench process waits for $go, then becomes herald-bench (exec keeps the pid), so
+    # every one of them can be told the pids of the others and of the producer: their CPU
+    # is the experiment's, not noise.
+    first=0
+    for k in $(seq 1 "$nproc"); do
+        n=$(((SESSIONS - first + nproc - k) / (nproc - k + 1)))
+        local jk=$json rk=$ready
+        [ "$nproc" -gt 1 ] && jk="$OUT_DIR/$name-$sys.part$k.json" rk="$ready.$k"
+        log "$name/$sys: herald-bench $scenario --sessions $n --first-user $first (attempt $attempt)"
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        bash -c 'while [ ! -e "$1" ]; do sleep 0.05; done; k=$(cat "$2"); shift 2; exec "$@" --known-pids "$k"' \
+            _ "$go" "$pidsfile" "$BENCH" "$scenario" "${args[@]}" --sessions "$n" --first-user "$first" \
+            --concurrency "$CONCURRENCY" --ready-file "$rk" --json "$jk" >>"$logf" 2>&1 &
+        bench_pids+=($!)
+        PIDS+=($!)
+        readies+=("$rk")
+        first=$((first + n))
+    done
+    (IFS=,; echo "${bench_pids[*]}${prod_pid:+,$prod_pid}") >"$pidsfile"
+    touch "$go"
+
+    # Wait until every bench process has connected its sessions (or died).
+    local all f alive deadline=$((SECONDS + 300))
+    while :; do
+        all=1 alive=0
+        for f in "${readies[@]}"; do [ -s "$f" ] || all=0; done
+        for p in "${bench_pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $all = 1 ] && break
+        [ $alive = 0 ] && break
+        [ $SECONDS -gt $deadline ] && { log "$name/$sys: sessions not connected after 300 s"; break; }
+        sleep 0.05
+    done
+    tconn=$(date +%s.%N)
+    for p in "${spids[@]}"; do rss_conn+=("$(rss_kib "$p")"); done
+    if [ -n "$prod_pid" ]; then
+        if [ $all = 1 ]; then
+            [ "$nproc" -gt 1 ] && touch "$prod_go"
+        else
+            stop_pid "$prod_pid"
+            prod_pid=""
+        fi
+    fi
+
+    if [ "$scenario" = idle ] && [ $all = 1 ]; then
+        # Sample RSS near the end of the hold, while every session is still open.
+        sleep "$(awk -v h="$IDLE_HOLD" 'BEGIN { print (h > 3 ? h - 2 : h / 2) }')"
+        for p in "${spids[@]}"; do rss1+=("$(rss_kib "$p")"); done
+    fi
+    if [ -n "$prod_pid" ]; then
+        wait "$prod_pid" || { rc=$?; log "$name/$sys: producer exited with $rc"; }
+        forget_pid "$prod_pid"
+    fi
+    for p in "${bench_pids[@]}"; do
+        wait "$p" || { rc=$?; log "$name/$sys: herald-bench exited with $rc"; }
+        forget_pid "$p"
+    done
+    t1=$(date +%s.%N)
+    [ "$scenario" = idle ] || for p in "${spids[@]}"; do rss1+=("$(rss_kib "$p")"); done
+    for p in "${spids[@]}"; do cpu1+=("$(cpu_ticks "$p")"); done
+    rcpu1=$(cpu_ticks "$REDIS_PID")
+
+    if [ "$nproc" -gt 1 ]; then
+        jq -s '{parts: ., scenario: .[0].scenario, protocol: .[0].protocol,
+                noisy: (map(.noisy == true) | any)}' "$OUT_DIR/$name-$sys".part*.json >"$json" || true
+    fi
+
+    {
+        printf '{"system":"%s","phase":"%s","scenario":"%s","rate":%s,"sessions":%s,' \
+            "$sys" "$name" "$scenario" "$rate" "$SESSIONS"
+        printf '"t_start":%s,"t_connected":%s,"t_end":%s,"redis_cpu_s":%s,"servers":[' \
+            "$t0" "$tconn" "$t1" "$(awk -v a="$rcpu0" -v b="$rcpu1" 'BEGIN{print (b-a)/100}')"
+        local i sep=""
+        for i in "${!spids[@]}"; do
+            printf '%s{"pid":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_after_kib":%s,"cpu_s":%s}' \
+                "$sep" "${spids[$i]}" "${rss0[$i]}" "${rss_conn[$i]:-0}" "${rss1[$i]:-0}" \
+                "$(awk -v a="${cpu0[$i]}" -v b="${cpu1[$i]}" 'BEGIN{print (b-a)/100}')"
+            sep=","
+        done
+        printf '],"producer":%s,"exit":%s}\n' "$(cat "$pstats" 2>/dev/null || echo null)" "$rc"
+    } >"$meta"
+    return "$rc"
+}
+
+# ---------------------------------------------------------------- the run
+log "sessions: $SESSIONS ($SESSIONS_PER_NODE per node), duration ${DURATION}s, output $OUT_DIR"
+for phase in $PHASES; do
+    case $phase in
+    idle | connect)
+        for sys in $SYSTEMS; do run_phase "$phase" "$sys" "$phase"; done
+        ;;
+    fanout)
+        for r in $FANOUT_RATES; do
+            for sys in $SYSTEMS; do run_phase "fanout-$r" "$sys" fanout "$r"; done
+        done
+        ;;
+    broadcast)
+        for r in $BROADCAST_RATES; do
+            for sys in $SYSTEMS; do run_phase "broadcast-$r" "$sys" broadcast "$r"; done
+        done
+        ;;
+    *)
+        log "unknown phase $phase"
+        exit 2
+        ;;
+    esac
+done
+
+{
+    echo "machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "herald: $(git describe --always --dirty 2>/dev/null || echo unknown), node $(node --version), socket.io $(node -p 'require("./bench/node_modules/socket.io/package.json").version'), redis $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')"
+    if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
+        echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
+    fi
+    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES bench/compare.sh"
+    echo
+    node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
+} | tee "$OUT_DIR/table.md"
+log "results: $OUT_DIR"
