@@ -1,0 +1,535 @@
+//! `fanout`, `broadcast`, `topic` and `slow`: sessions receive paced messages; the report
+//! has end-to-end latency, loss, duplicates, reordering and CPU per 100k deliveries.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use serde::Serialize;
+
+use crate::dial::{open_sessions, prepare_fd_limit, write_ready_file, ClientArgs, Dialer};
+use crate::hist::Lat;
+use crate::probe::{
+    redis_client, redis_conn, rss_map, scrape_counter, warn_if_noisy, Meter, ProbeArgs,
+};
+use crate::producer::{
+    produced_from_external, read_expect_file, run_http, run_redis, Kind, Pick, Plan, Produced,
+    ProducerArgs, ProducerKind, Targets,
+};
+use crate::recv::{collect, hold_unread, receive, RecvShared, Tally};
+use crate::report::{row, Report};
+use crate::util::check_secs;
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+
+    #[command(flatten)]
+    pub producer: ProducerArgs,
+
+    /// Seconds between the last connect and the start of a redis/http producer, so that
+    /// handshake work stays out of the measured phase. With an external producer the
+    /// measured phase starts when the ready file is written.
+    #[arg(long, default_value_t = 1.0)]
+    pub hold: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopicArgs {
+    #[command(flatten)]
+    pub base: FanoutArgs,
+
+    /// Topics: session i joins t<(first-user + i) % K> through its JWT `topics` claim
+    /// (?topics= with --dev).
+    #[arg(long, default_value_t = 10)]
+    pub topics: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SlowArgs {
+    #[command(flatten)]
+    pub base: FanoutArgs,
+
+    /// Share of the sessions that never read (spread evenly over the session indexes).
+    #[arg(long, default_value_t = 0.1)]
+    pub slow_share: f64,
+
+    /// Messages per second flooding the slow sessions' users (in turn), besides --rate to
+    /// the healthy ones.
+    #[arg(long, default_value_t = 2000.0)]
+    pub slow_rate: f64,
+
+    /// Bytes of padding in each flood message.
+    #[arg(long, default_value_t = 32_768)]
+    pub slow_payload_bytes: usize,
+
+    /// SO_RCVBUF of the slow sessions' sockets (the kernel doubles it and enforces a minimum).
+    #[arg(long, default_value_t = 4096)]
+    pub slow_rcvbuf: u32,
+
+    /// Seconds to read the slow sessions at the end, to see how the node closed them.
+    #[arg(long, default_value_t = 3.0)]
+    pub slow_probe: f64,
+
+    /// Node /metrics URLs (http://127.0.0.1:<port>/metrics), repeatable: the delta of
+    /// herald_slow_consumer_disconnects_total over the run is reported.
+    #[arg(long = "metrics-url", value_delimiter = ',', num_args = 1..)]
+    pub metrics_urls: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Fanout,
+    Broadcast,
+    Topic(usize),
+    Slow(SlowOpts),
+}
+
+#[derive(Debug, Clone)]
+pub struct SlowOpts {
+    share: f64,
+    rate: f64,
+    payload_bytes: usize,
+    rcvbuf: u32,
+    probe: f64,
+    metrics_urls: Vec<String>,
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Fanout => "fanout",
+            Mode::Broadcast => "broadcast",
+            Mode::Topic(_) => "topic",
+            Mode::Slow(_) => "slow",
+        }
+    }
+}
+
+/// What happened to the slow sessions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowResult {
+    pub slow_sessions: usize,
+    /// How the slow sessions ended, as seen by reading them at the end ("close 4001", "eof",
+    /// "open" when the node had not closed them).
+    pub slow_endings: BTreeMap<String, usize>,
+    /// Delta of herald_slow_consumer_disconnects_total over the run, summed over
+    /// --metrics-url (None when not given or unreadable).
+    pub node_slow_consumer_disconnects: Option<f64>,
+    pub flood: Produced,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    pub mode: &'static str,
+    pub producer: ProducerKind,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub payload_bytes: usize,
+    pub topics: Option<usize>,
+    pub produced: Produced,
+    /// Over the measured (healthy) sessions.
+    pub tally: Tally,
+    pub slow: Option<SlowResult>,
+}
+
+pub async fn run_topic(args: TopicArgs) -> anyhow::Result<u8> {
+    if args.topics == 0 {
+        bail!("--topics must be at least 1");
+    }
+    run(Mode::Topic(args.topics), args.base).await
+}
+
+pub async fn run_slow(args: SlowArgs) -> anyhow::Result<u8> {
+    if !(args.slow_share > 0.0 && args.slow_share < 1.0) {
+        bail!("--slow-share must be between 0 and 1 (exclusive)");
+    }
+    if !(args.slow_rate.is_finite() && args.slow_rate > 0.0) {
+        bail!("--slow-rate must be positive");
+    }
+    if args.slow_payload_bytes > 60_000 {
+        bail!("--slow-payload-bytes above 60,000 exceeds herald's default 64 KiB message limit");
+    }
+    if args.base.producer.producer == ProducerKind::External {
+        bail!("slow needs a producer of its own (--producer redis or http): it floods the slow sessions' users");
+    }
+    check_secs(args.slow_probe, "--slow-probe", true)?;
+    let opts = SlowOpts {
+        share: args.slow_share,
+        rate: args.slow_rate,
+        payload_bytes: args.slow_payload_bytes,
+        rcvbuf: args.slow_rcvbuf,
+        probe: args.slow_probe,
+        metrics_urls: args.metrics_urls,
+    };
+    run(Mode::Slow(opts), args.base).await
+}
+
+/// Session `i` is slow when the running count of `share * (i + 1)` steps up at it: spreads
+/// `share` of the sessions evenly.
+fn is_slow(i: usize, share: f64) -> bool {
+    ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
+}
+
+async fn metrics_sum(urls: &[String]) -> Option<f64> {
+    if urls.is_empty() {
+        return None;
+    }
+    let mut sum = 0.0;
+    for u in urls {
+        match scrape_counter(u, "herald_slow_consumer_disconnects_total").await {
+            Ok(v) => sum += v,
+            Err(e) => {
+                eprintln!("herald-bench: cannot read {u}: {e:#}");
+                return None;
+            }
+        }
+    }
+    Some(sum)
+}
+
+pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
+    let c = &args.client;
+    let p = &args.producer;
+    p.check()?;
+    check_secs(args.hold, "--hold", true)?;
+    prepare_fd_limit(c.sessions)?;
+    let dialer = Arc::new(Dialer::new(c).await?);
+    let redis = match (&p.producer, &p.redis_url) {
+        (ProducerKind::Redis, Some(url)) => Some(redis_client(url)?),
+        _ => None,
+    };
+    let slow_opts = match &mode {
+        Mode::Slow(o) => Some(o.clone()),
+        _ => None,
+    };
+    let slow: Vec<bool> = (0..c.sessions)
+        .map(|i| slow_opts.as_ref().is_some_and(|o| is_slow(i, o.share)))
+        .collect();
+    let topic_of = |i: usize| match mode {
+        Mode::Topic(k) => (c.first_user + i) % k,
+        _ => 0,
+    };
+    eprintln!(
+        "herald-bench {}: {} sessions to {} target(s), producer {:?} at {} msg/s for {} s",
+        mode.name(),
+        c.sessions,
+        dialer.targets.len(),
+        p.producer,
+        p.rate,
+        p.duration
+    );
+
+    // Sessions.
+    let (shared, mut rx) = RecvShared::new(c.protocol);
+    let probe_wait = Duration::from_secs_f64(slow_opts.as_ref().map(|o| o.probe).unwrap_or(0.0));
+    let (connect, _held) = {
+        let d = dialer.clone();
+        let sh = shared.clone();
+        let slow_spec = slow.clone();
+        let slow_hold = slow.clone();
+        let mode_spec = mode.clone();
+        let rcvbuf = slow_opts.as_ref().map(|o| o.rcvbuf);
+        let first = c.first_user;
+        open_sessions(
+            dialer.clone(),
+            c.sessions,
+            c.concurrency,
+            move |i| {
+                let mut s = d.spec(i);
+                if let Mode::Topic(k) = mode_spec {
+                    s.topics = vec![format!("t{}", (first + i) % k)];
+                }
+                if slow_spec[i] {
+                    s.rcvbuf = rcvbuf;
+                }
+                s
+            },
+            move |s| {
+                let sh = sh.clone();
+                let unread = slow_hold[s.index];
+                async move {
+                    if unread {
+                        hold_unread(s, sh, probe_wait).await
+                    } else {
+                        receive(s, sh).await
+                    }
+                }
+            },
+        )
+        .await
+    };
+    write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
+    eprintln!(
+        "herald-bench: {} connected, {} failed in {:.1} s",
+        connect.connected, connect.failed, connect.duration_s
+    );
+    if connect.connected == 0 {
+        bail!("no session connected: {:?}", connect.errors);
+    }
+    let healthy: Vec<usize> = connect
+        .connected_indexes
+        .iter()
+        .copied()
+        .filter(|&i| !slow[i])
+        .collect();
+    let slow_connected: Vec<usize> = connect
+        .connected_indexes
+        .iter()
+        .copied()
+        .filter(|&i| slow[i])
+        .collect();
+
+    // What the producer addresses.
+    let (targets, pick) = match mode {
+        Mode::Fanout | Mode::Slow(_) => (
+            Targets {
+                kind: Kind::User,
+                names: (0..c.sessions).map(|i| dialer.user(i)).collect(),
+            },
+            Pick::Random(healthy.clone()),
+        ),
+        Mode::Topic(k) => {
+            let mut live: Vec<usize> = healthy.iter().map(|&i| topic_of(i)).collect();
+            live.sort_unstable();
+            live.dedup();
+            (
+                Targets {
+                    kind: Kind::Topic,
+                    names: (0..k).map(|t| format!("t{t}")).collect(),
+                },
+                Pick::Random(live),
+            )
+        }
+        Mode::Broadcast => (
+            Targets {
+                kind: Kind::Broadcast,
+                names: vec!["broadcast".into()],
+            },
+            Pick::Cycle(vec![0]),
+        ),
+    };
+    let plan = Plan {
+        rate: p.rate,
+        duration: p.duration,
+        pad: "x".repeat(p.payload_bytes),
+        pick,
+        targets: targets.clone(),
+        max_batch: p.max_batch,
+    };
+    let flood_plan = slow_opts.as_ref().map(|o| Plan {
+        rate: o.rate,
+        duration: p.duration,
+        pad: "x".repeat(o.payload_bytes),
+        pick: Pick::Cycle(slow_connected.clone()),
+        targets: targets.clone(),
+        max_batch: p.max_batch,
+    });
+
+    if p.producer != ProducerKind::External && args.hold > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
+    let metrics_before = match &slow_opts {
+        Some(o) => metrics_sum(&o.metrics_urls).await,
+        None => None,
+    };
+
+    // The measured phase: production plus the drain.
+    let meter = Meter::start(&args.probe);
+    let started = Instant::now();
+    let (produced, flood) = match p.producer {
+        ProducerKind::Redis => {
+            let client = redis.as_ref().ok_or_else(|| anyhow::anyhow!("no Redis"))?;
+            let conn = redis_conn(client).await?;
+            let main = run_redis(plan, p.prefix.clone(), conn);
+            match flood_plan {
+                Some(fp) => {
+                    let conn2 = redis_conn(client).await?;
+                    let (a, b) = tokio::join!(main, run_redis(fp, p.prefix.clone(), conn2));
+                    (a, Some(b))
+                }
+                None => (main.await, None),
+            }
+        }
+        ProducerKind::Http => {
+            let main = run_http(plan, &dialer.targets, p.api_key.clone(), p.http_connections);
+            match flood_plan {
+                Some(fp) => {
+                    let (a, b) = tokio::join!(
+                        main,
+                        run_http(fp, &dialer.targets, p.api_key.clone(), p.http_connections)
+                    );
+                    (a, Some(b))
+                }
+                None => (main.await, None),
+            }
+        }
+        ProducerKind::External => {
+            tokio::time::sleep(Duration::from_secs_f64(p.duration)).await;
+            let path = p
+                .expect_file
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("--expect-file is required"))?;
+            let e = read_expect_file(path, p.expect_timeout).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            (produced_from_external(&e, &targets, elapsed), None)
+        }
+    };
+    eprintln!(
+        "herald-bench: producer sent {} of {} in {:.1} s ({} failed); draining {} s",
+        produced.sent, produced.planned, produced.elapsed_s, produced.failed, p.drain
+    );
+    tokio::time::sleep(Duration::from_secs_f64(p.drain)).await;
+    let cpu = meter.finish();
+    let rss = rss_map(&args.probe.pids);
+    let metrics_after = match &slow_opts {
+        Some(o) => metrics_sum(&o.metrics_urls).await,
+        None => None,
+    };
+
+    // Stop the sessions and add up what they saw.
+    shared.stop.cancel();
+    let outcomes = collect(
+        &mut rx,
+        connect.connected,
+        Duration::from_secs(10) + probe_wait,
+    )
+    .await;
+    let mut tally = Tally::default();
+    let mut slow_endings: BTreeMap<String, usize> = BTreeMap::new();
+    let empty = Vec::new();
+    for &i in &connect.connected_indexes {
+        let Some(o) = outcomes.get(&i) else {
+            *tally.ended_early.entry("no report".into()).or_default() += 1;
+            continue;
+        };
+        if slow[i] {
+            let e = o.ended.clone().unwrap_or_else(|| "open".into());
+            *slow_endings.entry(e).or_default() += 1;
+            continue;
+        }
+        let key = match targets.kind {
+            Kind::User => i,
+            Kind::Topic => topic_of(i),
+            Kind::Broadcast => 0,
+        };
+        let expected = produced.last_seq.get(key).copied().unwrap_or(0);
+        let forgiven = produced.failed_seqs.get(&key).unwrap_or(&empty);
+        tally.add(o, expected, forgiven);
+    }
+    let latency = Lat::of(&shared.latency.merged(false));
+
+    let slow_result = slow_opts.as_ref().map(|_| SlowResult {
+        slow_sessions: slow_connected.len(),
+        slow_endings,
+        node_slow_consumer_disconnects: match (metrics_before, metrics_after) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        flood: flood.clone().unwrap_or_default(),
+    });
+    let active_s = produced.elapsed_s;
+    let result = FanoutResult {
+        mode: mode.name(),
+        producer: p.producer,
+        rate: p.rate,
+        duration_s: p.duration,
+        payload_bytes: p.payload_bytes,
+        topics: match mode {
+            Mode::Topic(k) => Some(k),
+            _ => None,
+        },
+        produced,
+        tally: tally.clone(),
+        slow: slow_result,
+    };
+    let mut report = Report::new(mode.name(), &dialer, c.concurrency, connect, result);
+    report.set_tally(&tally, active_s);
+    report.latency_ms = latency;
+    report.rss_kib = rss;
+    report.set_cpu(cpu);
+    warn_if_noisy(&report.cpu);
+    print(&report);
+    report.write_json(args.probe.json.as_deref())?;
+    Ok(0)
+}
+
+fn print(r: &Report<FanoutResult>) {
+    r.print_head();
+    let res = &r.result;
+    let pr = &res.produced;
+    row(
+        "producer",
+        format!(
+            "{:?}, {} msg/s for {} s, {} B pad{}",
+            res.producer,
+            res.rate,
+            res.duration_s,
+            res.payload_bytes,
+            res.topics
+                .map(|k| format!(", {k} topics"))
+                .unwrap_or_default()
+        ),
+    );
+    row(
+        "published / planned / failed",
+        format!("{} / {} / {}", pr.sent, pr.planned, pr.failed),
+    );
+    row(
+        "producer rate achieved, max lag",
+        format!("{:.0}/s, {:.1} ms", pr.achieved_rate, pr.max_lag_ms),
+    );
+    for (e, n) in &pr.errors {
+        row("  publish failure", format!("x{n}: {e}"));
+    }
+    r.print_delivery();
+    let t = &res.tally;
+    if t.beyond_expected + t.invalid + t.foreign + t.gaps > 0 {
+        row(
+            "beyond expected / invalid / foreign",
+            format!("{} / {} / {}", t.beyond_expected, t.invalid, t.foreign),
+        );
+    }
+    row("sessions with loss", t.sessions_with_loss);
+    for (how, n) in &t.ended_early {
+        row("  measured session ended early", format!("x{n}: {how}"));
+    }
+    if let Some(s) = &res.slow {
+        row("slow sessions", s.slow_sessions);
+        for (how, n) in &s.slow_endings {
+            row("  slow session ended", format!("x{n}: {how}"));
+        }
+        match s.node_slow_consumer_disconnects {
+            Some(v) => row("node slow-consumer disconnects", format!("{v:.0}")),
+            None => row("node slow-consumer disconnects", "(no --metrics-url)"),
+        }
+        row(
+            "flood published / planned / failed",
+            format!(
+                "{} / {} / {}",
+                s.flood.sent, s.flood.planned, s.flood.failed
+            ),
+        );
+    }
+    r.print_cpu();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_sessions_are_spread_evenly() {
+        let n = (0..1000).filter(|&i| is_slow(i, 0.1)).count();
+        assert_eq!(n, 100);
+        let n = (0..10).filter(|&i| is_slow(i, 0.25)).count();
+        assert_eq!(n, 2);
+        assert!(!is_slow(0, 0.1) && is_slow(9, 0.1));
+    }
+}
