@@ -419,10 +419,16 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     report.latency_ms = report.result.fcall.end_to_end_ms.clone();
     report.rss_kib = rss;
     report.set_cpu(fcall_cost.cpu);
+    // Either phase being noisy makes the run noisy.
     if report.result.publish.cpu.noisy {
         report.noisy = true;
+        let reasons = report.result.publish.cpu.noisy_reasons.clone();
+        report
+            .cpu
+            .noisy_reasons
+            .extend(reasons.into_iter().map(|r| format!("publish phase: {r}")));
+        report.cpu.noisy = true;
     }
-    warn_if_noisy(&report.result.publish.cpu);
     warn_if_noisy(&report.cpu);
     print(&report);
     report.write_json(args.probe.json.as_deref())?;

@@ -147,13 +147,17 @@ fn close_text(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>)
         Some(Ok(Message::Close(f))) => {
             format!("close {}", f.map(|f| u16::from(f.code)).unwrap_or(1005))
         }
-        Some(Err(e)) => format!("error: {}", short_error(&e.to_string())),
+        Some(Err(e)) => {
+            let text = e.to_string();
+            if text.contains("reset") {
+                // The node dropped the connection without a close frame reaching us.
+                "reset".into()
+            } else {
+                format!("error: {}", text.chars().take(60).collect::<String>())
+            }
+        }
         _ => "eof".into(),
     }
-}
-
-fn short_error(e: &str) -> String {
-    e.chars().take(60).collect()
 }
 
 /// Reads a session until `stop`, recording every bench payload; answers Engine.IO pings
