@@ -137,7 +137,7 @@ const rss = row("RSS per idle session (KiB)", "idle", (p) => {
 // 2. handshakes per second
 row("handshakes per second", "connect", (p) => {
   const v = total(p.bench, [
-    "handshakes_per_sec", "handshakes_per_second", "handshake_rate", "sessions_per_sec",
+    "sessions_per_s", "handshakes_per_sec", "handshakes_per_second", "handshake_rate", "sessions_per_sec",
     "connect_rate", "per_sec", "rate",
   ]);
   if (typeof v === "number") return v;
@@ -145,6 +145,11 @@ row("handshakes per second", "connect", (p) => {
   const secs = find(p.bench, ["connect_seconds", "connect_s", "elapsed_s"]);
   return connected && secs ? connected / secs : undefined;
 }, 0);
+
+row("connect: handshake latency p99 (ms)", "connect", (p) => {
+  const h = find(p.bench, ["handshake_ms"]);
+  return h && typeof h.p99 === "number" ? h.p99 : undefined;
+});
 
 // 3. fanout
 const fanout = {};

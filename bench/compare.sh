@@ -304,8 +304,10 @@ run_once() {
     connect) ;;
     fanout | broadcast)
         args+=(--rate "$rate" --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --drain "$DRAIN")
+        # --hold 0: herald's measured phase starts when the sessions are connected, as it
+        # does for an external producer (Socket.IO), so both include the same settling time.
         if [ "$sys" = herald ]; then
-            args+=(--producer redis --redis-url "$REDIS_URL" --prefix "$HERALD_PREFIX")
+            args+=(--hold 0 --producer redis --redis-url "$REDIS_URL" --prefix "$HERALD_PREFIX")
         else
             args+=(--producer external --expect-file "$expect")
         fi
