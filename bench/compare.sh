@@ -12,7 +12,10 @@
 #              --producer external --expect-file.
 #
 # Phases, each run for herald then for socket.io before the next phase starts:
-#   idle          open all sessions, hold IDLE_HOLD s: node RSS per idle session
+#   idle          fresh nodes, open all sessions, hold IDLE_HOLD s: node RSS per idle
+#                 session = (mean RSS over the 2nd half of the hold - RSS before) / sessions;
+#                 Socket.IO nodes get a full GC (POST /gc) before the baseline, and once more
+#                 at the end of the hold for a second, after-GC figure
 #   connect       open all sessions as fast as CONCURRENCY allows: handshakes per second
 #   fanout-R      R msg/s for DURATION s, each to one random user (FANOUT_RATES)
 #   broadcast-R   R msg/s for DURATION s to every session (BROADCAST_RATES)
@@ -187,6 +190,7 @@ wait_http() { # url pid logfile name
 H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=()
 start_herald() {
     local i port pid
+    H_PORTS=() H_PIDS=()
     for i in $(seq 1 $NODES); do
         port=$(free_port)
         env -u HERALD_REDIS_URL HERALD_LOG="${HERALD_LOG:-warn}" "$HERALD" \
@@ -202,9 +206,10 @@ start_herald() {
 }
 start_socketio() {
     local i port pid
+    S_PORTS=() S_PIDS=()
     for i in $(seq 1 $NODES); do
         port=$(free_port)
-        node bench/socketio-server.js --port "$port" --redis-url "$REDIS_URL" \
+        node --expose-gc bench/socketio-server.js --port "$port" --redis-url "$REDIS_URL" \
             --prefix "$SIO_PREFIX" >"$OUT_DIR/socketio-$i.log" 2>&1 &
         pid=$!
         PIDS+=("$pid")
@@ -216,6 +221,29 @@ start_socketio() {
 [[ " $SYSTEMS " == *" herald "* ]] && start_herald
 [[ " $SYSTEMS " == *" socketio "* ]] && start_socketio
 sleep 2
+
+# Fresh server processes for a system (before an idle attempt: memory freed by earlier
+# sessions would otherwise be reused and hide the per-session cost).
+restart_system() {
+    local p
+    if [ "$1" = herald ]; then
+        for p in "${H_PIDS[@]}"; do stop_pid "$p"; done
+        start_herald
+    else
+        for p in "${S_PIDS[@]}"; do stop_pid "$p"; done
+        start_socketio
+    fi
+    sleep 2
+}
+
+# POST /gc to every Socket.IO node (full GC; node --expose-gc); prints their answers.
+gc_socketio() {
+    local port
+    for port in "${S_PORTS[@]}"; do
+        curl -fsS -XPOST "http://127.0.0.1:$port/gc" || echo '{"error":"gc failed"}'
+        echo
+    done
+}
 
 server_pids() { if [ "$1" = herald ]; then echo "${H_PIDS[@]}"; else echo "${S_PIDS[@]}"; fi; }
 targets() {
@@ -269,6 +297,7 @@ run_phase() {
     fi
     while :; do
         attempt=$((attempt + 1))
+        [ "$scenario" = idle ] && restart_system "$sys"
         wait_quiet
         run_once "$name" "$sys" "$scenario" "$rate" "$attempt" || {
             log "$name/$sys attempt $attempt failed (see $OUT_DIR/$name-$sys.log)"
@@ -314,8 +343,10 @@ run_once() {
         ;;
     esac
 
+    # Socket.IO idle phase: a full GC first, so the baseline holds no start-up garbage.
+    [ "$sys" = socketio ] && [ "$scenario" = idle ] && gc_socketio >/dev/null && sleep 1
     # RSS and CPU of every server pid, measured here too (independent of the bench's JSON).
-    local p rss0=() cpu0=() rss_conn=() rss1=() cpu1=() t0 t1 tconn
+    local p rss0=() cpu0=() rss_conn=() rss1=() cpu1=() rss_stats=() t0 t1 tconn a mean min max
     for p in "${spids[@]}"; do rss0+=("$(rss_kib "$p")"); cpu0+=("$(cpu_ticks "$p")"); done
     local rcpu0 rcpu1
     rcpu0=$(cpu_ticks "$REDIS_PID")
@@ -381,10 +412,35 @@ run_once() {
         fi
     fi
 
+    local rss_samples=()
     if [ "$scenario" = idle ] && [ $all = 1 ]; then
-        # Sample RSS near the end of the hold, while every session is still open.
-        sleep "$(awk -v h="$IDLE_HOLD" 'BEGIN { print (h > 3 ? h - 2 : h / 2) }')"
-        for p in "${spids[@]}"; do rss1+=("$(rss_kib "$p")"); done
+        # RSS once a second over the second half of the hold, while every session is still
+        # open; the mean is the result (a garbage-collected heap goes up and down between
+        # collections), min and max are kept in the meta file.
+        local i s last=$((IDLE_HOLD > 4 ? IDLE_HOLD - 3 : 1)) samples
+        for i in $(seq 1 "$last"); do
+            sleep 1
+            [ $((2 * i)) -ge "$IDLE_HOLD" ] || [ "$i" = "$last" ] || continue
+            samples=""
+            for p in "${spids[@]}"; do samples+="$(rss_kib "$p") "; done
+            rss_samples+=("$samples")
+        done
+        for i in "${!spids[@]}"; do
+            s=$(for samples in "${rss_samples[@]}"; do read -ra a <<<"$samples"; echo "${a[$i]}"; done |
+                awk '{ n++; t += $1; if (min == "" || $1 < min) min = $1; if ($1 > max) max = $1 }
+                     END { printf "%d %d %d %d", t / n, min, max, n }')
+            read -r mean min max n <<<"$s"
+            rss1+=("$mean")
+            rss_stats+=("\"rss_hold_min_kib\":$min,\"rss_hold_max_kib\":$max,\"rss_hold_samples\":$n,")
+        done
+        if [ "$sys" = socketio ]; then
+            # And after a full GC, still during the hold: the peer at its leanest.
+            gc_socketio >"$OUT_DIR/$name-$sys.gc.json"
+            sleep 1
+            for i in "${!spids[@]}"; do
+                rss_stats[i]+="\"rss_after_gc_kib\":$(rss_kib "${spids[$i]}"),"
+            done
+        fi
     fi
     if [ -n "$prod_pid" ]; then
         wait "$prod_pid" || { rc=$?; log "$name/$sys: producer exited with $rc"; }
@@ -411,8 +467,8 @@ run_once() {
             "$t0" "$tconn" "$t1" "$(awk -v a="$rcpu0" -v b="$rcpu1" 'BEGIN{print (b-a)/100}')"
         local i sep=""
         for i in "${!spids[@]}"; do
-            printf '%s{"pid":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_after_kib":%s,"cpu_s":%s}' \
-                "$sep" "${spids[$i]}" "${rss0[$i]}" "${rss_conn[$i]:-0}" "${rss1[$i]:-0}" \
+            printf '%s{"pid":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_after_kib":%s,%s"cpu_s":%s}' \
+                "$sep" "${spids[$i]}" "${rss0[$i]}" "${rss_conn[$i]:-0}" "${rss1[$i]:-0}" "${rss_stats[$i]:-}" \
                 "$(awk -v a="${cpu0[$i]}" -v b="${cpu1[$i]}" 'BEGIN{print (b-a)/100}')"
             sep=","
         done

@@ -28,6 +28,9 @@
 //       [--host 127.0.0.1] [--prefix sio-bench] [--ready-file path]
 //   Without --redis-url the node runs alone (in-memory adapter).
 //
+// Started with `node --expose-gc`, POST /gc runs a full garbage collection and answers the
+// process's memory figures (used by compare.sh around its idle-memory phase only).
+//
 // Prints one line `socketio-server ready pid=<pid> port=<port> ...` on stdout when it
 // listens and (in cluster mode) its Redis subscription is in place; GET /healthz answers 200
 // from then on. SIGTERM/SIGINT close it.
@@ -112,6 +115,16 @@ function verifyToken(token) {
 
 const httpServer = http.createServer((req, res) => {
   // Socket.IO answers /socket.io/ itself; everything else lands here.
+  if (req.url === "/gc" && req.method === "POST" && typeof global.gc === "function") {
+    // Benchmark hook (node --expose-gc only): a full, synchronous collection, so that a
+    // memory baseline does not count start-up garbage.
+    global.gc();
+    const m = process.memoryUsage();
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify({ rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal,
+      external: m.external, arrayBuffers: m.arrayBuffers, sessions: io.engine.clientsCount }));
+    return;
+  }
   if (req.url === "/healthz") {
     res.writeHead(ready ? 200 : 503, { "content-type": "text/plain" });
     res.end(ready ? "ok\n" : "starting\n");
