@@ -387,7 +387,10 @@ run_once() {
         readies+=("$rk")
         first=$((first + n))
     done
-    (IFS=,; echo "${bench_pids[*]}${prod_pid:+,$prod_pid}") >"$pidsfile"
+    # The other system's idle nodes belong to the experiment too.
+    local others
+    others=$(server_pids "$([ "$sys" = herald ] && echo socketio || echo herald)")
+    (IFS=,; echo "${bench_pids[*]}${prod_pid:+,$prod_pid}${others:+,${others// /,}}") >"$pidsfile"
     touch "$go"
 
     # Wait until every bench process has connected its sessions (or died).
