@@ -116,8 +116,9 @@ impl Mode {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SlowResult {
     pub slow_sessions: usize,
-    /// How the slow sessions ended, as seen by reading them at the end ("close 4001", "eof",
-    /// "open" when the node had not closed them).
+    /// How the slow sessions ended, as seen by reading them for --slow-probe s at the end:
+    /// "close 4001", "eof", "reset", or "no close seen" (the node may have closed it, but
+    /// the bytes queued before its FIN were not drained within the probe).
     pub slow_endings: BTreeMap<String, usize>,
     /// Delta of herald_slow_consumer_disconnects_total over the run, summed over
     /// --metrics-url (None when not given or unreadable).
@@ -209,8 +210,15 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         Mode::Slow(o) => Some(o.clone()),
         _ => None,
     };
+    // Decided per round of targets (sessions i..i+targets go to distinct targets), so every
+    // node gets its share of slow sessions.
+    let rounds = dialer.targets.len().max(1);
     let slow: Vec<bool> = (0..c.sessions)
-        .map(|i| slow_opts.as_ref().is_some_and(|o| is_slow(i, o.share)))
+        .map(|i| {
+            slow_opts
+                .as_ref()
+                .is_some_and(|o| is_slow(i / rounds, o.share))
+        })
         .collect();
     let topic_of = |i: usize| match mode {
         Mode::Topic(k) => (c.first_user + i) % k,
@@ -410,7 +418,7 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
             continue;
         };
         if slow[i] {
-            let e = o.ended.clone().unwrap_or_else(|| "open".into());
+            let e = o.ended.clone().unwrap_or_else(|| "no close seen".into());
             *slow_endings.entry(e).or_default() += 1;
             continue;
         }

@@ -168,10 +168,14 @@ pub async fn receive(mut session: Session, shared: Arc<RecvShared>) {
         ..SessionOutcome::default()
     };
     let shard = session.index;
+    // Created once: a fresh `cancelled()` per frame would lock the token and register a
+    // waiter every time.
+    let stopped = shared.stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let frame = tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => break,
+            _ = &mut stopped => break,
             f = session.ws.next() => f,
         };
         match frame {
