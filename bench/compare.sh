@@ -38,6 +38,8 @@
 #   CONCURRENCY=100          handshakes in flight per bench process
 #   SOURCE_IPS=127.0.0.2-127.0.0.20
 #   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio"
+#   WARMUP=5 WARMUP_RATE=1000  unreported fanout warm-up of each system before the first
+#                            message phase (WARMUP=0: none)
 #   NOISY_RETRIES=2  QUIET_WAIT=180  QUIET_CPU=0.25
 #   OUT_DIR=target/bench-compare/<utc time>
 #   HERALD_BIN / BENCH_BIN   use these binaries instead of building target/release/*
@@ -315,7 +317,7 @@ run_phase() {
 }
 
 run_once() {
-    local name=$1 sys=$2 scenario=$3 rate=$4 attempt=$5
+    local name=$1 sys=$2 scenario=$3 rate=$4 attempt=$5 dur=${PHASE_DURATION:-$DURATION}
     local json="$OUT_DIR/$name-$sys.json" meta="$OUT_DIR/$name-$sys.meta.json"
     local logf="$OUT_DIR/$name-$sys.log" ready="$OUT_DIR/$name-$sys.ready"
     local expect="$OUT_DIR/$name-$sys.expect.json" pstats="$OUT_DIR/$name-$sys.producer.json"
@@ -332,7 +334,7 @@ run_once() {
     idle) args+=(--hold "$IDLE_HOLD") ;;
     connect) ;;
     fanout | broadcast)
-        args+=(--rate "$rate" --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --drain "$DRAIN")
+        args+=(--rate "$rate" --duration "$dur" --payload-bytes "$PAYLOAD_BYTES" --drain "$DRAIN")
         # --hold 0: herald's measured phase starts when the sessions are connected, as it
         # does for an external producer (Socket.IO), so both include the same settling time.
         if [ "$sys" = herald ]; then
@@ -362,7 +364,7 @@ run_once() {
     # as soon as every session is connected (its --start-file appears).
     if [ "$sys" = socketio ] && { [ "$scenario" = fanout ] || [ "$scenario" = broadcast ]; }; then
         node bench/producer.js --redis-url "$REDIS_URL" --prefix "$SIO_PREFIX" --mode "$scenario" \
-            --users "$SESSIONS" --rate "$rate" --duration "$DURATION" \
+            --users "$SESSIONS" --rate "$rate" --duration "$dur" \
             --payload-bytes "$PAYLOAD_BYTES" --expect-file "$expect" --stats-file "$pstats" \
             --start-file "$prod_go" >>"$OUT_DIR/$name-$sys.producer.log" 2>&1 &
         prod_pid=$!
@@ -482,7 +484,18 @@ run_once() {
 
 # ---------------------------------------------------------------- the run
 log "sessions: $SESSIONS ($SESSIONS_PER_NODE per node), duration ${DURATION}s, output $OUT_DIR"
+warmed=0
 for phase in $PHASES; do
+    # Before the first message phase: an unreported warm-up of every system (fanout at
+    # WARMUP_RATE msg/s for WARMUP s), so that no measured phase pays for a JIT's first
+    # compilations or a first large allocation: servers in production run warm.
+    if [ "$warmed" = 0 ] && [ "${WARMUP:-5}" != 0 ] && { [ "$phase" = fanout ] || [ "$phase" = broadcast ]; }; then
+        warmed=1
+        for sys in $SYSTEMS; do
+            PHASE_DURATION=${WARMUP:-5} run_once warmup "$sys" fanout "${WARMUP_RATE:-1000}" 1 ||
+                log "warm-up of $sys failed (see $OUT_DIR/warmup-$sys.log)"
+        done
+    fi
     case $phase in
     idle | connect)
         for sys in $SYSTEMS; do run_phase "$phase" "$sys" "$phase"; done
@@ -510,7 +523,7 @@ done
     if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
         echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
     fi
-    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES bench/compare.sh"
+    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES WARMUP=${WARMUP:-5} bench/compare.sh"
     echo
     node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
 } | tee "$OUT_DIR/table.md"
