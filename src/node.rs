@@ -80,6 +80,8 @@ impl Node {
             .clone()
             .unwrap_or_else(|| Uuid::new_v4().to_string());
         let keys = Keys::new(&config.prefix, &node_id);
+        // The recorder goes first: components resolve their metric handles when built.
+        let metrics = crate::metrics::install();
         let standalone = config.redis_url.is_none();
         let health = Arc::new(Health::new(standalone));
         let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
@@ -155,7 +157,7 @@ impl Node {
             inbox,
             health: health.clone(),
             auth,
-            metrics: crate::metrics::install(),
+            metrics,
             slots: AtomicUsize::new(0),
             sessions: TaskTracker::new(),
             background: TaskTracker::new(),
