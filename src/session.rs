@@ -88,10 +88,17 @@ where
                     }
                     sink.flush().await
                 };
-                let result = tokio::select! {
-                    biased;
-                    _ = ctl.closed() => None,
-                    r = timeout(limits.write_timeout, write) => Some(r),
+                tokio::pin!(write);
+                // Fast path: a socket with room completes the write on the first poll, so
+                // no timer and no cancellation waiter are set up for it. That is nearly
+                // every write, and a broadcast does thousands of them back to back.
+                let result = match futures_util::FutureExt::now_or_never(&mut write) {
+                    Some(r) => Some(Ok(r)),
+                    None => tokio::select! {
+                        biased;
+                        _ = ctl.closed() => None,
+                        r = timeout(limits.write_timeout, &mut write) => Some(r),
+                    },
                 };
                 match result {
                     None => reason = Some(ctl.reason().unwrap_or(CloseReason::Internal)),
