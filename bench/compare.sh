@@ -25,7 +25,8 @@
 # noisy, reported flagged: no number of a noisy phase enters a ratio.
 #
 # Output: OUT_DIR/<phase>-<system>.json (raw herald-bench JSON), .meta.json (what this
-# script measured itself: RSS and CPU of every server pid from /proc, producer stats,
+# script measured itself: RSS and CPU (and kernel CPU) of every server pid from /proc over
+# the whole phase, connect included; producer stats,
 # attempts), logs, and OUT_DIR/table.md (also printed).
 #
 # Knobs (environment):
@@ -34,7 +35,9 @@
 #   IDLE_HOLD=30             seconds an idle phase holds its sessions (> 25 s ping interval)
 #   FANOUT_RATES="2000 5000" BROADCAST_RATES="1 5"
 #   PAYLOAD_BYTES=100        bytes of "x" in each payload's "pad" (herald-bench's meaning)
-#   DRAIN=3                  seconds the bench keeps reading after the producer stopped
+#   DRAIN=3                  seconds the bench keeps reading after the producer stopped;
+#   BROADCAST_DRAIN=10       the same for broadcast phases (a backlog of 16,000 deliveries per
+#                            message takes longer to flush); what has not arrived by then is lost
 #   CONCURRENCY=100          handshakes in flight per bench process
 #   SOURCE_IPS=127.0.0.2-127.0.0.20
 #   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio"
@@ -58,6 +61,7 @@ FANOUT_RATES=${FANOUT_RATES:-2000 5000}
 BROADCAST_RATES=${BROADCAST_RATES:-1 5}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-100}
 DRAIN=${DRAIN:-3}
+BROADCAST_DRAIN=${BROADCAST_DRAIN:-10}
 CONCURRENCY=${CONCURRENCY:-100}
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.20}
 PHASES=${PHASES:-idle connect fanout broadcast}
@@ -123,6 +127,9 @@ free_port() {
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # utime + stime in clock ticks (USER_HZ = 100); the comm field may hold spaces.
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0; }
+# System (kernel) time alone, in ticks: on loopback the sender's kernel time includes most of
+# the receiving side's TCP work too.
+sys_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $13}' || echo 0; }
 
 # ---------------------------------------------------------------- build and install
 for tool in redis-server redis-cli node npm curl jq ss; do
@@ -334,7 +341,9 @@ run_once() {
     idle) args+=(--hold "$IDLE_HOLD") ;;
     connect) ;;
     fanout | broadcast)
-        args+=(--rate "$rate" --duration "$dur" --payload-bytes "$PAYLOAD_BYTES" --drain "$DRAIN")
+        local drain=$DRAIN
+        [ "$scenario" = broadcast ] && drain=$BROADCAST_DRAIN
+        args+=(--rate "$rate" --duration "$dur" --payload-bytes "$PAYLOAD_BYTES" --drain "$drain")
         # --hold 0: herald's measured phase starts when the sessions are connected, as it
         # does for an external producer (Socket.IO), so both include the same settling time.
         if [ "$sys" = herald ]; then
@@ -349,7 +358,10 @@ run_once() {
     [ "$sys" = socketio ] && [ "$scenario" = idle ] && gc_socketio >/dev/null && sleep 1
     # RSS and CPU of every server pid, measured here too (independent of the bench's JSON).
     local p rss0=() cpu0=() rss_conn=() rss1=() cpu1=() rss_stats=() t0 t1 tconn a mean min max
-    for p in "${spids[@]}"; do rss0+=("$(rss_kib "$p")"); cpu0+=("$(cpu_ticks "$p")"); done
+    local sys0=() sys1=()
+    for p in "${spids[@]}"; do
+        rss0+=("$(rss_kib "$p")") cpu0+=("$(cpu_ticks "$p")") sys0+=("$(sys_ticks "$p")")
+    done
     local rcpu0 rcpu1
     rcpu0=$(cpu_ticks "$REDIS_PID")
     t0=$(date +%s.%N)
@@ -457,7 +469,7 @@ run_once() {
     done
     t1=$(date +%s.%N)
     [ "$scenario" = idle ] || for p in "${spids[@]}"; do rss1+=("$(rss_kib "$p")"); done
-    for p in "${spids[@]}"; do cpu1+=("$(cpu_ticks "$p")"); done
+    for p in "${spids[@]}"; do cpu1+=("$(cpu_ticks "$p")") sys1+=("$(sys_ticks "$p")"); done
     rcpu1=$(cpu_ticks "$REDIS_PID")
 
     if [ "$nproc" -gt 1 ]; then
@@ -472,9 +484,10 @@ run_once() {
             "$t0" "$tconn" "$t1" "$(awk -v a="$rcpu0" -v b="$rcpu1" 'BEGIN{print (b-a)/100}')"
         local i sep=""
         for i in "${!spids[@]}"; do
-            printf '%s{"pid":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_after_kib":%s,%s"cpu_s":%s}' \
+            printf '%s{"pid":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_after_kib":%s,%s"cpu_s":%s,"cpu_sys_s":%s}' \
                 "$sep" "${spids[$i]}" "${rss0[$i]}" "${rss_conn[$i]:-0}" "${rss1[$i]:-0}" "${rss_stats[$i]:-}" \
-                "$(awk -v a="${cpu0[$i]}" -v b="${cpu1[$i]}" 'BEGIN{print (b-a)/100}')"
+                "$(awk -v a="${cpu0[$i]}" -v b="${cpu1[$i]}" 'BEGIN{print (b-a)/100}')" \
+                "$(awk -v a="${sys0[$i]}" -v b="${sys1[$i]}" 'BEGIN{print (b-a)/100}')"
             sep=","
         done
         printf '],"producer":%s,"exit":%s}\n' "$(cat "$pstats" 2>/dev/null || echo null)" "$rc"
@@ -523,7 +536,7 @@ done
     if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
         echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
     fi
-    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES WARMUP=${WARMUP:-5} bench/compare.sh"
+    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} bench/compare.sh"
     echo
     node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
 } | tee "$OUT_DIR/table.md"
