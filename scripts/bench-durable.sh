@@ -40,6 +40,7 @@ source scripts/bench-lib.sh
 
 log "building release binaries"
 cargo build --release --bins
+BUILT_FROM=$(git describe --always --dirty 2>/dev/null || echo unknown)
 HERALD=target/release/herald
 BENCH=target/release/herald-bench
 ulimit -n "$(ulimit -Hn)"

@@ -142,6 +142,6 @@ machine_summary() {
     echo "cpu:    $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "kernel: $(uname -r)"
     echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "herald: $(git describe --always --dirty 2>/dev/null || echo unknown)"
+    echo "herald: built from ${BUILT_FROM:-unknown} (tree now: $(git describe --always --dirty 2>/dev/null || echo unknown))"
     echo "redis:  $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')"
 }
