@@ -355,7 +355,7 @@ run_once() {
     esac
 
     # Socket.IO idle phase: a full GC first, so the baseline holds no start-up garbage.
-    [ "$sys" = socketio ] && [ "$scenario" = idle ] && gc_socketio >/dev/null && sleep 1
+    [ "$sys" = socketio ] && [ "$scenario" = idle ] && gc_socketio >"$OUT_DIR/$name-$sys.gc-before.json" && sleep 1
     # RSS and CPU of every server pid, measured here too (independent of the bench's JSON).
     local p rss0=() cpu0=() rss_conn=() rss1=() cpu1=() rss_stats=() t0 t1 tconn a mean min max
     local sys0=() sys1=()
