@@ -43,15 +43,11 @@ pub struct ClientArgs {
     pub protocol: Protocol,
 
     /// HS256 secret to mint client JWTs with (sub = "bench-<i>", exp = now + 1 h, topics).
-    #[arg(
-        long,
-        env = "HERALD_BENCH_SECRET",
-        hide_env_values = true,
-        conflicts_with = "dev"
-    )]
+    #[arg(long, env = "HERALD_BENCH_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
     /// The node runs with --dev: the token is the user id itself (topics via ?topics=).
+    /// Wins over --secret / HERALD_BENCH_SECRET.
     #[arg(long)]
     pub dev: bool,
 
@@ -117,12 +113,12 @@ pub enum Tokens {
 impl Tokens {
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
         match (&args.secret, args.dev) {
+            (_, true) => Ok(Tokens::Dev),
             (Some(secret), false) => Ok(Tokens::Jwt {
                 key: EncodingKey::from_secret(secret.as_bytes()),
                 exp: unix_secs() + 3600,
             }),
-            (None, true) => Ok(Tokens::Dev),
-            _ => bail!("give --secret <jwt secret> (or HERALD_BENCH_SECRET), or --dev"),
+            (None, false) => bail!("give --secret <jwt secret> (or HERALD_BENCH_SECRET), or --dev"),
         }
     }
 
