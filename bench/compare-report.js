@@ -92,6 +92,15 @@ function cpuPer100k(ph) {
   let v;
   if (!Array.isArray(ph.bench.parts)) v = find(ph.bench, ["cpu_per_100k_delivered_server"]);
   if (typeof v === "number") return { v, src: "bench" };
+  if (Array.isArray(ph.bench.parts)) {
+    // Every part measured the same servers over (nearly) the same window: mean of their
+    // server CPU over the deliveries of all parts.
+    const cpus = ph.bench.parts.map((p) => find(p, ["servers_s"])).filter((x) => typeof x === "number");
+    const delivered = total(ph.bench, ["delivered"]);
+    if (cpus.length && delivered > 0) {
+      return { v: (cpus.reduce((a, b) => a + b, 0) / cpus.length / delivered) * 1e5, src: "parts" };
+    }
+  }
   const delivered = total(ph.bench, ["delivered"]);
   const cpu = serverCpu(ph.meta);
   if (delivered > 0 && cpu !== undefined) return { v: (cpu / delivered) * 1e5, src: "proc" };

@@ -343,16 +343,28 @@ run_once() {
     fanout | broadcast)
         local drain=$DRAIN
         [ "$scenario" = broadcast ] && drain=$BROADCAST_DRAIN
-        args+=(--rate "$rate" --duration "$dur" --payload-bytes "$PAYLOAD_BYTES" --drain "$drain")
-        # --hold 0: herald's measured phase starts when the sessions are connected, as it
-        # does for an external producer (Socket.IO), so both include the same settling time.
-        if [ "$sys" = herald ]; then
-            args+=(--hold 0 --producer redis --redis-url "$REDIS_URL" --prefix "$HERALD_PREFIX")
-        else
-            args+=(--producer external --expect-file "$expect")
-        fi
+        args+=(--duration "$dur" --payload-bytes "$PAYLOAD_BYTES" --drain "$drain")
         ;;
     esac
+    # Producer arguments of bench process k (of nproc). Socket.IO: producer.js publishes for
+    # every process (external). herald: herald-bench publishes. --hold 0: herald's measured
+    # phase starts when the sessions are connected, as it does with an external producer, so
+    # both include the same settling time. With several bench processes a herald fanout is
+    # split (each process publishes rate/nproc to its own users), and a herald broadcast is
+    # published by process 1 only; the others read its count from $expect (written here).
+    producer_args() {
+        local k=$1
+        case $scenario in fanout | broadcast) ;; *) return 0 ;; esac
+        if [ "$sys" = socketio ]; then
+            echo --rate "$rate" --producer external --expect-file "$expect"
+        elif [ "$scenario" = broadcast ] && [ "$k" -gt 1 ]; then
+            echo --rate "$rate" --producer external --expect-file "$expect"
+        else
+            echo --rate "$(awk -v r="$rate" -v n="$([ "$scenario" = fanout ] && echo "$nproc" || echo 1)" \
+                'BEGIN { print r / n }')" --hold 0 --producer redis --redis-url "$REDIS_URL" \
+                --prefix "$HERALD_PREFIX"
+        fi
+    }
 
     # Socket.IO idle phase: a full GC first, so the baseline holds no start-up garbage.
     [ "$sys" = socketio ] && [ "$scenario" = idle ] && gc_socketio >"$OUT_DIR/$name-$sys.gc-before.json" && sleep 1
@@ -391,10 +403,12 @@ run_once() {
         n=$(((SESSIONS - first + nproc - k) / (nproc - k + 1)))
         local jk=$json rk=$ready
         [ "$nproc" -gt 1 ] && jk="$OUT_DIR/$name-$sys.part$k.json" rk="$ready.$k"
+        local pargs=()
+        read -ra pargs <<<"$(producer_args "$k")"
         log "$name/$sys: herald-bench $scenario --sessions $n --first-user $first (attempt $attempt)"
         # shellcheck disable=SC2016 # expanded by the inner bash
         bash -c 'while [ ! -e "$1" ]; do sleep 0.05; done; k=$(cat "$2"); shift 2; exec "$@" --known-pids "$k"' \
-            _ "$go" "$pidsfile" "$BENCH" "$scenario" "${args[@]}" --sessions "$n" --first-user "$first" \
+            _ "$go" "$pidsfile" "$BENCH" "$scenario" "${args[@]}" "${pargs[@]}" --sessions "$n" --first-user "$first" \
             --concurrency "$CONCURRENCY" --ready-file "$rk" --json "$jk" >>"$logf" 2>&1 &
         bench_pids+=($!)
         PIDS+=($!)
@@ -466,6 +480,12 @@ run_once() {
     for p in "${bench_pids[@]}"; do
         wait "$p" || { rc=$?; log "$name/$sys: herald-bench exited with $rc"; }
         forget_pid "$p"
+        if [ "$sys" = herald ] && [ "$scenario" = broadcast ] && [ "$nproc" -gt 1 ] && [ ! -e "$expect" ]; then
+            # Process 1 published; tell the others how much.
+            jq -c '{sent: (.result.produced.sent // 0)}' "$OUT_DIR/$name-$sys.part1.json" >"$expect.tmp" 2>/dev/null ||
+                echo '{"sent":0}' >"$expect.tmp"
+            mv "$expect.tmp" "$expect"
+        fi
     done
     t1=$(date +%s.%N)
     [ "$scenario" = idle ] || for p in "${spids[@]}"; do rss1+=("$(rss_kib "$p")"); done
