@@ -47,6 +47,8 @@
 #   OUT_DIR=target/bench-compare/<utc time>
 #   HERALD_BIN / BENCH_BIN   use these binaries instead of building target/release/*
 #   SKIP_BUILD=1             do not run cargo build / npm ci (binaries and node_modules exist)
+#   HERALD_*                 any herald setting, e.g. HERALD_WORKER_THREADS=1, reaches both
+#                            herald nodes (and is printed with the results)
 #
 # Usage: bench/compare.sh      (from anywhere inside the repository)
 set -euo pipefail
@@ -556,7 +558,9 @@ done
     if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
         echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
     fi
-    echo "command: SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} bench/compare.sh"
+    node_env=$(env | grep '^HERALD_' | grep -v -e SECRET -e API_KEY | tr '\n' ' ' || true)
+    [ -z "$node_env" ] || echo "herald node settings from the environment: $node_env"
+    echo "command: ${node_env}SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} bench/compare.sh"
     echo
     node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
 } | tee "$OUT_DIR/table.md"
