@@ -334,7 +334,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<u8> {
         .query_async(&mut conn)
         .await;
 
-    let (shared, mut rx) = RecvShared::new(c.protocol);
+    let (shared, mut rx) = RecvShared::with_durable(c.protocol, true);
     let (connect, _held) = {
         let d = dialer.clone();
         let sh = shared.clone();

@@ -503,6 +503,11 @@ fn print(r: &Report<FanoutResult>) {
             "beyond expected / invalid / foreign",
             format!("{} / {} / {}", t.beyond_expected, t.invalid, t.foreign),
         );
+        if t.foreign > 0 {
+            println!(
+                "  (foreign: not bench payloads of this run, e.g. durable entries of an earlier run replayed to a reused user id)"
+            );
+        }
     }
     row("sessions with loss", t.sessions_with_loss);
     for (how, n) in &t.ended_early {

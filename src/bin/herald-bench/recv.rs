@@ -125,10 +125,21 @@ pub struct RecvShared {
     pub latency: Recorder,
     pub stop: CancellationToken,
     pub out: mpsc::UnboundedSender<SessionOutcome>,
+    /// Count messages that carry a durable inbox id. Only the durable scenario publishes
+    /// such messages; elsewhere they are replays of an earlier run's inbox entries (a user
+    /// id reused against the same Redis) and are counted as foreign, not as deliveries.
+    pub accept_durable: bool,
 }
 
 impl RecvShared {
     pub fn new(protocol: Protocol) -> (Arc<Self>, mpsc::UnboundedReceiver<SessionOutcome>) {
+        Self::with_durable(protocol, false)
+    }
+
+    pub fn with_durable(
+        protocol: Protocol,
+        accept_durable: bool,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<SessionOutcome>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(RecvShared {
@@ -136,6 +147,7 @@ impl RecvShared {
                 latency: Recorder::new(16),
                 stop: CancellationToken::new(),
                 out: tx,
+                accept_durable,
             }),
             rx,
         )
@@ -180,6 +192,7 @@ pub async fn receive(mut session: Session, shared: Arc<RecvShared>) {
         };
         match frame {
             Some(Ok(Message::Text(text))) => match classify(shared.protocol, text.as_str()) {
+                Incoming::Data { id: Some(_), .. } if !shared.accept_durable => o.foreign += 1,
                 Incoming::Data { seq, ts, .. } => {
                     let now = mono_ns();
                     shared
