@@ -62,7 +62,7 @@ pub struct DurableArgs {
     pub replay_from_cursor: bool,
 
     /// Seconds to wait for deliveries after each publishing phase.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub drain: f64,
 
     /// Seconds between the last connect and part (a).
@@ -114,6 +114,9 @@ pub struct DurableResult {
     pub replay: ReplayResult,
 }
 
+/// Longest a publishing phase or the replay series may run, whatever the counts.
+const PHASE_LIMIT: Duration = Duration::from_secs(600);
+
 /// The stream id just before `id` ("<ms>-<seq>"), for `since=`.
 fn id_before(id: &str) -> anyhow::Result<String> {
     let (ms, seq) = id
@@ -159,7 +162,13 @@ async fn phase(
     let mut calls = new_hist();
     let mut errors = 0u64;
     let started = Instant::now();
+    let mut calls_made = 0u64;
     for m in 0..args.messages {
+        if started.elapsed() > PHASE_LIMIT {
+            eprintln!("herald-bench: {method} phase stopped after {PHASE_LIMIT:?} ({m} calls)");
+            break;
+        }
+        calls_made += 1;
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(m as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
@@ -191,15 +200,14 @@ async fn phase(
     let cpu = meter.finish();
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     let e2e = Lat::of(&shared.latency.merged(true));
-    let per10k = |s: f64| {
-        (args.messages > errors).then(|| round3(s * 10_000.0 / (args.messages - errors) as f64))
-    };
+    let per10k =
+        |s: f64| (calls_made > errors).then(|| round3(s * 10_000.0 / (calls_made - errors) as f64));
     MethodCost {
         method,
-        calls: args.messages,
+        calls: calls_made,
         errors,
         seconds: round3(seconds),
-        calls_per_s: round3(args.messages as f64 / seconds.max(1e-9)),
+        calls_per_s: round3(calls_made as f64 / seconds.max(1e-9)),
         call_ms: Lat::of(&calls),
         end_to_end_ms: e2e,
         redis_cpu_s: cpu.redis_s,
@@ -230,7 +238,13 @@ async fn replays(
         errors: Vec::new(),
     };
     let run_id = format!("{}-{}", std::process::id(), unix_secs());
+    let started = Instant::now();
     for r in 0..args.replays {
+        if started.elapsed() > PHASE_LIMIT {
+            out.errors
+                .push(format!("replays stopped after {PHASE_LIMIT:?} ({r} done)"));
+            break;
+        }
         let user = format!("bench-replay-{run_id}-{r}");
         let inbox = format!("{}:inbox:{user}", args.prefix);
         let mut ids = Vec::with_capacity(args.replay_messages as usize);

@@ -337,6 +337,9 @@ pub async fn run_http(
         std::sync::Arc::new((0..keys).map(|k| plan.targets.http_prefix(k)).collect());
     let mut senders = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
+    // Jobs still queued when the pacer's own deadline passes are dropped (counted failed),
+    // so a stalled server cannot keep the workers busy for 4,096 timeouts each.
+    let deadline = Instant::now() + Duration::from_secs_f64(plan.duration + 10.0);
     for w in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(usize, u64)>(4096);
         senders.push(tx);
@@ -348,6 +351,10 @@ pub async fn run_http(
         handles.push(tokio::spawn(async move {
             let mut got = Produced::default();
             while let Some((k, seq)) = rx.recv().await {
+                if Instant::now() > deadline {
+                    got.fail(k, seq, "http: not sent before the deadline".into());
+                    continue;
+                }
                 let mut body = prefixes[k].clone();
                 body.push_str(&payload(seq, mono_ns(), &pad));
                 body.push('}');
