@@ -11,8 +11,8 @@ use crate::util::round3;
 const MAX_MICROS: u64 = 3_600_000_000;
 
 pub fn new_hist() -> Histogram<u64> {
-    // safe: the bounds are constants that satisfy hdrhistogram's preconditions (low >= 1, high >= 2 * low, sigfig <= 5).
-    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid histogram bounds")
+    let h = Histogram::new_with_bounds(1, MAX_MICROS, 3);
+    h.expect("valid histogram bounds") // safe: constant bounds: low >= 1, high >= 2 * low, 3 digits
 }
 
 /// Percentiles of a latency distribution, in milliseconds.
