@@ -266,7 +266,10 @@ fn decode_user(raw: &str) -> Result<String, Box<Response>> {
     Ok(user)
 }
 
-fn unavailable(e: impl std::fmt::Display, op: &'static str) -> Response {
+fn unavailable(node: &Node, e: impl std::fmt::Display, op: &'static str) -> Response {
+    // A failed command may mean a pooled connection broke (Redis restarted); drop the idle
+    // ones so the next request connects afresh.
+    node.presence.reset_connections();
     tracing::warn!(error = %e, op, "API request failed on Redis");
     metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
     error(
@@ -331,7 +334,7 @@ async fn publish_inner(body: Bytes, node: &Node) -> Response {
                 Ok(id) => {
                     ids.insert(user.clone(), id.to_string());
                 }
-                Err(e) => return unavailable(e, "publish_durable"),
+                Err(e) => return unavailable(node, e, "publish_durable"),
             }
         }
         return json(
@@ -350,7 +353,7 @@ async fn publish_inner(body: Bytes, node: &Node) -> Response {
     };
     let results = join_all(channels.iter().map(|c| node.broker.publish(c, payload))).await;
     if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-        return unavailable(e, "publish");
+        return unavailable(node, e, "publish");
     }
     json(
         StatusCode::OK,
@@ -376,7 +379,7 @@ async fn presence(user: String, node: Arc<Node>) -> Response {
                 sessions,
             },
         ),
-        Err(e) => unavailable(e, "presence_read"),
+        Err(e) => unavailable(&node, e, "presence_read"),
     };
     count("presence", res)
 }
@@ -384,7 +387,7 @@ async fn presence(user: String, node: Arc<Node>) -> Response {
 async fn stats(node: Arc<Node>) -> Response {
     let res = match node.presence.stats().await {
         Ok(s) => json(StatusCode::OK, &s),
-        Err(e) => unavailable(e, "stats"),
+        Err(e) => unavailable(&node, e, "stats"),
     };
     count("stats", res)
 }
@@ -407,7 +410,7 @@ async fn disconnect(user: String, node: Arc<Node>) -> Response {
         .await
     {
         Ok(_) => json(StatusCode::OK, &OkResponse { ok: true }),
-        Err(e) => unavailable(e, "disconnect"),
+        Err(e) => unavailable(&node, e, "disconnect"),
     };
     count("disconnect", res)
 }
@@ -448,7 +451,7 @@ async fn inbox_list(user: String, query: String, node: Arc<Node>) -> Response {
     let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
     let cursor = match node.inbox.cursor(&user).await {
         Ok(c) => c,
-        Err(e) => return count("inbox", unavailable(e, "inbox_read")),
+        Err(e) => return count("inbox", unavailable(&node, e, "inbox_read")),
     };
     let res = match node.inbox.read_after(&user, cursor, limit).await {
         Ok(entries) => json(
@@ -465,7 +468,7 @@ async fn inbox_list(user: String, query: String, node: Arc<Node>) -> Response {
                     .collect(),
             },
         ),
-        Err(e) => unavailable(e, "inbox_read"),
+        Err(e) => unavailable(&node, e, "inbox_read"),
     };
     count("inbox", res)
 }
@@ -501,7 +504,7 @@ async fn inbox_ack(user: String, body: Bytes, node: Arc<Node>) -> Response {
     };
     let res = match node.inbox.ack(&user, id).await {
         Ok(moved) => json(StatusCode::OK, &AckResponse { ok: true, moved }),
-        Err(e) => unavailable(e, "inbox_ack"),
+        Err(e) => unavailable(&node, e, "inbox_ack"),
     };
     count("inbox_ack", res)
 }

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use redis::Script;
 
 use crate::keys::Keys;
@@ -80,7 +80,7 @@ pub struct Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("timed out")]

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod protocol;
+pub mod redis_pool;
 pub mod server;
 pub mod session;
 

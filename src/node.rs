@@ -114,16 +114,8 @@ impl Node {
             }
             Some(url) => {
                 let client = redis::Client::open(url.as_str())?;
-                let pool = deadpool_redis::Config::from_url(url.clone())
-                    .builder()
-                    .map_err(|e| NodeError::Pool(e.to_string()))?
-                    .max_size(config.redis_pool)
-                    .wait_timeout(Some(Duration::from_secs(2)))
-                    .create_timeout(Some(Duration::from_secs(2)))
-                    .recycle_timeout(Some(Duration::from_secs(2)))
-                    .runtime(deadpool_redis::Runtime::Tokio1)
-                    .build()
-                    .map_err(|e| NodeError::Pool(e.to_string()))?;
+                let pool =
+                    crate::redis_pool::build(url, config.redis_pool).map_err(NodeError::Pool)?;
                 (
                     Broker::Redis(RedisBroker::new(client, pool.clone())),
                     Presence::Redis(RedisPresence::new(
@@ -254,6 +246,7 @@ impl Node {
                 }
                 Err(e) => {
                     functions_loaded = false;
+                    self.presence.reset_connections();
                     tracing::warn!(error = %e, "presence heartbeat failed");
                     metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
                     self.health.set_redis(false);
@@ -358,6 +351,7 @@ impl Node {
         if let Err(e) = Box::pin(self.presence.add(&info, reg.first_of_user)).await {
             // The next heartbeat writes it; the session is not refused for a Redis blip.
             tracing::warn!(error = %e, "presence add failed");
+            self.presence.reset_connections();
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_add").increment(1);
         }
         let _ = timeout(SUBSCRIBE_WAIT, reg.subscribed).await;
@@ -405,6 +399,7 @@ impl Node {
         };
         if let Err(e) = Box::pin(self.presence.remove(&info, last, offline_reason)).await {
             tracing::debug!(error = %e, "presence remove failed; the entry will expire");
+            self.presence.reset_connections();
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
         }
         tracing::debug!(session = %info.id, user = %info.user, reason = reason.label(), "session closed");

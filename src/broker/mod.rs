@@ -19,7 +19,7 @@ use crate::hub::SubCommand;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{interval, sleep, timeout, MissedTickBehavior};

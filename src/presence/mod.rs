@@ -16,7 +16,7 @@ use crate::protocol::{PresenceSession, StatsResponse};
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
     #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("timed out")]
@@ -62,6 +62,13 @@ impl Presence {
                 Ok(())
             }
             Presence::Redis(p) => with_timeout(p.remove(s, last_of_user, reason)).await,
+        }
+    }
+
+    /// Forgets pooled Redis connections after a failure (see RedisPresence).
+    pub fn reset_connections(&self) {
+        if let Presence::Redis(p) = self {
+            p.reset_connections();
         }
     }
 

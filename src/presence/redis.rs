@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use futures_util::future::try_join_all;
 use redis::{Script, ScriptInvocation};
 
@@ -348,6 +348,13 @@ impl RedisPresence {
             try_join_all(calls).await?;
         }
         Ok(())
+    }
+
+    /// Drops every idle pooled connection, so the next operations connect afresh. Called
+    /// after a failed heartbeat: the pool checks connections only now and then, and a
+    /// connection broken by a Redis restart would otherwise be handed out again.
+    pub fn reset_connections(&self) {
+        self.pool.retain(|_, _| false);
     }
 
     /// Emits `offline` for users whose grace ran out; returns how many.
