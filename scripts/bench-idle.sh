@@ -40,49 +40,11 @@ API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 export HERALD_BENCH_SECRET="$JWT_SECRET"
 
 mkdir -p "$OUT_DIR"
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { printf '[bench-idle] %s\n' "$*" >&2; }
-
-# A free TCP port on 127.0.0.1 below the ephemeral range (the bench uses those as sources).
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        [ "$p" = 6379 ] && continue
-        if [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]; then
-            echo "$p"
-            return 0
-        fi
-    done
-    log "no free port found"
-    return 1
-}
-
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-# utime + stime in clock ticks (USER_HZ = 100); the comm field may hold spaces.
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-
-# Stops one process started here and forgets it, so cleanup never signals a reused PID.
-stop_pid() {
-    local pid=$1 keep=() p
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
+# log, free_port, rss_kib, cpu_ticks, stop_pid and the EXIT trap that stops every process
+# started here come from the shared bench library.
+BENCH_NAME=bench-idle
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 log "building release binaries"
 cargo build --release --bins
