@@ -93,9 +93,10 @@ pub struct Config {
     #[arg(long, env = "HERALD_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub drain_interval: Duration,
 
-    /// Per-connection WebSocket read buffer in bytes. Small on purpose: idle sessions are the
-    /// common case, and the buffer is allocated for every connection.
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 512)]
+    /// Bytes read from a client socket per read call. The buffer is per worker thread, not
+    /// per connection (an idle session holds no read buffer), so this only bounds how much
+    /// one read takes in.
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 4096)]
     pub ws_read_buffer: usize,
 
     /// Kernel send buffer per client socket (SO_SNDBUF), in bytes. Unset: the kernel
@@ -209,6 +210,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Each session's outbox bounds.
+    pub fn outbox_limits(&self) -> crate::control::OutboxLimits {
+        crate::control::OutboxLimits {
+            messages: self.outbox_messages,
+            bytes: self.outbox_bytes,
+        }
     }
 
     /// How often presence is refreshed: a third of the TTL, so two heartbeats may be lost

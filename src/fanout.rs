@@ -1,9 +1,11 @@
-//! Turns one published payload into one message frame and hands it to the hub: the frame
-//! is serialised once per node, never once per session.
+//! Turns one published payload into one message frame and offers it to every local
+//! recipient the hub names: the frame is serialised once per node, never once per session,
+//! and written to each socket without a copy (see `control`).
 
 use std::sync::Arc;
 
-use crate::hub::{Hub, Outgoing};
+use crate::control::{Offered, OutboxLimits, Outgoing, SessionControl};
+use crate::hub::Hub;
 use crate::inbox::open_envelope;
 use crate::keys::{Keys, Target};
 use crate::metrics as m;
@@ -34,6 +36,7 @@ pub struct Fanout {
     hub: Arc<Hub>,
     keys: Keys,
     max_bytes: usize,
+    outbox: OutboxLimits,
     canary: Arc<crate::health::Health>,
     // Per-message counters, resolved once: `counter!` looks the metric up in the registry
     // on every call, which is measurable on the hot path.
@@ -47,12 +50,14 @@ impl Fanout {
         hub: Arc<Hub>,
         keys: Keys,
         max_bytes: usize,
+        outbox: OutboxLimits,
         health: Arc<crate::health::Health>,
     ) -> Self {
         Fanout {
             hub,
             keys,
             max_bytes,
+            outbox,
             canary: health,
             in_redis: metrics::counter!(m::MESSAGES_IN, "source" => "redis"),
             in_local: metrics::counter!(m::MESSAGES_IN, "source" => "local"),
@@ -97,31 +102,35 @@ impl Fanout {
             );
             return Outcome::Oversize;
         }
-        let wanted = match target {
-            Target::User(u) => self.hub.has_user(u),
-            Target::Topic(t) => self.hub.has_topic(t),
-            _ => true,
-        };
-        if !wanted {
+        let mut recipients: Vec<Arc<SessionControl>> = Vec::new();
+        match target {
+            Target::User(u) => self.hub.user_sessions(u, &mut recipients),
+            Target::Topic(t) => self.hub.topic_sessions(t, &mut recipients),
+            Target::Broadcast => self.hub.all_sessions(&mut recipients),
+            Target::Control | Target::Canary => return Outcome::UnknownChannel,
+        }
+        // Nobody here reads it (a flood for a user who just left, say): build nothing.
+        if recipients.is_empty() {
             return Outcome::Delivered { queued: 0 };
         }
         // The channel label clients see is the channel without the prefix: "user:42".
         let label = &channel[self.keys.prefix().len() + 1..];
         let id_text = id.map(|i| i.to_string());
-        let msg = Outgoing::new(message_frame(label, id_text.as_deref(), payload), id);
-        let len = msg.len();
-        let d = match target {
-            Target::User(u) => self.hub.deliver_user(u, &msg, len),
-            Target::Topic(t) => self.hub.deliver_topic(t, &msg, len),
-            Target::Broadcast => self.hub.deliver_broadcast(&msg, len),
-            Target::Control | Target::Canary => return Outcome::UnknownChannel,
-        };
-        self.out.increment(d.queued as u64);
-        if d.slow > 0 {
-            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer")
-                .increment(d.slow as u64);
+        let msg = Outgoing::text(message_frame(label, id_text.as_deref(), payload), id);
+        let (mut delivered, mut slow) = (0usize, 0usize);
+        for ctl in &recipients {
+            match ctl.offer(&msg, self.outbox) {
+                Offered::Written | Offered::Queued => delivered += 1,
+                Offered::Slow => slow += 1,
+                Offered::Skipped | Offered::Closed => {}
+            }
         }
-        Outcome::Delivered { queued: d.queued }
+        self.out.increment(delivered as u64);
+        if slow > 0 {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer")
+                .increment(slow as u64);
+        }
+        Outcome::Delivered { queued: delivered }
     }
 
     fn control(&self, payload: &[u8]) -> Outcome {
@@ -143,13 +152,13 @@ impl Fanout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{SessionControl, SessionInfo};
+    use crate::hub::SessionInfo;
     use tokio::sync::mpsc;
 
     fn setup() -> (Fanout, Arc<SessionControl>, Arc<SessionControl>) {
         let (stx, _srx) = mpsc::unbounded_channel();
         let keys = Keys::new("p", "n1");
-        let hub = Arc::new(Hub::new(keys.clone(), stx, 8, 1 << 20));
+        let hub = Arc::new(Hub::new(keys.clone(), stx));
         let ctl = Arc::new(SessionControl::default());
         let _ = hub.register(
             SessionInfo {
@@ -161,7 +170,11 @@ mod tests {
             ctl.clone(),
         );
         let health = Arc::new(crate::health::Health::new(true));
-        (Fanout::new(hub, keys, 16, health), ctl.clone(), ctl)
+        let limits = OutboxLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        (Fanout::new(hub, keys, 16, limits, health), ctl.clone(), ctl)
     }
 
     #[test]
@@ -185,7 +198,7 @@ mod tests {
         );
         let first = rx.take(1).remove(0);
         assert_eq!(
-            first.text.as_str(),
+            std::str::from_utf8(&first.payload).unwrap_or_default(),
             r#"{"type":"message","channel":"user:42","data":{"a":1}}"#
         );
         assert_eq!(first.id, None);
@@ -203,7 +216,7 @@ mod tests {
         let got = rx.take(1).remove(0);
         assert_eq!(got.id, Some(id));
         assert_eq!(
-            got.text.as_str(),
+            std::str::from_utf8(&got.payload).unwrap_or_default(),
             r#"{"type":"message","channel":"user:42","id":"9-1","data":{"x":2}}"#
         );
     }
@@ -235,5 +248,66 @@ mod tests {
             Outcome::Control
         );
         assert_eq!(ctl.reason(), Some(CloseReason::Kicked));
+    }
+
+    #[test]
+    fn a_full_outbox_marks_a_slow_consumer_and_spares_the_others() {
+        let (stx, _srx) = mpsc::unbounded_channel();
+        let keys = Keys::new("p", "n1");
+        let hub = Arc::new(Hub::new(keys.clone(), stx));
+        let (slow, fast) = (
+            Arc::new(SessionControl::default()),
+            Arc::new(SessionControl::default()),
+        );
+        for (user, ctl) in [("slow", &slow), ("fast", &fast)] {
+            let _ = hub.register(
+                SessionInfo {
+                    id: uuid::Uuid::new_v4(),
+                    user: user.into(),
+                    topics: Vec::new().into(),
+                    connected_at: 0,
+                },
+                ctl.clone(),
+            );
+        }
+        let health = Arc::new(crate::health::Health::new(true));
+        let limits = OutboxLimits {
+            messages: 2,
+            bytes: 150,
+        };
+        let f = Fanout::new(hub, keys, 1024, limits, health);
+        let mut fast_got = 0;
+        for i in 0..3 {
+            let want = if i < 2 { 2 } else { 1 };
+            assert_eq!(
+                f.handle("p:broadcast", b"1", "redis"),
+                Outcome::Delivered { queued: want }
+            );
+            // The fast session keeps up; the slow one never reads.
+            fast_got += fast.take(16).len();
+        }
+        assert_eq!(slow.reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(fast_got, 3);
+        assert!(!fast.is_closed());
+        // The byte budget binds too: two of these frames fit in 150 bytes, a third does not.
+        let big = [b'x'; 10];
+        assert_eq!(
+            f.handle("p:user:fast", &big, "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        let frame_len = fast.queued_bytes();
+        assert!(
+            frame_len > 10 && 2 * frame_len <= 150 && 3 * frame_len > 150,
+            "{frame_len}"
+        );
+        assert_eq!(
+            f.handle("p:user:fast", &big, "redis"),
+            Outcome::Delivered { queued: 1 }
+        );
+        assert_eq!(
+            f.handle("p:user:fast", &big, "redis"),
+            Outcome::Delivered { queued: 0 }
+        );
+        assert_eq!(fast.reason(), Some(CloseReason::SlowConsumer));
     }
 }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod fanout;
 pub mod health;
 pub mod http;
@@ -17,6 +18,7 @@ pub mod protocol;
 pub mod redis_pool;
 pub mod server;
 pub mod session;
+pub mod ws;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {

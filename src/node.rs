@@ -5,12 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
-use tokio::time::{sleep, timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio::time::{sleep, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -18,15 +16,17 @@ use uuid::Uuid;
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{Broker, MemoryBroker, RedisBroker, SubscriberSettings};
 use crate::config::Config;
+use crate::control::{Liveness, Outgoing, SessionControl};
 use crate::fanout::Fanout;
 use crate::health::Health;
-use crate::hub::{Hub, SessionControl, SessionInfo, SubCommand};
+use crate::hub::{Hub, SessionInfo, SubCommand};
 use crate::inbox::{envelope, Inbox, InboxError, InboxPolicy, MemoryInbox, RedisInbox, StreamId};
 use crate::keys::Keys;
 use crate::metrics as m;
 use crate::presence::{EventPolicy, MemoryPresence, Presence, RedisPresence};
 use crate::protocol::{message_frame, CloseReason, ServerFrame};
-use crate::session::{self, Acker, SessionLimits, SessionParts};
+use crate::session::{self, Acker, SessionParts};
+use crate::ws::FrameReader;
 
 /// Why a node could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -85,16 +85,12 @@ impl Node {
         let standalone = config.redis_url.is_none();
         let health = Arc::new(Health::new(standalone));
         let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
-        let hub = Arc::new(Hub::new(
-            keys.clone(),
-            sub_tx,
-            config.outbox_messages,
-            config.outbox_bytes,
-        ));
+        let hub = Arc::new(Hub::new(keys.clone(), sub_tx));
         let fanout = Arc::new(Fanout::new(
             hub.clone(),
             keys.clone(),
             config.max_message_bytes,
+            config.outbox_limits(),
             health.clone(),
         ));
 
@@ -191,7 +187,44 @@ impl Node {
             let n = node.clone();
             node.background.spawn(async move { n.reaper_loop().await });
         }
+        {
+            let n = node.clone();
+            node.background.spawn(async move { n.sweep_loop().await });
+        }
         Ok(node)
+    }
+
+    /// Visits every session a few times per ping interval: sends due pings and closes
+    /// sessions that stayed silent past the idle timeout or whose backlog made no progress
+    /// within the write timeout. One task instead of a timer per session: an idle session
+    /// then holds no timer at all.
+    async fn sweep_loop(self: Arc<Self>) {
+        let live = Liveness {
+            ping_interval: self.config.ping_interval,
+            idle_timeout: self.config.idle_timeout,
+            write_timeout: self.config.write_timeout,
+        };
+        let period = (live
+            .ping_interval
+            .min(live.idle_timeout)
+            .min(live.write_timeout)
+            / 4)
+        .clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let limits = self.config.outbox_limits();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut controls = Vec::new();
+        loop {
+            tokio::select! {
+                _ = self.stop_background.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.hub.all_sessions(&mut controls);
+            let now = crate::control::now_ms();
+            for ctl in controls.drain(..) {
+                ctl.sweep(now, &live, limits);
+            }
+        }
     }
 
     /// Refreshes presence every third of the TTL, at once after a pub/sub reconnect, and
@@ -285,23 +318,6 @@ impl Node {
         (prev < self.config.max_connections).then_some(slot)
     }
 
-    /// tungstenite settings for every session: the small read buffer is what keeps idle
-    /// sessions cheap, and the write buffer cap bounds a stalled socket.
-    pub fn ws_config(&self) -> WebSocketConfig {
-        let max = self.config.max_message_bytes;
-        WebSocketConfig::default()
-            .read_buffer_size(self.config.ws_read_buffer)
-            .write_buffer_size(0)
-            .max_write_buffer_size(
-                self.config
-                    .outbox_bytes
-                    .saturating_add(max)
-                    .saturating_add(4096),
-            )
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
-    }
-
     /// Runs a session on an upgraded connection, from registration to presence removal.
     pub fn spawn_session(
         self: &Arc<Self>,
@@ -313,36 +329,28 @@ impl Node {
         let node = self.clone();
         self.sessions.spawn(async move {
             let _slot = slot;
-            let upgraded: Upgraded = match upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed");
-                    metrics::counter!(m::UPGRADES_REJECTED, "reason" => "upgrade_failed")
-                        .increment(1);
-                    return;
-                }
+            let Some((sock, early)) = Box::pin(take_socket(upgrade)).await else {
+                return;
             };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(node.ws_config()),
-            )
-            .await;
-            node.run_session(ws, who, since).await;
+            node.run_session(sock, early, who, since).await;
         });
     }
 
-    async fn run_session<S>(&self, ws: WebSocketStream<S>, who: Identity, since: Option<StreamId>)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn run_session(
+        &self,
+        sock: TcpStream,
+        early: bytes::Bytes,
+        who: Identity,
+        since: Option<StreamId>,
+    ) {
+        let sock = Arc::new(sock);
         let info = SessionInfo {
             id: Uuid::new_v4(),
             user: who.user.into(),
             topics: who.topics.into_iter().map(Arc::<str>::from).collect(),
             connected_at: crate::unix_ms(),
         };
-        let ctl = Arc::new(SessionControl::default());
+        let ctl = Arc::new(SessionControl::held(sock.clone()));
         let reg = self.hub.register(info.clone(), ctl.clone());
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -363,25 +371,28 @@ impl Node {
             node: &self.node_id,
         }
         .to_text();
-        let limits = SessionLimits {
-            ping_interval: self.config.ping_interval,
-            idle_timeout: self.config.idle_timeout,
-            write_timeout: self.config.write_timeout,
-        };
-        let mut ws = ws;
-        let reason = match Box::pin(self.greet(&mut ws, welcome, &info.user, since)).await {
-            Err(reason) => reason,
+        let reason = match Box::pin(self.greet(&ctl, welcome, &info.user, since)).await {
+            Err(reason) => {
+                ctl.close(reason);
+                let last = (reason != CloseReason::ConnectionLost).then(|| Outgoing::close(reason));
+                Box::pin(ctl.finish(last, Duration::from_millis(100))).await;
+                reason
+            }
             Ok(replayed_up_to) => {
+                ctl.release(replayed_up_to);
                 let parts = SessionParts {
-                    ctl,
-                    limits,
-                    replayed_up_to,
+                    sock,
+                    ctl: ctl.clone(),
+                    outbox: self.config.outbox_limits(),
+                    max_message: self.config.max_message_bytes,
+                    read_chunk: self.config.ws_read_buffer,
+                    ack_timeout: self.config.write_timeout,
                     acker: Some(Acker {
                         inbox: self.inbox.clone(),
                         user: info.user.clone(),
                     }),
                 };
-                session::run(ws, parts).await
+                session::run(parts, FrameReader::with_bytes(&early)).await
             }
         };
 
@@ -409,16 +420,13 @@ impl Node {
     /// read cursor) in pages, with a gap frame when entries were lost. Runs after the
     /// subscription is confirmed, so live copies of replayed entries can be dropped by id
     /// (returned) without a hole between replay and live delivery.
-    async fn greet<S>(
+    async fn greet(
         &self,
-        ws: &mut WebSocketStream<S>,
+        ws: &SessionControl,
         welcome: String,
         user: &str,
         since: Option<StreamId>,
-    ) -> Result<Option<StreamId>, CloseReason>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    ) -> Result<Option<StreamId>, CloseReason> {
         let wt = self.config.write_timeout;
         send_text(ws, welcome, wt).await?;
         let start = match since {
@@ -576,23 +584,30 @@ fn replay_failed(e: &InboxError) {
     metrics::counter!(m::REDIS_ERRORS, "op" => "inbox_replay").increment(1);
 }
 
-async fn send_text<S>(
-    ws: &mut WebSocketStream<S>,
-    text: String,
-    wait: Duration,
-) -> Result<(), CloseReason>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use futures_util::SinkExt;
-    match timeout(
-        wait,
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text)),
-    )
-    .await
-    {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(CloseReason::ConnectionLost),
-        Err(_) => Err(CloseReason::SlowConsumer),
+/// Writes one text frame of the welcome or replay (the session is held: nothing else
+/// writes). A client that does not take it within `wait` is a slow consumer.
+async fn send_text(ws: &SessionControl, text: String, wait: Duration) -> Result<(), CloseReason> {
+    ws.send_now(&Outgoing::text(text, None), wait).await
+}
+
+/// Takes the TCP stream back from hyper once the 101 response is out, with any bytes the
+/// client sent past the handshake. herald's accept loop serves `TokioIo<TcpStream>`, so the
+/// downcast fails only if that changes; such a connection is refused and counted.
+async fn take_socket(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, bytes::Bytes)> {
+    let upgraded = match upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => "upgrade_failed").increment(1);
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream; closing it");
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => "not_tcp").increment(1);
+            None
+        }
     }
 }

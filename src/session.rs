@@ -1,35 +1,37 @@
-//! One connection's loop: reads client frames, drains the bounded outbox to the socket,
-//! pings, enforces the idle timeout, and closes with a documented code when told to.
+//! One connection's loop: reads and answers client frames, drains the outbox when the
+//! socket was busy, and closes with a documented code when told to.
+//!
+//! The loop is a single `poll_fn` over state kept outside any `select!`, so an idle session
+//! costs a few hundred bytes: no read buffer (reads go to a per-thread scratch buffer), no
+//! timer (the node's sweeper sends pings and enforces timeouts), no wake-up per delivered
+//! message (deliveries write to the socket themselves; see `control`).
 
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
 
-use crate::hub::SessionControl;
-use crate::inbox::{Inbox, StreamId};
+use crate::control::{OutboxLimits, Outgoing, SessionControl};
+use crate::inbox::Inbox;
 use crate::metrics as m;
 use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
+use crate::ws::{self, FrameReader, Incoming, Kind};
 
-/// Timing and size limits of a session loop.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-    pub write_timeout: Duration,
-}
-
-/// Most queued messages written before one flush.
-const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Reads handled in one poll before the loop yields to other tasks.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    /// Read scratch space, one per worker thread instead of one per connection.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Lets a session move its user's inbox read cursor when the client acknowledges.
 #[derive(Clone)]
@@ -38,185 +40,206 @@ pub struct Acker {
     pub user: Arc<str>,
 }
 
-/// Everything the loop needs besides the socket.
+/// Everything the loop needs.
 pub struct SessionParts {
+    pub sock: Arc<TcpStream>,
     /// Holds the outbox too.
     pub ctl: Arc<SessionControl>,
-    pub limits: SessionLimits,
-    /// Durable messages up to this id were already replayed; live copies are dropped.
-    pub replayed_up_to: Option<StreamId>,
+    pub outbox: OutboxLimits,
+    /// Largest client message accepted.
+    pub max_message: usize,
+    /// Bytes read per `read` call (the per-thread scratch buffer's size).
+    pub read_chunk: usize,
+    /// Bounds an inbox acknowledgement's Redis call.
+    pub ack_timeout: Duration,
     pub acker: Option<Acker>,
 }
 
-/// Runs the session until it ends and returns why. The caller has registered it and sent
-/// the welcome (and any replay).
-pub async fn run<S>(ws: WebSocketStream<S>, parts: SessionParts) -> CloseReason
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let SessionParts {
-        ctl,
-        limits,
-        replayed_up_to,
-        acker,
-    } = parts;
-    let (mut sink, mut stream) = ws.split();
-    let mut last_heard = Instant::now();
-    let mut ticker = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut reason = None;
+type Pending = Option<Pin<Box<dyn Future<Output = ()> + Send>>>;
 
-    while reason.is_none() {
-        tokio::select! {
-            biased;
-            _ = ctl.closed() => {
-                reason = Some(ctl.reason().unwrap_or(CloseReason::Internal));
-            }
-            _ = ctl.ready() => {
-                // Feed what is already queued, then flush once: one syscall for a burst.
-                let batch = ctl.take(WRITE_BATCH);
-                if batch.is_empty() {
-                    continue;
-                }
-                let write = async {
-                    for m in batch {
-                        // A live copy of an entry the replay already delivered.
-                        if m.id.is_some() && m.id <= replayed_up_to {
-                            continue;
-                        }
-                        sink.feed(Message::Text(m.text)).await?;
-                    }
-                    sink.flush().await
-                };
-                tokio::pin!(write);
-                // Fast path: a socket with room completes the write on the first poll, so
-                // no timer and no cancellation waiter are set up for it. That is nearly
-                // every write, and a broadcast does thousands of them back to back.
-                let result = match futures_util::FutureExt::now_or_never(&mut write) {
-                    Some(r) => Some(Ok(r)),
-                    None => tokio::select! {
-                        biased;
-                        _ = ctl.closed() => None,
-                        r = timeout(limits.write_timeout, &mut write) => Some(r),
-                    },
-                };
-                match result {
-                    None => reason = Some(ctl.reason().unwrap_or(CloseReason::Internal)),
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(_))) => reason = Some(CloseReason::ConnectionLost),
-                    Some(Err(_)) => {
-                        // Counted once, by the node, like every SlowConsumer ending.
-                        ctl.close(CloseReason::SlowConsumer);
-                        reason = Some(CloseReason::SlowConsumer);
-                    }
-                }
-            }
-            frame = stream.next() => {
-                last_heard = Instant::now();
-                match frame {
-                    None => reason = Some(CloseReason::ConnectionLost),
-                    Some(Ok(Message::Text(text))) => match parse_client_frame(text.as_str()) {
-                        ClientFrame::LegacyHeartbeat => {
-                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
-                        }
-                        ClientFrame::Ping => {
-                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
-                            if !reply(&mut sink, ServerFrame::Pong.to_text(), limits.write_timeout).await {
-                                reason = Some(CloseReason::ConnectionLost);
-                            }
-                        }
-                        ClientFrame::Ack(id) => {
-                            metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
-                            let stored = match &acker {
-                                // Boxed: the Redis future is large and would otherwise size
-                                // every idle session's task.
-                                Some(a) => matches!(
-                                    timeout(limits.write_timeout, Box::pin(a.inbox.ack(&a.user, id))).await,
-                                    Ok(Ok(_))
-                                ),
-                                None => false,
-                            };
-                            if !stored {
-                                let text = ServerFrame::Error { error: "ack_failed" }.to_text();
-                                if !reply(&mut sink, text, limits.write_timeout).await {
-                                    reason = Some(CloseReason::ConnectionLost);
-                                }
-                            }
-                        }
-                        ClientFrame::Unknown(kind) => {
-                            metrics::counter!(m::CLIENT_FRAMES, "kind" => kind).increment(1);
-                            let text = ServerFrame::Error { error: kind }.to_text();
-                            if !reply(&mut sink, text, limits.write_timeout).await {
-                                reason = Some(CloseReason::ConnectionLost);
-                            }
-                        }
-                    },
-                    Some(Ok(Message::Binary(_))) => {
-                        metrics::counter!(m::CLIENT_FRAMES, "kind" => "binary").increment(1);
-                        reason = Some(CloseReason::Binary);
-                    }
-                    Some(Ok(Message::Close(_))) => reason = Some(CloseReason::ClientClosed),
-                    // Pings are answered by tungstenite as part of reading; pongs only
-                    // prove liveness, which `last_heard` already recorded.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Err(e)) => reason = Some(classify(&e)),
-                }
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() >= limits.idle_timeout {
-                    reason = Some(CloseReason::IdleTimeout);
-                } else if !matches!(
-                    timeout(limits.write_timeout, sink.send(Message::Ping(Default::default()))).await,
-                    Ok(Ok(()))
-                ) {
-                    reason = Some(CloseReason::ConnectionLost);
-                }
-            }
-        }
-    }
-    // safe: the loop only exits once `reason` is set.
-    let reason = reason.unwrap_or(CloseReason::Internal);
-
-    // Stop deliveries and free queued messages before the (possibly slow) close handshake.
-    ctl.close(reason);
-    ctl.discard();
-    if !matches!(
-        reason,
-        CloseReason::ClientClosed | CloseReason::ConnectionLost
-    ) {
-        let frame = CloseFrame {
-            code: CloseCode::from(reason.code()),
-            reason: reason.label().into(),
-        };
-        // A slow consumer is not owed a patient goodbye; its buffers go now.
-        let wait = if reason == CloseReason::SlowConsumer {
-            Duration::from_millis(100)
-        } else {
-            CLOSE_TIMEOUT
-        };
-        let _ = timeout(wait, sink.send(Message::Close(Some(frame)))).await;
-    } else if reason == CloseReason::ClientClosed {
+/// Runs the session until it ends and returns why. The caller has registered it, sent the
+/// welcome (and any replay) and released the hold. `reader` may hold bytes the client sent
+/// before the upgrade completed.
+pub async fn run(parts: SessionParts, reader: FrameReader) -> CloseReason {
+    let mut reader = reader;
+    let mut pending: Pending = None;
+    let mut echo: Option<Outgoing> = None;
+    let reason = poll_fn(|cx| poll_session(&parts, &mut reader, &mut pending, &mut echo, cx)).await;
+    drop(pending);
+    parts.ctl.close(reason);
+    let last = match reason {
+        CloseReason::ConnectionLost => None,
         // Complete the closing handshake the client started.
-        let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
-    }
+        CloseReason::ClientClosed => echo,
+        r => Some(Outgoing::close(r)),
+    };
+    // A slow consumer is not owed a patient goodbye; its buffers go now.
+    let wait = if reason == CloseReason::SlowConsumer {
+        Duration::from_millis(100)
+    } else {
+        CLOSE_TIMEOUT
+    };
+    Box::pin(parts.ctl.finish(last, wait)).await;
     reason
 }
 
-async fn reply<K>(sink: &mut K, text: String, wait: Duration) -> bool
-where
-    K: futures_util::Sink<Message, Error = WsError> + Unpin,
-{
-    matches!(
-        timeout(wait, sink.send(Message::text(text))).await,
-        Ok(Ok(()))
-    )
+fn poll_session(
+    parts: &SessionParts,
+    reader: &mut FrameReader,
+    pending: &mut Pending,
+    echo: &mut Option<Outgoing>,
+    cx: &mut Context<'_>,
+) -> Poll<CloseReason> {
+    let ctl = &parts.ctl;
+    ctl.register(cx.waker());
+    let mut reads = 0;
+    loop {
+        if let Some(r) = ctl.reason() {
+            return Poll::Ready(r);
+        }
+        if let Some(f) = pending.as_mut() {
+            if f.as_mut().poll(cx).is_ready() {
+                *pending = None;
+            }
+        }
+        if let Poll::Ready(Err(_)) = ctl.poll_flush(cx) {
+            return Poll::Ready(CloseReason::ConnectionLost);
+        }
+        if pending.is_some() {
+            // An acknowledgement is in flight: read nothing more until it is stored.
+            return Poll::Pending;
+        }
+        if reader.has_partial() {
+            // Frames left over when the last read stopped early (an ack started).
+            if let Some(r) = handle(parts, reader, &[], pending, echo) {
+                return Poll::Ready(r);
+            }
+            if pending.is_some() {
+                continue;
+            }
+        }
+        if reads == READS_PER_POLL {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match parts.sock.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(CloseReason::ConnectionLost),
+            Poll::Ready(Ok(())) => {}
+        }
+        reads += 1;
+        let read = SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            if buf.len() != parts.read_chunk {
+                buf.resize(parts.read_chunk, 0);
+            }
+            match parts.sock.try_read(&mut buf) {
+                Ok(0) => Err(CloseReason::ConnectionLost),
+                Ok(n) => {
+                    ctl.heard();
+                    match handle(parts, reader, &buf[..n], pending, echo) {
+                        Some(r) => Err(r),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(CloseReason::ConnectionLost),
+            }
+        });
+        if let Err(r) = read {
+            return Poll::Ready(r);
+        }
+    }
 }
 
-fn classify(e: &WsError) -> CloseReason {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
-        WsError::Utf8(_) => CloseReason::InvalidUtf8,
-        WsError::Protocol(_) => CloseReason::Protocol,
-        _ => CloseReason::ConnectionLost,
+/// Feeds read bytes to the frame reader and acts on each frame. Returns why the session
+/// must end, if it must.
+fn handle(
+    parts: &SessionParts,
+    reader: &mut FrameReader,
+    data: &[u8],
+    pending: &mut Pending,
+    echo: &mut Option<Outgoing>,
+) -> Option<CloseReason> {
+    let ctl = &parts.ctl;
+    let mut end = None;
+    let fed = reader.feed(data, parts.max_message, |frame| match frame {
+        Incoming::Text(text) => match parse_client_frame(text) {
+            ClientFrame::LegacyHeartbeat => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
+                true
+            }
+            ClientFrame::Ping => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
+                ctl.offer(
+                    &Outgoing::text(ServerFrame::Pong.to_text(), None),
+                    parts.outbox,
+                );
+                true
+            }
+            ClientFrame::Ack(id) => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
+                let ctl = ctl.clone();
+                let (limits, wait) = (parts.outbox, parts.ack_timeout);
+                let acker = parts.acker.clone();
+                *pending = Some(Box::pin(async move {
+                    let stored = match acker {
+                        Some(a) => {
+                            matches!(timeout(wait, a.inbox.ack(&a.user, id)).await, Ok(Ok(_)))
+                        }
+                        None => false,
+                    };
+                    if !stored {
+                        let text = ServerFrame::Error {
+                            error: "ack_failed",
+                        }
+                        .to_text();
+                        ctl.offer(&Outgoing::text(text, None), limits);
+                    }
+                }));
+                // Stop here; the rest is read once the cursor is stored, in order.
+                false
+            }
+            ClientFrame::Unknown(kind) => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => kind).increment(1);
+                let text = ServerFrame::Error { error: kind }.to_text();
+                ctl.offer(&Outgoing::text(text, None), parts.outbox);
+                true
+            }
+        },
+        Incoming::Binary => {
+            metrics::counter!(m::CLIENT_FRAMES, "kind" => "binary").increment(1);
+            end = Some(CloseReason::Binary);
+            false
+        }
+        Incoming::Ping(payload) => {
+            ctl.offer(
+                &Outgoing::control(Kind::Pong, payload.to_vec()),
+                parts.outbox,
+            );
+            true
+        }
+        // Pongs only prove liveness, which reading them already recorded.
+        Incoming::Pong => true,
+        Incoming::Close(code) => {
+            *echo = Some(match code {
+                None => Outgoing::control(Kind::Close, Vec::new()),
+                Some(c) if valid_close_code(c) => {
+                    Outgoing::control(Kind::Close, ws::close_payload(c, ""))
+                }
+                Some(_) => Outgoing::close(CloseReason::Protocol),
+            });
+            end = Some(CloseReason::ClientClosed);
+            false
+        }
+    });
+    match fed {
+        Err(r) => Some(r),
+        Ok(()) => end,
     }
+}
+
+/// Close codes a peer may send (RFC 6455 7.4).
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
