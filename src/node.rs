@@ -319,6 +319,10 @@ impl Node {
     }
 
     /// Runs a session on an upgraded connection, from registration to presence removal.
+    ///
+    /// The task's own state is what every idle session costs, so the setup (upgrade,
+    /// registration, presence, welcome, replay) and the teardown run as boxed futures that
+    /// exist only while they run, and the session's long-lived data is one exact-size box.
     pub fn spawn_session(
         self: &Arc<Self>,
         upgrade: hyper::upgrade::OnUpgrade,
@@ -329,20 +333,26 @@ impl Node {
         let node = self.clone();
         self.sessions.spawn(async move {
             let _slot = slot;
-            let Some((sock, early)) = Box::pin(take_socket(upgrade)).await else {
+            let Some((sock, reader)) = Box::pin(take_socket(upgrade)).await else {
                 return;
             };
-            node.run_session(sock, early, who, since).await;
+            let (live, reason) = Box::pin(node.open_session(sock, who, since)).await;
+            let reason = match reason {
+                Some(r) => r,
+                None => session::run(&live.parts, reader).await,
+            };
+            Box::pin(node.close_session(live, reason)).await;
         });
     }
 
-    async fn run_session(
+    /// Registers the session, records its presence and writes the welcome and any replay.
+    /// Returns the session and, if it already ended, why.
+    async fn open_session(
         &self,
         sock: TcpStream,
-        early: bytes::Bytes,
         who: Identity,
         since: Option<StreamId>,
-    ) {
+    ) -> (Box<LiveSession>, Option<CloseReason>) {
         let sock = Arc::new(sock);
         let info = SessionInfo {
             id: Uuid::new_v4(),
@@ -354,9 +364,7 @@ impl Node {
         let reg = self.hub.register(info.clone(), ctl.clone());
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
-        // The Redis futures are large (~14 KB with their timeouts); boxed, they cost memory
-        // only while they run instead of inflating every idle session task.
-        if let Err(e) = Box::pin(self.presence.add(&info, reg.first_of_user)).await {
+        if let Err(e) = self.presence.add(&info, reg.first_of_user).await {
             // The next heartbeat writes it; the session is not refused for a Redis blip.
             tracing::warn!(error = %e, "presence add failed");
             self.presence.reset_connections();
@@ -371,31 +379,40 @@ impl Node {
             node: &self.node_id,
         }
         .to_text();
-        let reason = match Box::pin(self.greet(&ctl, welcome, &info.user, since)).await {
+        let greeted = self.greet(&ctl, welcome, &info.user, since).await;
+        let live = Box::new(LiveSession {
+            parts: SessionParts {
+                sock,
+                ctl: ctl.clone(),
+                outbox: self.config.outbox_limits(),
+                max_message: self.config.max_message_bytes,
+                read_chunk: self.config.ws_read_buffer,
+                ack_timeout: self.config.write_timeout,
+                acker: Some(Acker {
+                    inbox: self.inbox.clone(),
+                    user: info.user.clone(),
+                }),
+            },
+            info,
+        });
+        match greeted {
+            Ok(replayed_up_to) => {
+                ctl.release(replayed_up_to);
+                (live, None)
+            }
             Err(reason) => {
                 ctl.close(reason);
                 let last = (reason != CloseReason::ConnectionLost).then(|| Outgoing::close(reason));
-                Box::pin(ctl.finish(last, Duration::from_millis(100))).await;
-                reason
+                ctl.finish(last, Duration::from_millis(100)).await;
+                (live, Some(reason))
             }
-            Ok(replayed_up_to) => {
-                ctl.release(replayed_up_to);
-                let parts = SessionParts {
-                    sock,
-                    ctl: ctl.clone(),
-                    outbox: self.config.outbox_limits(),
-                    max_message: self.config.max_message_bytes,
-                    read_chunk: self.config.ws_read_buffer,
-                    ack_timeout: self.config.write_timeout,
-                    acker: Some(Acker {
-                        inbox: self.inbox.clone(),
-                        user: info.user.clone(),
-                    }),
-                };
-                session::run(parts, FrameReader::with_bytes(&early)).await
-            }
-        };
+        }
+    }
 
+    /// Unregisters an ended session and removes its presence.
+    async fn close_session(&self, live: Box<LiveSession>, reason: CloseReason) {
+        let LiveSession { info, parts } = *live;
+        drop(parts);
         let removed = self.hub.unregister(info.id);
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason.label()).increment(1);
@@ -408,7 +425,7 @@ impl Node {
             CloseReason::Draining => "drained",
             _ => "closed",
         };
-        if let Err(e) = Box::pin(self.presence.remove(&info, last, offline_reason)).await {
+        if let Err(e) = self.presence.remove(&info, last, offline_reason).await {
             tracing::debug!(error = %e, "presence remove failed; the entry will expire");
             self.presence.reset_connections();
             metrics::counter!(m::REDIS_ERRORS, "op" => "presence_remove").increment(1);
@@ -575,6 +592,12 @@ impl Node {
     }
 }
 
+/// What a session keeps while it is live.
+struct LiveSession {
+    info: SessionInfo,
+    parts: SessionParts,
+}
+
 /// Entries read from the inbox per round trip while replaying: bounds node memory per
 /// replaying session to this many payloads.
 const REPLAY_PAGE: usize = 16;
@@ -590,10 +613,11 @@ async fn send_text(ws: &SessionControl, text: String, wait: Duration) -> Result<
     ws.send_now(&Outgoing::text(text, None), wait).await
 }
 
-/// Takes the TCP stream back from hyper once the 101 response is out, with any bytes the
-/// client sent past the handshake. herald's accept loop serves `TokioIo<TcpStream>`, so the
-/// downcast fails only if that changes; such a connection is refused and counted.
-async fn take_socket(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, bytes::Bytes)> {
+/// Takes the TCP stream back from hyper once the 101 response is out, with a frame reader
+/// holding any bytes the client sent past the handshake. herald's accept loop serves
+/// `TokioIo<TcpStream>`, so the downcast fails only if that changes; such a connection is
+/// refused and counted.
+async fn take_socket(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, FrameReader)> {
     let upgraded = match upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -603,7 +627,9 @@ async fn take_socket(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, b
         }
     };
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        // The leftover bytes are copied out: hyper's `read_buf` is a view of its whole
+        // connection read buffer (8 KiB), which holding would keep alive per session.
+        Ok(parts) => Some((parts.io.into_inner(), FrameReader::with_bytes(&parts.read_buf))),
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream; closing it");
             metrics::counter!(m::UPGRADES_REJECTED, "reason" => "not_tcp").increment(1);

@@ -60,11 +60,11 @@ type Pending = Option<Pin<Box<dyn Future<Output = ()> + Send>>>;
 /// Runs the session until it ends and returns why. The caller has registered it, sent the
 /// welcome (and any replay) and released the hold. `reader` may hold bytes the client sent
 /// before the upgrade completed.
-pub async fn run(parts: SessionParts, reader: FrameReader) -> CloseReason {
+pub async fn run(parts: &SessionParts, reader: FrameReader) -> CloseReason {
     let mut reader = reader;
     let mut pending: Pending = None;
     let mut echo: Option<Outgoing> = None;
-    let reason = poll_fn(|cx| poll_session(&parts, &mut reader, &mut pending, &mut echo, cx)).await;
+    let reason = poll_fn(|cx| poll_session(parts, &mut reader, &mut pending, &mut echo, cx)).await;
     drop(pending);
     parts.ctl.close(reason);
     let last = match reason {
