@@ -629,7 +629,10 @@ async fn take_socket(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, F
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         // The leftover bytes are copied out: hyper's `read_buf` is a view of its whole
         // connection read buffer (8 KiB), which holding would keep alive per session.
-        Ok(parts) => Some((parts.io.into_inner(), FrameReader::with_bytes(&parts.read_buf))),
+        Ok(parts) => Some((
+            parts.io.into_inner(),
+            FrameReader::with_bytes(&parts.read_buf),
+        )),
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream; closing it");
             metrics::counter!(m::UPGRADES_REJECTED, "reason" => "not_tcp").increment(1);
