@@ -479,4 +479,50 @@ mod tests {
         assert_eq!(s.users, 3);
         assert_eq!(s.nodes[0].node, "a");
     }
+
+    /// Thousands of sessions may wait for a Redis connection at once (a reconnect storm, a
+    /// mass disconnect); each waits inside one of these futures, so they must stay small.
+    /// deadpool's own checkout future is ~7 KB, which is why `redis_pool::Pool` gates and
+    /// boxes it.
+    #[tokio::test]
+    async fn presence_futures_stay_small_while_waiting_for_a_connection() {
+        let pool = crate::redis_pool::build("redis://127.0.0.1:1", 2)
+            .unwrap_or_else(|e| panic!("pool: {e}"));
+        let p = RedisPresence::new(
+            pool,
+            Keys::new("p", "n"),
+            "n",
+            "127.0.0.1:1",
+            Duration::from_secs(30),
+            EventPolicy {
+                grace: Duration::from_secs(5),
+                max_len: 10,
+                retention: Duration::from_secs(60),
+            },
+        );
+        let info = SessionInfo {
+            id: uuid::Uuid::new_v4(),
+            user: "u".into(),
+            topics: Vec::new().into(),
+            connected_at: 0,
+        };
+        let get = p.pool.get();
+        assert!(
+            std::mem::size_of_val(&get) <= 512,
+            "{}",
+            std::mem::size_of_val(&get)
+        );
+        let add = p.add(&info, true);
+        assert!(
+            std::mem::size_of_val(&add) <= 2048,
+            "{}",
+            std::mem::size_of_val(&add)
+        );
+        let rm = p.remove(&info, true, "closed");
+        assert!(
+            std::mem::size_of_val(&rm) <= 2048,
+            "{}",
+            std::mem::size_of_val(&rm)
+        );
+    }
 }
