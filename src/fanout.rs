@@ -31,6 +31,14 @@ pub enum Outcome {
     Canary,
 }
 
+/// Recipients written by one task when [`Fanout::handle_spread`] splits a delivery.
+pub const SPREAD_CHUNK: usize = 2048;
+
+enum Route {
+    Done(Outcome),
+    Deliver(Outgoing, Vec<Arc<SessionControl>>),
+}
+
 /// Routes payloads from the broker to local sessions.
 pub struct Fanout {
     hub: Arc<Hub>,
@@ -65,17 +73,78 @@ impl Fanout {
         }
     }
 
-    /// Handles one payload published on `channel`.
+    /// Handles one payload published on `channel`, writing to every recipient from the
+    /// calling task.
     pub fn handle(&self, channel: &str, payload: &[u8], source: &'static str) -> Outcome {
+        match self.route(channel, payload, source) {
+            Route::Done(outcome) => outcome,
+            Route::Deliver(msg, recipients) => self.deliver(&msg, &recipients),
+        }
+    }
+
+    /// Like [`handle`](Self::handle), but a message for more than [`SPREAD_CHUNK`] local
+    /// sessions (a broadcast, a big topic) is written by several tasks at once, so a node
+    /// with many cores does not deliver it from one thread. Returns once every chunk is
+    /// written: the next message starts only then, which keeps each session's order.
+    pub async fn handle_spread(
+        self: &Arc<Self>,
+        channel: &str,
+        payload: &[u8],
+        source: &'static str,
+    ) -> Outcome {
+        let (msg, mut recipients) = match self.route(channel, payload, source) {
+            Route::Done(outcome) => return outcome,
+            Route::Deliver(msg, recipients) => (msg, recipients),
+        };
+        let mut chunks = Vec::new();
+        while recipients.len() > SPREAD_CHUNK {
+            let tail = recipients.split_off(recipients.len() - SPREAD_CHUNK);
+            let (fanout, msg) = (self.clone(), msg.clone());
+            chunks.push(tokio::spawn(async move { fanout.deliver(&msg, &tail) }));
+        }
+        let mut queued = match self.deliver(&msg, &recipients) {
+            Outcome::Delivered { queued } => queued,
+            _ => 0,
+        };
+        for chunk in chunks {
+            // A chunk cannot panic short of a bug; its deliveries are then simply not counted.
+            if let Ok(Outcome::Delivered { queued: q }) = chunk.await {
+                queued += q;
+            }
+        }
+        Outcome::Delivered { queued }
+    }
+
+    /// Offers `msg` to each recipient and counts the outcome.
+    fn deliver(&self, msg: &Outgoing, recipients: &[Arc<SessionControl>]) -> Outcome {
+        let (mut delivered, mut slow) = (0usize, 0usize);
+        for ctl in recipients {
+            match ctl.offer(msg, self.outbox) {
+                Offered::Written | Offered::Queued => delivered += 1,
+                Offered::Slow => slow += 1,
+                Offered::Skipped | Offered::Closed => {}
+            }
+        }
+        self.out.increment(delivered as u64);
+        if slow > 0 {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer")
+                .increment(slow as u64);
+        }
+        Outcome::Delivered { queued: delivered }
+    }
+
+    /// Parses the channel and payload and finds the local recipients: either what to
+    /// deliver to whom, or what became of the payload.
+    fn route(&self, channel: &str, payload: &[u8], source: &'static str) -> Route {
         let Some(target) = self.keys.parse_channel(channel) else {
             metrics::counter!(m::MESSAGES_DROPPED, "reason" => "unknown_channel").increment(1);
-            return Outcome::UnknownChannel;
+            return Route::Done(Outcome::UnknownChannel);
         };
         match target {
-            Target::Control => return self.control(payload),
+            Target::Control => return Route::Done(self.control(payload)),
             Target::Canary => {
                 self.canary.canary_received(payload);
-                return Outcome::Canary;
+                return Route::Done(Outcome::Canary);
             }
             _ => {}
         }
@@ -100,37 +169,24 @@ impl Fanout {
                 max = self.max_bytes,
                 "dropped oversize payload"
             );
-            return Outcome::Oversize;
+            return Route::Done(Outcome::Oversize);
         }
         let mut recipients: Vec<Arc<SessionControl>> = Vec::new();
         match target {
             Target::User(u) => self.hub.user_sessions(u, &mut recipients),
             Target::Topic(t) => self.hub.topic_sessions(t, &mut recipients),
             Target::Broadcast => self.hub.all_sessions(&mut recipients),
-            Target::Control | Target::Canary => return Outcome::UnknownChannel,
+            Target::Control | Target::Canary => return Route::Done(Outcome::UnknownChannel),
         }
         // Nobody here reads it (a flood for a user who just left, say): build nothing.
         if recipients.is_empty() {
-            return Outcome::Delivered { queued: 0 };
+            return Route::Done(Outcome::Delivered { queued: 0 });
         }
         // The channel label clients see is the channel without the prefix: "user:42".
         let label = &channel[self.keys.prefix().len() + 1..];
         let id_text = id.map(|i| i.to_string());
         let msg = Outgoing::text(message_frame(label, id_text.as_deref(), payload), id);
-        let (mut delivered, mut slow) = (0usize, 0usize);
-        for ctl in &recipients {
-            match ctl.offer(&msg, self.outbox) {
-                Offered::Written | Offered::Queued => delivered += 1,
-                Offered::Slow => slow += 1,
-                Offered::Skipped | Offered::Closed => {}
-            }
-        }
-        self.out.increment(delivered as u64);
-        if slow > 0 {
-            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer")
-                .increment(slow as u64);
-        }
-        Outcome::Delivered { queued: delivered }
+        Route::Deliver(msg, recipients)
     }
 
     fn control(&self, payload: &[u8]) -> Outcome {
@@ -309,5 +365,51 @@ mod tests {
             Outcome::Delivered { queued: 0 }
         );
         assert_eq!(fast.reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spread_deliveries_reach_everyone_once_and_in_order() {
+        let (stx, _srx) = mpsc::unbounded_channel();
+        let keys = Keys::new("p", "n1");
+        let hub = Arc::new(Hub::new(keys.clone(), stx));
+        let n = 2 * SPREAD_CHUNK + 5;
+        let ctls: Vec<Arc<SessionControl>> = (0..n)
+            .map(|_| Arc::new(SessionControl::default()))
+            .collect();
+        for (i, ctl) in ctls.iter().enumerate() {
+            let _ = hub.register(
+                SessionInfo {
+                    id: uuid::Uuid::new_v4(),
+                    user: format!("u{i}").into(),
+                    topics: Vec::new().into(),
+                    connected_at: 0,
+                },
+                ctl.clone(),
+            );
+        }
+        let health = Arc::new(crate::health::Health::new(true));
+        let limits = OutboxLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        let f = Arc::new(Fanout::new(hub, keys, 1024, limits, health));
+        for seq in 0..3 {
+            assert_eq!(
+                f.handle_spread("p:broadcast", seq.to_string().as_bytes(), "redis")
+                    .await,
+                Outcome::Delivered { queued: n }
+            );
+        }
+        for ctl in &ctls {
+            let got: Vec<String> = ctl
+                .take(8)
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+                .collect();
+            assert_eq!(got.len(), 3);
+            for (seq, frame) in got.iter().enumerate() {
+                assert!(frame.ends_with(&format!("\"data\":{seq}}}")), "{frame}");
+            }
+        }
     }
 }

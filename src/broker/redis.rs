@@ -155,7 +155,9 @@ impl RedisBroker {
                     }
                     msg = stream.next() => match msg {
                         Some(msg) => {
-                            fanout.handle(msg.get_channel_name(), msg.get_payload_bytes(), "redis");
+                            fanout
+                                .handle_spread(msg.get_channel_name(), msg.get_payload_bytes(), "redis")
+                                .await;
                         }
                         None => break "connection closed",
                     },
