@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:25562 --target ws://127.0.0.1:27997 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 10549,10558 --redis-pid 10535 --producer http --redis-url redis://127.0.0.1:25779 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:28281 --target ws://127.0.0.1:22329 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 15305,15314 --redis-pid 15291 --producer http --redis-url redis://127.0.0.1:24927 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

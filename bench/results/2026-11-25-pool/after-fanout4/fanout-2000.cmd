@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:21259 --target ws://127.0.0.1:26539 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 18717,18726 --redis-pid 18705 --producer http --redis-url redis://127.0.0.1:22954 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:27950 --target ws://127.0.0.1:22302 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 29554,29563 --redis-pid 29540 --producer http --redis-url redis://127.0.0.1:26811 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

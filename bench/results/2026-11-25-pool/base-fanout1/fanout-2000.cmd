@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:27149 --target ws://127.0.0.1:26354 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 3018,3027 --redis-pid 2986 --producer http --redis-url redis://127.0.0.1:23442 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

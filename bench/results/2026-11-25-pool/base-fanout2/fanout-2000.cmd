@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:26472 --target ws://127.0.0.1:23025 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 12950,12959 --redis-pid 12936 --producer http --redis-url redis://127.0.0.1:26440 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

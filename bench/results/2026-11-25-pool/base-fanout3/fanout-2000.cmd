@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:31580 --target ws://127.0.0.1:29909 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 24698,24709 --redis-pid 24684 --producer http --redis-url redis://127.0.0.1:22212 --duration 20 --drain 3 --payload-bytes 100 --rate 2000

@@ -1,0 +1,1 @@
+herald-bench fanout --target ws://127.0.0.1:29661 --target ws://127.0.0.1:22297 --sessions 8000 --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids 18933,18942 --redis-pid 18919 --producer http --redis-url redis://127.0.0.1:23487 --duration 20 --drain 3 --payload-bytes 100 --rate 2000
