@@ -208,10 +208,16 @@ impl SessionControl {
             }
         }
         if out.queue.is_empty() && !out.held {
-            if let Some(sock) = out.sock.clone() {
+            // Borrowed, not cloned: this runs once per recipient of every message.
+            let written = out.sock.as_deref().map(|sock| {
                 let (h, hl) = ws::header(msg.kind, msg.payload.len());
-                let total = hl + msg.payload.len();
-                match write_frame(&sock, &h[..hl], &msg.payload, 0) {
+                (
+                    write_frame(sock, &h[..hl], &msg.payload, 0),
+                    hl + msg.payload.len(),
+                )
+            });
+            if let Some((result, total)) = written {
+                match result {
                     Ok(n) if n == total => return Offered::Written,
                     Ok(n) => {
                         out.head_sent = n;
@@ -490,6 +496,17 @@ mod tests {
         (Arc::new(server), client)
     }
 
+    /// A released session whose socket has a 4 KiB send buffer, so it fills quickly.
+    async fn released_with_small_send_buffer() -> (Arc<SessionControl>, TcpStream) {
+        let (sock, client) = pair().await;
+        socket2::SockRef::from(&*sock)
+            .set_send_buffer_size(4096)
+            .unwrap(); // safe: test
+        let ctl = Arc::new(SessionControl::held(sock));
+        ctl.release(None);
+        (ctl, client)
+    }
+
     const LIMITS: OutboxLimits = OutboxLimits {
         messages: 4,
         bytes: 1 << 20,
@@ -540,12 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_queues_then_marks_a_slow_consumer() {
-        let (sock, client) = pair().await;
-        socket2::SockRef::from(&*sock)
-            .set_send_buffer_size(4096)
-            .unwrap(); // safe: test
-        let ctl = SessionControl::held(sock);
-        ctl.release(None);
+        let (ctl, client) = released_with_small_send_buffer().await;
         let big = Outgoing::text("x".repeat(64 * 1024), None);
         let mut outcomes = Vec::new();
         for _ in 0..64 {
@@ -564,12 +576,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backlog_drains_in_order_once_the_client_reads() {
-        let (sock, mut client) = pair().await;
-        socket2::SockRef::from(&*sock)
-            .set_send_buffer_size(4096)
-            .unwrap(); // safe: test
-        let ctl = Arc::new(SessionControl::held(sock));
-        ctl.release(None);
+        let (ctl, mut client) = released_with_small_send_buffer().await;
         let limits = OutboxLimits {
             messages: 1000,
             bytes: 64 << 20,
@@ -614,12 +621,7 @@ mod tests {
         ctl.sweep(t0 + 400, &live, LIMITS);
         assert_eq!(ctl.reason(), Some(CloseReason::IdleTimeout));
 
-        let (sock, _client) = pair().await;
-        socket2::SockRef::from(&*sock)
-            .set_send_buffer_size(4096)
-            .unwrap(); // safe: test
-        let stalled = SessionControl::held(sock);
-        stalled.release(None);
+        let (stalled, _client) = released_with_small_send_buffer().await;
         let big = Outgoing::text("s".repeat(64 * 1024), None);
         while stalled.offer(&big, LIMITS) == Offered::Written {}
         assert!(!stalled.is_closed());
@@ -634,12 +636,7 @@ mod tests {
 
     #[tokio::test]
     async fn finish_completes_a_half_written_frame_before_the_close() {
-        let (sock, mut client) = pair().await;
-        socket2::SockRef::from(&*sock)
-            .set_send_buffer_size(4096)
-            .unwrap(); // safe: test
-        let ctl = Arc::new(SessionControl::held(sock));
-        ctl.release(None);
+        let (ctl, mut client) = released_with_small_send_buffer().await;
         let big = Outgoing::text("z".repeat(200_000), None);
         let limits = OutboxLimits {
             messages: 10,
