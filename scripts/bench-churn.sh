@@ -38,20 +38,13 @@ OUT_DIR=${OUT_DIR:-target/bench-churn/$(date -u +%Y%m%dT%H%M%SZ)}
 BENCH_NAME=bench-churn
 PREFIX=herald
 
-JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-export HERALD_BENCH_SECRET="$JWT_SECRET"
 
 mkdir -p "$OUT_DIR"
 # shellcheck source=scripts/bench-lib.sh
 source scripts/bench-lib.sh
 
-log "building release binaries"
-cargo build --release --bins
-BUILT_FROM=$(git describe --always --dirty 2>/dev/null || echo unknown)
-HERALD=target/release/herald
-BENCH=target/release/herald-bench
-ulimit -n "$(ulimit -Hn)"
+new_secrets
+build_release
 
 start_redis
 start_node node-1 --presence-ttl "$PRESENCE_TTL" --prefix "$PREFIX" \

@@ -45,9 +45,6 @@ OUT_DIR=${OUT_DIR:-target/bench-fanout/$(date -u +%Y%m%dT%H%M%SZ)}
 BENCH_NAME=bench-fanout
 SESSIONS=$((NODES * SESSIONS_PER_NODE))
 
-JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-export HERALD_BENCH_SECRET="$JWT_SECRET" HERALD_BENCH_API_KEY="$API_KEY"
 
 mkdir -p "$OUT_DIR"
 # shellcheck source=scripts/bench-lib.sh
@@ -58,12 +55,9 @@ if [ "$SESSIONS" -gt 18000 ]; then
     exit 2
 fi
 
-log "building release binaries"
-cargo build --release --bins
-BUILT_FROM=$(git describe --always --dirty 2>/dev/null || echo unknown)
-HERALD=target/release/herald
-BENCH=target/release/herald-bench
-ulimit -n "$(ulimit -Hn)"
+new_secrets
+export HERALD_BENCH_API_KEY="$API_KEY"
+build_release
 
 start_redis
 NODE_PIDS=()

@@ -35,9 +35,6 @@ CONCURRENCY=${CONCURRENCY:-256}
 OUT_DIR=${OUT_DIR:-target/bench-idle/$(date -u +%Y%m%dT%H%M%SZ)}
 PER_PROCESS=15000
 
-JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-export HERALD_BENCH_SECRET="$JWT_SECRET"
 
 mkdir -p "$OUT_DIR"
 # log, free_port, rss_kib, cpu_ticks, stop_pid and the EXIT trap that stops every process
@@ -46,13 +43,8 @@ BENCH_NAME=bench-idle
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 
-log "building release binaries"
-cargo build --release --bins
-HERALD=target/release/herald
-BENCH=target/release/herald-bench
-
-# Both the node and the bench hold one descriptor per session.
-ulimit -n "$(ulimit -Hn)"
+new_secrets
+build_release
 
 REDIS_PID=""
 REDIS_PORT=""

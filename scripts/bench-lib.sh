@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Shared by the scripts/bench-*.sh scripts (source it; it does nothing by itself).
 #
-# Provides: log, free_port, rss_kib, cpu_ticks, start_redis, start_node, stop_pid,
-# wait_quiet, machine_summary, and an EXIT trap that stops every process started through
+# Provides: log, new_secrets, build_release, free_port, rss_kib, cpu_ticks, start_redis,
+# start_node, stop_pid, wait_quiet, machine_summary, and an EXIT trap that stops every process started through
 # these helpers (and only those: each is stopped by its own PID).
 #
 # Expects OUT_DIR and BENCH_NAME to be set by the caller.
@@ -25,6 +25,25 @@ log() { printf '[%s] %s\n' "${BENCH_NAME:-bench}" "$*" >&2; }
 
 # A free TCP port on 127.0.0.1 below the ephemeral range (the bench uses those as sources);
 # never 6379.
+# Fresh credentials for this run: JWT_SECRET (also exported as HERALD_BENCH_SECRET, so
+# herald-bench mints tokens with it) and API_KEY. start_node passes both to every node.
+new_secrets() {
+    JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+    API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+    export HERALD_BENCH_SECRET="$JWT_SECRET"
+}
+
+# Builds the release binaries; sets HERALD, BENCH and BUILT_FROM, and raises the open-file
+# limit to the hard limit (the node and the bench hold one descriptor per session).
+build_release() {
+    log "building release binaries"
+    cargo build --release --bins
+    BUILT_FROM=$(git describe --always --dirty 2>/dev/null || echo unknown)
+    HERALD=target/release/herald
+    BENCH=target/release/herald-bench
+    ulimit -n "$(ulimit -Hn)"
+}
+
 free_port() {
     local p
     for _ in $(seq 1 200); do
