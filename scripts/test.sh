@@ -22,5 +22,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin"
 
-cargo build --locked --all-targets
-cargo test --locked --all-targets -- "$@"
+cargo build --locked --workspace --all-targets
+cargo test --locked --workspace --all-targets -- "$@"

@@ -8,6 +8,7 @@ use anyhow::bail;
 /// CLOCK_MONOTONIC in nanoseconds. The clock is system-wide on Linux, so a timestamp taken
 /// here can be compared with one taken by another process on the same machine (Node.js
 /// `process.hrtime.bigint()` reads the same clock).
+#[allow(unsafe_code)]
 pub fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
