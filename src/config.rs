@@ -213,8 +213,8 @@ impl Config {
     }
 
     /// Each session's outbox bounds.
-    pub fn outbox_limits(&self) -> crate::control::OutboxLimits {
-        crate::control::OutboxLimits {
+    pub(crate) fn outbox_limits(&self) -> crate::transport::OutboxLimits {
+        crate::transport::OutboxLimits {
             messages: self.outbox_messages,
             bytes: self.outbox_bytes,
         }
@@ -222,13 +222,13 @@ impl Config {
 
     /// How often presence is refreshed: a third of the TTL, so two heartbeats may be lost
     /// before anything expires.
-    pub fn heartbeat_interval(&self) -> Duration {
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
         self.presence_ttl / 3
     }
 }
 
 /// Parses "30" (seconds), "1.5", "500ms", "2s", "1m", "2h" or "7d".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)

@@ -2,78 +2,72 @@
 //! pub/sub canary bookkeeping that catches a subscription which is connected but silent.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
 
 use serde::Serialize;
+
+use crate::clock::mono_ms;
 
 /// Flags that make up readiness. Standalone nodes have no Redis and are always
 /// Redis-ready.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     clustered: bool,
     redis_ok: AtomicBool,
     pubsub_ok: AtomicBool,
     draining: AtomicBool,
-    started: Instant,
     canary_sent: AtomicU64,
+    /// [`mono_ms`] when the last canary was published.
     canary_sent_at_ms: AtomicU64,
     canary_seen: AtomicU64,
-    canary_rtt_us: AtomicU64,
 }
 
 /// Body of `/readyz`.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct ReadyStatus {
-    pub ready: bool,
-    pub redis: bool,
-    pub pubsub: bool,
-    pub draining: bool,
+pub(crate) struct ReadyStatus {
+    pub(crate) ready: bool,
+    pub(crate) redis: bool,
+    pub(crate) pubsub: bool,
+    pub(crate) draining: bool,
 }
 
 impl Health {
-    pub fn new(standalone: bool) -> Self {
+    pub(crate) fn new(standalone: bool) -> Self {
         Health {
             clustered: !standalone,
             redis_ok: AtomicBool::new(standalone),
             pubsub_ok: AtomicBool::new(standalone),
             draining: AtomicBool::new(false),
-            started: Instant::now(),
             canary_sent: AtomicU64::new(0),
             canary_sent_at_ms: AtomicU64::new(0),
             canary_seen: AtomicU64::new(0),
-            canary_rtt_us: AtomicU64::new(0),
         }
     }
 
-    pub fn clustered(&self) -> bool {
+    pub(crate) fn clustered(&self) -> bool {
         self.clustered
     }
 
-    pub fn set_redis(&self, ok: bool) {
+    pub(crate) fn set_redis(&self, ok: bool) {
         self.redis_ok.store(ok, Ordering::Relaxed);
         self.publish_ready();
     }
 
-    pub fn set_pubsub(&self, ok: bool) {
+    pub(crate) fn set_pubsub(&self, ok: bool) {
         self.pubsub_ok.store(ok, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::PUBSUB_CONNECTED).set(if ok { 1.0 } else { 0.0 });
         self.publish_ready();
     }
 
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.publish_ready();
     }
 
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn pubsub_ok(&self) -> bool {
-        self.pubsub_ok.load(Ordering::Relaxed)
-    }
-
-    pub fn status(&self) -> ReadyStatus {
+    pub(crate) fn status(&self) -> ReadyStatus {
         let redis = self.redis_ok.load(Ordering::Relaxed);
         let pubsub = self.pubsub_ok.load(Ordering::Relaxed);
         let draining = self.draining();
@@ -90,19 +84,14 @@ impl Health {
         metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
     }
 
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
     /// Records that canary `seq` is being published now.
-    pub fn canary_sending(&self, seq: u64) {
-        self.canary_sent_at_ms
-            .store(self.now_ms(), Ordering::Relaxed);
+    pub(crate) fn canary_sending(&self, seq: u64) {
+        self.canary_sent_at_ms.store(mono_ms(), Ordering::Relaxed);
         self.canary_sent.store(seq, Ordering::Relaxed);
     }
 
-    /// Called by the fan-out when a canary comes back over the subscription.
-    pub fn canary_received(&self, payload: &[u8]) {
+    /// Called by the broker when a canary comes back over the subscription.
+    pub(crate) fn canary_received(&self, payload: &[u8]) {
         let Some(seq) = std::str::from_utf8(payload)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
@@ -110,33 +99,27 @@ impl Health {
             return;
         };
         if seq == self.canary_sent.load(Ordering::Relaxed) {
-            let rtt_ms = self
-                .now_ms()
-                .saturating_sub(self.canary_sent_at_ms.load(Ordering::Relaxed));
-            self.canary_rtt_us.store(rtt_ms * 1000, Ordering::Relaxed);
+            let rtt_ms = mono_ms().saturating_sub(self.canary_sent_at_ms.load(Ordering::Relaxed));
             metrics::histogram!(crate::metrics::CANARY_RTT_SECONDS).record(rtt_ms as f64 / 1000.0);
         }
         self.canary_seen.fetch_max(seq, Ordering::Relaxed);
     }
 
     /// Forgets an outstanding canary, for a fresh subscription.
-    pub fn canary_reset(&self) {
+    pub(crate) fn canary_reset(&self) {
         self.canary_seen
             .store(self.canary_sent.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// True when the last canary sent has not come back for longer than `timeout_ms`.
-    pub fn canary_overdue(&self, timeout_ms: u64) -> bool {
+    pub(crate) fn canary_overdue(&self, timeout_ms: u64) -> bool {
         let sent = self.canary_sent.load(Ordering::Relaxed);
         sent > self.canary_seen.load(Ordering::Relaxed)
-            && self
-                .now_ms()
-                .saturating_sub(self.canary_sent_at_ms.load(Ordering::Relaxed))
-                > timeout_ms
+            && mono_ms().saturating_sub(self.canary_sent_at_ms.load(Ordering::Relaxed)) > timeout_ms
     }
 
     /// True when the last canary sent has come back (or none was sent yet).
-    pub fn canary_answered(&self) -> bool {
+    pub(crate) fn canary_answered(&self) -> bool {
         self.canary_seen.load(Ordering::Relaxed) >= self.canary_sent.load(Ordering::Relaxed)
     }
 }
@@ -178,7 +161,12 @@ mod tests {
         h.canary_sending(1);
         assert!(!h.canary_answered());
         assert!(!h.canary_overdue(10_000));
-        assert!(h.canary_overdue(0) || h.now_ms() == 0);
+        // Overdue with a zero timeout as soon as the clock has moved past the send.
+        let sent = mono_ms();
+        while mono_ms() <= sent {
+            std::thread::yield_now();
+        }
+        assert!(h.canary_overdue(0));
         h.canary_received(b"1");
         assert!(h.canary_answered());
         h.canary_received(b"garbage");

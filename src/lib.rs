@@ -1,29 +1,33 @@
-//! herald: a WebSocket notification server whose state expires by itself. See
-//! ARCHITECTURE.md for the map of modules and the invariants they keep.
+//! herald: a WebSocket notification server whose state expires by itself. ARCHITECTURE.md
+//! has the map of modules and the invariants they keep.
+//!
+//! Four folders follow the data: `cluster` (Redis: broker, presence, inbox) hands
+//! publications to `delivery` (hub and fan-out), which writes them through `transport`
+//! (sockets, outbox, session loop); `api` is the HTTP surface. `node` wires them together.
+//! Shared ground below all four: `protocol`, `health`, `metrics`, `clock`, `config`.
 
-pub mod auth;
-pub mod broker;
+mod api;
+mod clock;
+mod cluster;
 pub mod config;
-pub mod control;
-pub mod fanout;
-pub mod health;
-pub mod http;
-pub mod hub;
-pub mod inbox;
-pub mod keys;
-pub mod metrics;
-pub mod node;
-pub mod presence;
-pub mod protocol;
-pub mod redis_pool;
-pub mod server;
-pub mod session;
-pub mod ws;
+mod delivery;
+mod health;
+mod metrics;
+mod node;
+mod protocol;
+mod transport;
 
-/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use node::{Node, NodeError};
+
+/// Serves HTTP and WebSocket for `node` on `listener` until `stop`, then finishes in-flight
+/// HTTP requests. Upgraded sessions are not waited for here: [`Node::drain`] closes them.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+    let send_buffer = node.config().tcp_send_buffer;
+    transport::listener::serve(listener, api::routes(node), send_buffer, stop).await;
 }

@@ -7,8 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use herald::config::Config;
-use herald::node::Node;
+use herald::{Config, Node};
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -67,15 +66,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = bind(listen, config.listen_backlog)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let node = Node::start(config).context("cannot start the node")?;
-    tracing::info!(node = %node.node_id, %listen, mode, "herald listening");
+    tracing::info!(node = %node.node_id(), %listen, mode, "herald listening");
 
     let http_stop = CancellationToken::new();
-    let server = tokio::spawn(herald::server::serve(
-        listener,
-        herald::http::routes(node.clone()),
-        node.config.tcp_send_buffer,
-        http_stop.clone(),
-    ));
+    let server = tokio::spawn(herald::serve(node.clone(), listener, http_stop.clone()));
 
     shutdown_signal().await;
     tracing::info!("stop requested; draining");

@@ -6,52 +6,52 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: open WebSocket sessions on this node.
-pub const CONNECTIONS: &str = "herald_connections";
+pub(crate) const CONNECTIONS: &str = "herald_connections";
 /// Gauge: distinct users with a session on this node.
-pub const USERS: &str = "herald_users";
+pub(crate) const USERS: &str = "herald_users";
 /// Counter: sessions opened.
-pub const SESSIONS_OPENED: &str = "herald_sessions_opened_total";
+pub(crate) const SESSIONS_OPENED: &str = "herald_sessions_opened_total";
 /// Counter: sessions closed, by `reason`.
-pub const SESSIONS_CLOSED: &str = "herald_sessions_closed_total";
+pub(crate) const SESSIONS_CLOSED: &str = "herald_sessions_closed_total";
 /// Counter: upgrades refused before the WebSocket opened, by `reason`.
-pub const UPGRADES_REJECTED: &str = "herald_upgrades_rejected_total";
+pub(crate) const UPGRADES_REJECTED: &str = "herald_upgrades_rejected_total";
 /// Counter: payloads received for fan-out, by `source` (redis, local).
-pub const MESSAGES_IN: &str = "herald_messages_in_total";
+pub(crate) const MESSAGES_IN: &str = "herald_messages_in_total";
 /// Counter: durable messages replayed to reconnecting sessions.
-pub const MESSAGES_REPLAYED: &str = "herald_messages_replayed_total";
+pub(crate) const MESSAGES_REPLAYED: &str = "herald_messages_replayed_total";
 /// Counter: message frames queued to sessions.
-pub const MESSAGES_OUT: &str = "herald_messages_out_total";
+pub(crate) const MESSAGES_OUT: &str = "herald_messages_out_total";
 /// Counter: payloads or deliveries dropped, by `reason`.
-pub const MESSAGES_DROPPED: &str = "herald_messages_dropped_total";
+pub(crate) const MESSAGES_DROPPED: &str = "herald_messages_dropped_total";
 /// Counter: sessions disconnected because they read too slowly.
-pub const SLOW_CONSUMERS: &str = "herald_slow_consumer_disconnects_total";
+pub(crate) const SLOW_CONSUMERS: &str = "herald_slow_consumer_disconnects_total";
 /// Counter: frames received from clients, by `kind`.
-pub const CLIENT_FRAMES: &str = "herald_client_frames_total";
+pub(crate) const CLIENT_FRAMES: &str = "herald_client_frames_total";
 /// Counter: Redis command or connection failures, by `op`.
-pub const REDIS_ERRORS: &str = "herald_redis_errors_total";
+pub(crate) const REDIS_ERRORS: &str = "herald_redis_errors_total";
 /// Gauge: 1 while the pub/sub connection is up and subscribed.
-pub const PUBSUB_CONNECTED: &str = "herald_pubsub_connected";
+pub(crate) const PUBSUB_CONNECTED: &str = "herald_pubsub_connected";
 /// Counter: pub/sub (re)connections that completed their subscriptions.
-pub const PUBSUB_RECONNECTS: &str = "herald_pubsub_reconnects_total";
+pub(crate) const PUBSUB_RECONNECTS: &str = "herald_pubsub_reconnects_total";
 /// Gauge: 1 while the node reports ready.
-pub const READY: &str = "herald_ready";
+pub(crate) const READY: &str = "herald_ready";
 /// Counter: API requests, by `route` and `status`.
-pub const API_REQUESTS: &str = "herald_api_requests_total";
+pub(crate) const API_REQUESTS: &str = "herald_api_requests_total";
 /// Histogram: seconds for a canary to come back over the pub/sub connection.
-pub const CANARY_RTT_SECONDS: &str = "herald_pubsub_canary_rtt_seconds";
+pub(crate) const CANARY_RTT_SECONDS: &str = "herald_pubsub_canary_rtt_seconds";
 /// Counter: canaries that did not come back in time (the subscription was then rebuilt).
-pub const CANARY_TIMEOUTS: &str = "herald_pubsub_canary_timeouts_total";
+pub(crate) const CANARY_TIMEOUTS: &str = "herald_pubsub_canary_timeouts_total";
 /// Counter: heartbeats that found this node's presence already expired (it was away).
-pub const PRESENCE_REASSERTS: &str = "herald_presence_reasserts_total";
+pub(crate) const PRESENCE_REASSERTS: &str = "herald_presence_reasserts_total";
 /// Counter: `offline` events this node's reaper emitted.
-pub const OFFLINE_EVENTS_REAPED: &str = "herald_offline_events_reaped_total";
+pub(crate) const OFFLINE_EVENTS_REAPED: &str = "herald_offline_events_reaped_total";
 /// Histogram: seconds a presence heartbeat took.
-pub const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
+pub(crate) const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the global recorder once per process and returns the handle that renders it.
-pub fn install() -> PrometheusHandle {
+pub(crate) fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new().build_recorder();

@@ -331,7 +331,7 @@ async fn a_node_subscribes_to_a_user_channel_only_while_it_holds_a_session_of_th
                 &format!("{want} node(s) subscribed to {chan}"),
                 || async { (redis.numsub(chan) == want).then_some(()) },
             )
-            .await
+            .await;
         }
     };
     assert!(redis.pubsub_channels("cl-sub:user:*").is_empty());

@@ -17,13 +17,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
-pub const API_KEY: &str = "test-api-key-0123456789";
+pub(crate) const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub(crate) const API_KEY: &str = "test-api-key-0123456789";
 
 /// Generous deadline for conditions on a loaded 2-core machine.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -37,7 +37,7 @@ fn log_dir() -> PathBuf {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -57,19 +57,19 @@ where
 // ===== Redis =====
 
 /// A redis-server owned by one test, on its own port, persisting nothing.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
 }
 
 impl RedisServer {
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(&[])
     }
 
     /// Starts with extra `--name value` config arguments.
-    pub fn start_with(extra: &[&str]) -> Self {
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
         let mut r = RedisServer {
             port: free_port(),
             child: None,
@@ -102,7 +102,7 @@ impl RedisServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
@@ -116,7 +116,7 @@ impl RedisServer {
     }
 
     /// Runs one command against this server.
-    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+    pub(crate) fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
         let mut c = redis::cmd(args[0]);
         for a in &args[1..] {
             c.arg(*a);
@@ -124,7 +124,7 @@ impl RedisServer {
         c.query(&mut self.conn()?)
     }
 
-    pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
+    pub(crate) fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
         redis::cmd("PUBLISH")
             .arg(channel)
             .arg(payload)
@@ -133,7 +133,7 @@ impl RedisServer {
     }
 
     /// Every key under `prefix:`, found with SCAN.
-    pub fn keys(&self, prefix: &str) -> Vec<String> {
+    pub(crate) fn keys(&self, prefix: &str) -> Vec<String> {
         let mut conn = self.conn().expect("redis connection"); // safe: test harness
         let mut cursor = 0u64;
         let mut out = Vec::new();
@@ -157,7 +157,7 @@ impl RedisServer {
     }
 
     /// Stops the server (SIGKILL: Redis loses everything, like a crash without persistence).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -165,7 +165,7 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port, empty.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.stop();
         self.spawn();
     }
@@ -181,7 +181,7 @@ impl Drop for RedisServer {
 
 /// Options for one herald process.
 #[derive(Clone)]
-pub struct NodeOpts {
+pub(crate) struct NodeOpts {
     pub redis_url: Option<String>,
     pub prefix: String,
     pub node_id: String,
@@ -191,7 +191,7 @@ pub struct NodeOpts {
 }
 
 impl NodeOpts {
-    pub fn cluster(redis: &RedisServer, prefix: &str, node_id: &str) -> Self {
+    pub(crate) fn cluster(redis: &RedisServer, prefix: &str, node_id: &str) -> Self {
         NodeOpts {
             redis_url: Some(redis.url()),
             prefix: prefix.to_string(),
@@ -202,7 +202,7 @@ impl NodeOpts {
         }
     }
 
-    pub fn standalone(node_id: &str) -> Self {
+    pub(crate) fn standalone(node_id: &str) -> Self {
         NodeOpts {
             redis_url: None,
             prefix: "herald".into(),
@@ -213,20 +213,20 @@ impl NodeOpts {
         }
     }
 
-    pub fn arg(mut self, name: &str, value: &str) -> Self {
+    pub(crate) fn arg(mut self, name: &str, value: &str) -> Self {
         self.extra.push(name.to_string());
         self.extra.push(value.to_string());
         self
     }
 
-    pub fn flag(mut self, name: &str) -> Self {
+    pub(crate) fn flag(mut self, name: &str) -> Self {
         self.extra.push(name.to_string());
         self
     }
 }
 
 /// One running `herald` binary.
-pub struct Herald {
+pub(crate) struct Herald {
     pub port: u16,
     pub node_id: String,
     pub log: PathBuf,
@@ -234,13 +234,13 @@ pub struct Herald {
     pub http: reqwest::Client,
 }
 
-pub fn herald_bin() -> &'static str {
+pub(crate) fn herald_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herald")
 }
 
 impl Herald {
     /// Spawns a node and waits for /healthz (not for readiness: tests decide that).
-    pub async fn spawn(opts: NodeOpts) -> Herald {
+    pub(crate) async fn spawn(opts: NodeOpts) -> Herald {
         let port = free_port();
         let log = log_dir().join(format!("{}-{}.log", opts.node_id, port));
         let logfile = std::fs::File::create(&log).expect("log file"); // safe: test harness
@@ -293,19 +293,19 @@ impl Herald {
         h
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
-    pub fn ws_url(&self, query: &str) -> String {
+    pub(crate) fn ws_url(&self, query: &str) -> String {
         format!("ws://127.0.0.1:{}/ws{}", self.port, query)
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         if let Some(pid) = self.pid() {
             let ok = Command::new("kill")
                 .args([&format!("-{sig}"), &pid.to_string()])
@@ -317,7 +317,7 @@ impl Herald {
     }
 
     /// SIGKILL, like a crash.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -325,7 +325,10 @@ impl Herald {
     }
 
     /// Waits for the process to exit; returns its exit status or None after `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(c) = self.child.as_mut() {
@@ -343,30 +346,30 @@ impl Herald {
         }
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn ready(&self) -> bool {
+    pub(crate) async fn ready(&self) -> bool {
         matches!(self.http.get(self.url("/readyz")).send().await, Ok(r) if r.status() == 200)
     }
 
-    pub async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         eventually(WAIT, &format!("{} ready", self.node_id), || async {
             self.ready().await.then_some(())
         })
-        .await
+        .await;
     }
 
-    pub async fn wait_not_ready(&self) {
+    pub(crate) async fn wait_not_ready(&self) {
         eventually(WAIT, &format!("{} not ready", self.node_id), || async {
             (!self.ready().await).then_some(())
         })
-        .await
+        .await;
     }
 
     /// GET with the API key; returns (status, JSON body or Null).
-    pub async fn api_get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn api_get(&self, path: &str) -> (u16, Value) {
         let r = self
             .http
             .get(self.url(path))
@@ -379,7 +382,7 @@ impl Herald {
     }
 
     /// POST JSON with the API key; returns (status, JSON body or Null).
-    pub async fn api_post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) async fn api_post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
             .http
             .post(self.url(path))
@@ -392,26 +395,26 @@ impl Herald {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn publish(&self, body: Value) {
+    pub(crate) async fn publish(&self, body: Value) {
         let (status, resp) = self.api_post("/api/publish", &body).await;
         assert_eq!(status, 200, "publish failed: {resp}");
     }
 
     /// Sessions of `user` as reported by this node.
-    pub async fn presence_sessions(&self, user: &str) -> Vec<Value> {
+    pub(crate) async fn presence_sessions(&self, user: &str) -> Vec<Value> {
         let (status, body) = self.api_get(&format!("/api/presence/{user}")).await;
         assert_eq!(status, 200, "presence: {body}");
         body["sessions"].as_array().cloned().unwrap_or_default()
     }
 
-    pub async fn stats(&self) -> Value {
+    pub(crate) async fn stats(&self) -> Value {
         let (status, body) = self.api_get("/api/stats").await;
         assert_eq!(status, 200, "stats: {body}");
         body
     }
 
     /// The value of a Prometheus sample whose line starts with `prefix` (summed).
-    pub async fn metric(&self, prefix: &str) -> f64 {
+    pub(crate) async fn metric(&self, prefix: &str) -> f64 {
         let text = match self.http.get(self.url("/metrics")).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
@@ -439,14 +442,14 @@ impl Drop for Herald {
 
 // ===== tokens =====
 
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-pub fn token_with(claims: Value, secret: &str) -> String {
+pub(crate) fn token_with(claims: Value, secret: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -456,7 +459,7 @@ pub fn token_with(claims: Value, secret: &str) -> String {
 }
 
 /// A valid token for `user` joining `topics`, good for an hour.
-pub fn token(user: &str, topics: &[&str]) -> String {
+pub(crate) fn token(user: &str, topics: &[&str]) -> String {
     token_with(
         serde_json::json!({"sub": user, "exp": now_secs() + 3600, "topics": topics}),
         JWT_SECRET,
@@ -465,28 +468,28 @@ pub fn token(user: &str, topics: &[&str]) -> String {
 
 // ===== WebSocket client =====
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A connected client that has read its welcome frame.
-pub struct Client {
+pub(crate) struct Client {
     pub ws: Ws,
     pub welcome: Value,
 }
 
 /// What a client saw when it stopped receiving.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     Close(u16),
     /// The TCP connection ended without a close frame.
     Dropped,
 }
 
 /// Opens a WebSocket with `?token=` and reads the welcome.
-pub async fn connect(node: &Herald, user: &str, topics: &[&str]) -> Client {
+pub(crate) async fn connect(node: &Herald, user: &str, topics: &[&str]) -> Client {
     connect_url(&node.ws_url(&format!("?token={}", token(user, topics)))).await
 }
 
-pub async fn connect_url(url: &str) -> Client {
+pub(crate) async fn connect_url(url: &str) -> Client {
     let mut ws = open(url).await.expect("websocket connect"); // safe: test harness
     let welcome = recv_json(&mut ws, WAIT).await.expect("welcome frame"); // safe: test harness
     assert_eq!(
@@ -497,7 +500,7 @@ pub async fn connect_url(url: &str) -> Client {
 }
 
 /// Opens a WebSocket without reading anything; the error carries the HTTP status.
-pub async fn open(url: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+pub(crate) async fn open(url: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let req = url.into_client_request()?;
     let cfg = WebSocketConfig::default().max_message_size(Some(16 << 20));
     let (ws, _) = tokio::time::timeout(
@@ -510,7 +513,7 @@ pub async fn open(url: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error
 }
 
 /// HTTP status of a refused upgrade (panics if the upgrade succeeded).
-pub async fn refused_status(url: &str) -> u16 {
+pub(crate) async fn refused_status(url: &str) -> u16 {
     match open(url).await {
         Ok(_) => panic!("upgrade to {url} should have been refused"),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
@@ -519,7 +522,7 @@ pub async fn refused_status(url: &str) -> u16 {
 }
 
 /// Next text frame as JSON, skipping pings; None on timeout or close.
-pub async fn recv_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
+pub(crate) async fn recv_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -535,7 +538,7 @@ pub async fn recv_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
 }
 
 /// Next `message` frame (skipping pongs and others).
-pub async fn recv_message(ws: &mut Ws, timeout: Duration) -> Option<Value> {
+pub(crate) async fn recv_message(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -547,7 +550,7 @@ pub async fn recv_message(ws: &mut Ws, timeout: Duration) -> Option<Value> {
 }
 
 /// Reads until the server closes; returns the close code (or Dropped).
-pub async fn expect_close(ws: &mut Ws, timeout: Duration) -> Ended {
+pub(crate) async fn expect_close(ws: &mut Ws, timeout: Duration) -> Ended {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
@@ -562,13 +565,13 @@ pub async fn expect_close(ws: &mut Ws, timeout: Duration) -> Ended {
 }
 
 /// Asserts that no message frame arrives within `window`.
-pub async fn assert_silent(ws: &mut Ws, window: Duration) {
+pub(crate) async fn assert_silent(ws: &mut Ws, window: Duration) {
     if let Some(v) = recv_message(ws, window).await {
         panic!("expected no message, got {v}");
     }
 }
 
-pub async fn send_text(ws: &mut Ws, text: &str) {
+pub(crate) async fn send_text(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text.to_string()))
         .await
         .expect("send"); // safe: test harness
@@ -579,7 +582,7 @@ pub async fn send_text(ws: &mut Ws, text: &str) {
 impl RedisServer {
     /// Publishes `payload` on `channel` `n` times over one pipelined connection; returns the
     /// summed receiver counts.
-    pub fn publish_many(&self, channel: &str, payload: &[u8], n: usize) -> i64 {
+    pub(crate) fn publish_many(&self, channel: &str, payload: &[u8], n: usize) -> i64 {
         let mut conn = self.conn().expect("redis connection");
         let mut pipe = redis::pipe();
         for _ in 0..n {
@@ -590,7 +593,7 @@ impl RedisServer {
     }
 
     /// `PUBSUB CHANNELS <pattern>`, sorted.
-    pub fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
+    pub(crate) fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
         let mut v: Vec<String> = self
             .cmd(&["PUBSUB", "CHANNELS", pattern])
             .expect("pubsub channels");
@@ -599,7 +602,7 @@ impl RedisServer {
     }
 
     /// `PUBSUB NUMSUB <channel>`: how many connections (nodes) subscribe to `channel`.
-    pub fn numsub(&self, channel: &str) -> i64 {
+    pub(crate) fn numsub(&self, channel: &str) -> i64 {
         let (_, n): (String, i64) = self
             .cmd(&["PUBSUB", "NUMSUB", channel])
             .expect("pubsub numsub");
@@ -609,7 +612,7 @@ impl RedisServer {
 
 impl Herald {
     /// GET /readyz: (status, body).
-    pub async fn readyz(&self) -> (u16, Value) {
+    pub(crate) async fn readyz(&self) -> (u16, Value) {
         let r = self
             .http
             .get(self.url("/readyz"))
@@ -621,7 +624,7 @@ impl Herald {
     }
 
     /// Whether this node reports `user` online.
-    pub async fn online(&self, user: &str) -> bool {
+    pub(crate) async fn online(&self, user: &str) -> bool {
         let (status, body) = self.api_get(&format!("/api/presence/{user}")).await;
         assert_eq!(status, 200, "presence: {body}");
         body["online"]
@@ -630,7 +633,7 @@ impl Herald {
     }
 
     /// Node ids listed by this node's /api/stats.
-    pub async fn stats_nodes(&self) -> Vec<String> {
+    pub(crate) async fn stats_nodes(&self) -> Vec<String> {
         let stats = self.stats().await;
         let mut ids: Vec<String> = stats["nodes"]
             .as_array()
@@ -644,7 +647,7 @@ impl Herald {
 
     /// Polls until `user`'s sessions as seen by this node are exactly on `nodes` (sorted
     /// node ids, one entry per session).
-    pub async fn wait_presence_nodes(&self, user: &str, nodes: &[&str]) {
+    pub(crate) async fn wait_presence_nodes(&self, user: &str, nodes: &[&str]) {
         let want: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
         eventually(
             WAIT,
@@ -660,17 +663,17 @@ impl Herald {
                 (got == want).then_some(())
             },
         )
-        .await
+        .await;
     }
 }
 
 /// Connects with an explicit token in the query string.
-pub async fn connect_token(node: &Herald, token: &str) -> Client {
+pub(crate) async fn connect_token(node: &Herald, token: &str) -> Client {
     connect_url(&node.ws_url(&format!("?token={token}"))).await
 }
 
 /// Opens a WebSocket to `url` sending `Authorization: Bearer <token>`.
-pub async fn open_bearer(
+pub(crate) async fn open_bearer(
     url: &str,
     token: &str,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
@@ -689,7 +692,7 @@ pub async fn open_bearer(
 }
 
 /// HTTP status of an upgrade refused for a request built from `url` and an optional bearer.
-pub async fn refused_status_bearer(url: &str, token: &str) -> u16 {
+pub(crate) async fn refused_status_bearer(url: &str, token: &str) -> u16 {
     match open_bearer(url, token).await {
         Ok(_) => panic!("upgrade to {url} with a bearer header should have been refused"),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
@@ -699,7 +702,7 @@ pub async fn refused_status_bearer(url: &str, token: &str) -> u16 {
 
 /// Connects `user` over a socket whose receive buffer is tiny and fixed (no autotuning),
 /// so a client that stops reading backs up the server after a few hundred KB, not 30 MB.
-pub async fn connect_small_rcvbuf(node: &Herald, user: &str) -> Client {
+pub(crate) async fn connect_small_rcvbuf(node: &Herald, user: &str) -> Client {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.port).parse().expect("addr");
@@ -722,7 +725,7 @@ pub async fn connect_small_rcvbuf(node: &Herald, user: &str) -> Client {
 }
 
 /// Closes from the client side and waits (bounded) for the server's answer.
-pub async fn close_client(mut ws: Ws) {
+pub(crate) async fn close_client(mut ws: Ws) {
     let _ = ws.close(None).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.next()).await {}
@@ -734,14 +737,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A hand-rolled WebSocket client: it sends exactly what the test writes and never answers
 /// a ping, unlike tungstenite.
-pub struct RawWs {
+pub(crate) struct RawWs {
     pub stream: TcpStream,
     buf: Vec<u8>,
 }
 
 /// A frame read by [`RawWs`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RawFrame {
+pub(crate) enum RawFrame {
     Text(String),
     Ping,
     Pong,
@@ -751,7 +754,7 @@ pub enum RawFrame {
 
 impl RawWs {
     /// Performs the upgrade by hand; panics unless the server answers 101.
-    pub async fn connect(node: &Herald, token: &str) -> RawWs {
+    pub(crate) async fn connect(node: &Herald, token: &str) -> RawWs {
         let mut stream = TcpStream::connect(("127.0.0.1", node.port))
             .await
             .expect("tcp connect");
@@ -794,7 +797,7 @@ impl RawWs {
     }
 
     /// Sends one masked client frame.
-    pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+    pub(crate) async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
         let mask = [0x37u8, 0xfa, 0x21, 0x3d];
         let mut out = vec![0x80 | opcode];
         let len = payload.len();
@@ -812,12 +815,12 @@ impl RawWs {
         self.stream.write_all(&out).await.expect("send frame");
     }
 
-    pub async fn send_text(&mut self, text: &str) {
-        self.send_frame(0x1, text.as_bytes()).await
+    pub(crate) async fn send_text(&mut self, text: &str) {
+        self.send_frame(0x1, text.as_bytes()).await;
     }
 
     /// Next frame; `Ok(None)` when the connection ended, `Err(())` on timeout.
-    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<RawFrame>, ()> {
+    pub(crate) async fn next_frame(&mut self, timeout: Duration) -> Result<Option<RawFrame>, ()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some((frame, used)) = parse_server_frame(&self.buf) {

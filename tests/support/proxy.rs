@@ -18,7 +18,7 @@ const CUT: u8 = 2;
 const BLACKHOLE_PUBSUB: u8 = 3;
 
 /// The proxy; dropping it stops it and closes every connection.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
     generation: watch::Sender<u64>,
@@ -28,7 +28,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Proxy {
+    pub(crate) async fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("proxy addr").port();
         let mode = Arc::new(AtomicU8::new(FORWARD));
@@ -67,35 +67,35 @@ impl Proxy {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
     /// Stops forwarding bytes but keeps every connection open (a silent dead link).
-    pub fn blackhole(&self) {
+    pub(crate) fn blackhole(&self) {
         self.mode.store(BLACKHOLE, Ordering::SeqCst);
     }
 
     /// Stops forwarding only on connections that issued SUBSCRIBE (the node's pub/sub
     /// connection), leaving command connections working: publishes succeed, nothing is
     /// delivered. The failure the canary exists for.
-    pub fn blackhole_pubsub(&self) {
+    pub(crate) fn blackhole_pubsub(&self) {
         self.mode.store(BLACKHOLE_PUBSUB, Ordering::SeqCst);
     }
 
     /// Resets every open connection and refuses new ones.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.mode.store(CUT, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
     }
 
     /// Forwards again (new connections work; blackholed ones resume).
-    pub fn heal(&self) {
+    pub(crate) fn heal(&self) {
         self.mode.store(FORWARD, Ordering::SeqCst);
     }
 
     /// Connections accepted and forwarded so far.
-    pub fn connections(&self) -> u64 {
+    pub(crate) fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
     }
 }

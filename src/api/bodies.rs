@@ -1,0 +1,232 @@
+//! Every request and response body of the HTTP API, and the validation of publish requests.
+//! docs/protocol.md ("HTTP API") documents them. The presence and stats records
+//! (`PresenceSession`, `cluster::presence::Stats`) are presence's own types, serialised as
+//! they are.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub(crate) use crate::cluster::presence::PresenceSession;
+use crate::protocol::valid_name;
+
+/// Query of `GET /ws`.
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct WsQuery {
+    pub(crate) token: Option<String>,
+    pub(crate) topics: Option<String>,
+    pub(crate) since: Option<String>,
+}
+
+/// Body of `POST /api/publish`. Exactly one of `user`, `users`, `topic`, `broadcast`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishRequest {
+    user: Option<String>,
+    users: Option<Vec<String>>,
+    topic: Option<String>,
+    broadcast: Option<bool>,
+    /// Store in the users' durable inboxes as well (user and users targets only).
+    #[serde(default)]
+    durable: bool,
+    /// Required; any JSON value, `null` included.
+    data: Box<RawValue>,
+}
+
+/// A validated publish target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PublishTarget {
+    Users(Vec<String>),
+    Topic(String),
+    Broadcast,
+}
+
+/// Why a publish request is refused (HTTP 400 with this text).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    /// Not JSON, or not the documented shape (serde's own message says where).
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("give exactly one of \"user\", \"users\", \"topic\" or \"broadcast\": true")]
+    TargetCount,
+    #[error("invalid user id {0:?}: 1-256 printable characters without whitespace")]
+    BadUser(String),
+    #[error("invalid topic {0:?}: 1-256 printable characters without whitespace")]
+    BadTopic(String),
+    #[error("\"users\" must hold 1 to {0} ids")]
+    UserCount(usize),
+    #[error("\"broadcast\" must be true when given")]
+    BroadcastFalse,
+    #[error("\"durable\" applies to \"user\" and \"users\" only")]
+    DurableTarget,
+}
+
+/// Most users one publish request may address.
+pub(crate) const MAX_USERS_PER_PUBLISH: usize = 1000;
+
+/// A validated publish request.
+#[derive(Debug)]
+pub(crate) struct Publish {
+    pub(crate) target: PublishTarget,
+    pub(crate) data: Box<RawValue>,
+    pub(crate) durable: bool,
+}
+
+impl PublishRequest {
+    /// Checks the request and returns its target and the raw JSON payload.
+    fn validate(self) -> Result<Publish, PublishError> {
+        if self.durable && (self.topic.is_some() || self.broadcast.is_some()) {
+            return Err(PublishError::DurableTarget);
+        }
+        let count = self.user.is_some() as u8
+            + self.users.is_some() as u8
+            + self.topic.is_some() as u8
+            + self.broadcast.is_some() as u8;
+        if count != 1 {
+            return Err(PublishError::TargetCount);
+        }
+        let target = if let Some(u) = self.user {
+            if !valid_name(&u) {
+                return Err(PublishError::BadUser(u));
+            }
+            PublishTarget::Users(vec![u])
+        } else if let Some(users) = self.users {
+            if users.is_empty() || users.len() > MAX_USERS_PER_PUBLISH {
+                return Err(PublishError::UserCount(MAX_USERS_PER_PUBLISH));
+            }
+            if let Some(bad) = users.iter().find(|u| !valid_name(u)) {
+                return Err(PublishError::BadUser(bad.clone()));
+            }
+            PublishTarget::Users(users)
+        } else if let Some(t) = self.topic {
+            if !valid_name(&t) {
+                return Err(PublishError::BadTopic(t));
+            }
+            PublishTarget::Topic(t)
+        } else if self.broadcast == Some(true) {
+            PublishTarget::Broadcast
+        } else {
+            return Err(PublishError::BroadcastFalse);
+        };
+        Ok(Publish {
+            target,
+            data: self.data,
+            durable: self.durable,
+        })
+    }
+}
+
+/// Parses and validates a publish body in one step.
+pub(crate) fn parse_publish(body: &[u8]) -> Result<Publish, PublishError> {
+    serde_json::from_slice::<PublishRequest>(body)?.validate()
+}
+
+/// Answer of `POST /api/publish`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PublishResponse {
+    pub(crate) ok: bool,
+    pub(crate) channels: usize,
+    /// Inbox id per user, for durable publishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ids: Option<BTreeMap<String, String>>,
+}
+
+/// Answer of `GET /api/presence/<uid>`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PresenceResponse {
+    pub(crate) user: String,
+    pub(crate) online: bool,
+    pub(crate) sessions: Vec<PresenceSession>,
+}
+
+/// `{"ok":true}`.
+#[derive(Debug, Serialize)]
+pub(crate) struct OkResponse {
+    pub(crate) ok: bool,
+}
+
+/// Query of `GET /api/inbox/<uid>`.
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct InboxQuery {
+    pub(crate) limit: Option<usize>,
+}
+
+/// One entry of `GET /api/inbox/<uid>`.
+#[derive(Debug, Serialize)]
+pub(crate) struct InboxEntryBody {
+    pub(crate) id: String,
+    pub(crate) data: serde_json::Value,
+}
+
+/// Answer of `GET /api/inbox/<uid>`.
+#[derive(Debug, Serialize)]
+pub(crate) struct InboxResponse {
+    pub(crate) user: String,
+    pub(crate) cursor: Option<String>,
+    pub(crate) entries: Vec<InboxEntryBody>,
+}
+
+/// Body of `POST /api/inbox/<uid>/ack`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct AckBody {
+    pub(crate) id: String,
+}
+
+/// Answer of `POST /api/inbox/<uid>/ack`.
+#[derive(Debug, Serialize)]
+pub(crate) struct AckResponse {
+    pub(crate) ok: bool,
+    pub(crate) moved: bool,
+}
+
+/// Error body of every 4xx/5xx the HTTP layer produces.
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
+    pub(crate) message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_requests_need_exactly_one_target() {
+        assert!(parse_publish(br#"{"user":"42","data":1}"#).is_ok());
+        assert!(parse_publish(br#"{"users":["1","2"],"data":{"x":1}}"#).is_ok());
+        assert!(parse_publish(br#"{"topic":"t","data":"s"}"#).is_ok());
+        assert!(parse_publish(br#"{"broadcast":true,"data":null}"#).is_ok());
+        assert!(parse_publish(br#"{"broadcast":false,"data":1}"#).is_err());
+        assert!(parse_publish(br#"{"user":"1","topic":"t","data":1}"#).is_err());
+        assert!(parse_publish(br#"{"user":"1"}"#).is_err());
+        assert!(parse_publish(br#"{"users":[],"data":1}"#).is_err());
+        assert!(parse_publish(br#"{"user":"a b","data":1}"#).is_err());
+        assert!(parse_publish(br#"{"user":"1","data":1,"extra":2}"#).is_err());
+        assert!(parse_publish(b"\xff").is_err());
+        assert!(parse_publish(br#"{"user":"1","durable":true,"data":1}"#).is_ok_and(|p| p.durable));
+        assert!(parse_publish(br#"{"topic":"t","durable":true,"data":1}"#).is_err());
+        assert!(parse_publish(br#"{"broadcast":true,"durable":true,"data":1}"#).is_err());
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn publish_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse_publish(&body);
+            }
+
+            #[test]
+            fn publish_parser_accepts_every_valid_user(user in "[A-Za-z0-9@._:-]{1,64}", n in any::<i64>()) {
+                let body = serde_json::json!({"user": user, "data": n}).to_string();
+                let p = parse_publish(body.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(p.target, PublishTarget::Users(vec![user]));
+                prop_assert_eq!(p.data.get(), n.to_string());
+                prop_assert!(!p.durable);
+            }
+        }
+    }
+}

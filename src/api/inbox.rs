@@ -1,0 +1,89 @@
+//! The durable inbox over HTTP: `GET /api/inbox/<uid>` lists what the user has not
+//! acknowledged, `POST /api/inbox/<uid>/ack` moves their read cursor.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::StatusCode;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::Filter;
+
+use super::bodies::{AckBody, AckResponse, InboxEntryBody, InboxQuery, InboxResponse};
+use super::{api_auth, bad_request, count, decode_user, json, unavailable, with_api, Api};
+use crate::protocol::StreamId;
+
+/// Most entries one `GET /api/inbox/<uid>` returns.
+const INBOX_PAGE_MAX: usize = 1000;
+
+pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "inbox" / String)
+        .and(warp::get())
+        .and(api_auth(api.clone()))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(with_api(api))
+        .then(|user: String, query: String, api: Arc<Api>| async move {
+            count("inbox", list(&user, &query, &api).await)
+        })
+        .boxed()
+}
+
+pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "inbox" / String / "ack")
+        .and(warp::post())
+        .and(api_auth(api.clone()))
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::bytes())
+        .and(with_api(api))
+        .then(|user: String, body: Bytes, api: Arc<Api>| async move {
+            count("inbox_ack", ack(&user, &body, &api).await)
+        })
+        .boxed()
+}
+
+/// The payload as clients receive it in `data`: JSON when it parses, else a string.
+fn payload_value(data: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(data)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(data).into_owned()))
+}
+
+async fn list(raw_user: &str, query: &str, api: &Api) -> Response {
+    let user = match decode_user(raw_user) {
+        Ok(u) => u,
+        Err(res) => return *res,
+    };
+    let q: InboxQuery = serde_urlencoded::from_str(query).unwrap_or_default();
+    let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
+    match api.node.inbox_page(&user, limit).await {
+        Ok((cursor, entries)) => json(
+            StatusCode::OK,
+            &InboxResponse {
+                user,
+                cursor: cursor.map(|c| c.to_string()),
+                entries: entries
+                    .into_iter()
+                    .map(|e| InboxEntryBody {
+                        id: e.id.to_string(),
+                        data: payload_value(&e.data),
+                    })
+                    .collect(),
+            },
+        ),
+        Err(e) => unavailable(api, "inbox_read", &e),
+    }
+}
+
+async fn ack(raw_user: &str, body: &[u8], api: &Api) -> Response {
+    let user = match decode_user(raw_user) {
+        Ok(u) => u,
+        Err(res) => return *res,
+    };
+    let id = match serde_json::from_slice::<AckBody>(body).map(|b| b.id.parse::<StreamId>()) {
+        Ok(Ok(id)) => id,
+        _ => return bad_request(r#"body must be {"id":"<inbox id>"}"#),
+    };
+    match api.node.inbox_ack(&user, id).await {
+        Ok(moved) => json(StatusCode::OK, &AckResponse { ok: true, moved }),
+        Err(e) => unavailable(api, "inbox_ack", &e),
+    }
+}

@@ -1,0 +1,185 @@
+//! The HTTP surface of a node: the WebSocket upgrade, the producer API, health and metrics,
+//! and the one `recover` that turns every rejection into a JSON error.
+//!
+//! Handlers talk to the node only through its facade ([`Node`]'s `pub(crate)` methods); the
+//! bodies they read and write are all in [`bodies`].
+
+mod auth;
+mod bodies;
+mod inbox;
+mod ops;
+mod presence;
+mod publish;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde::Serialize;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use self::auth::{api_key_ok, Authenticator};
+use self::bodies::ErrorBody;
+use crate::cluster::RedisError;
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol::valid_name;
+
+/// What every handler shares: the node and the credentials it checks.
+pub(crate) struct Api {
+    node: Arc<Node>,
+    auth: Authenticator,
+    /// `None` (only possible with `--dev`): every API request is accepted.
+    api_key: Option<String>,
+}
+
+/// All routes of a node.
+pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
+    let config = node.config();
+    let auth = match &config.jwt_secret {
+        Some(secret) if !config.dev => Authenticator::jwt(secret, config.max_topics),
+        _ => Authenticator::dev(config.max_topics),
+    };
+    let api = Arc::new(Api {
+        api_key: config.api_key.clone(),
+        auth,
+        node,
+    });
+    upgrade::route(api.clone())
+        .or(api_routes(api.clone()))
+        .unify()
+        .or(ops::routes(api))
+        .unify()
+        .recover(recover)
+        .unify()
+        .boxed()
+}
+
+fn api_routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    publish::route(api.clone())
+        .or(presence::presence_route(api.clone()))
+        .unify()
+        .or(inbox::list_route(api.clone()))
+        .unify()
+        .or(inbox::ack_route(api.clone()))
+        .unify()
+        .or(presence::stats_route(api.clone()))
+        .unify()
+        .or(presence::disconnect_route(api))
+        .unify()
+        .boxed()
+}
+
+/// Hands each request the shared state.
+fn with_api(api: Arc<Api>) -> impl Filter<Extract = (Arc<Api>,), Error = Infallible> + Clone {
+    warp::any().map(move || api.clone())
+}
+
+#[derive(Debug)]
+struct Unauthorized;
+impl warp::reject::Reject for Unauthorized {}
+
+/// Requires the API key (`Authorization: Bearer <api key>`) unless `--dev`.
+fn api_auth(api: Arc<Api>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(with_api(api))
+        .and_then(|header: Option<String>, api: Arc<Api>| async move {
+            if api_key_ok(api.api_key.as_deref(), header.as_deref()) {
+                Ok(())
+            } else {
+                Err(warp::reject::custom(Unauthorized))
+            }
+        })
+        .untuple_one()
+}
+
+/// A JSON error reply.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = ErrorBody {
+        error: code.to_string(),
+        message: message.into(),
+    };
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// A 503 for a request that failed on Redis (see [`Node::redis_failed`]).
+fn unavailable(api: &Api, op: &'static str, e: &RedisError) -> Response {
+    api.node.redis_failed(op, e);
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "Redis is unavailable; retry later",
+    )
+}
+
+/// Counts an API answer by route and status.
+fn count(route: &'static str, res: Response) -> Response {
+    metrics::counter!(m::API_REQUESTS, "route" => route, "status" => res.status().as_str().to_string())
+        .increment(1);
+    res
+}
+
+/// Percent-decodes and validates a user id taken from a path segment.
+fn decode_user(raw: &str) -> Result<String, Box<Response>> {
+    let bad = |msg: &str| Box::new(bad_request(msg));
+    let user = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| bad("user id is not valid UTF-8"))?
+        .into_owned();
+    if !valid_name(&user) {
+        return Err(bad(
+            "invalid user id: 1-256 printable characters without whitespace",
+        ));
+    }
+    Ok(user)
+}
+
+/// Turns every rejection into a JSON error with the right status.
+async fn recover(rej: Rejection) -> Result<Response, Infallible> {
+    let res = if rej.is_not_found() {
+        error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if rej.find::<Unauthorized>().is_some() {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key: send Authorization: Bearer <api key>",
+        )
+    } else if rej.find::<warp::reject::PayloadTooLarge>().is_some() {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "request body too large",
+        )
+    } else if rej.find::<warp::reject::LengthRequired>().is_some() {
+        error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length",
+        )
+    } else if rej.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        )
+    } else if rej.find::<warp::reject::InvalidHeader>().is_some()
+        || rej.find::<warp::reject::InvalidQuery>().is_some()
+    {
+        bad_request("invalid header or query")
+    } else {
+        tracing::debug!(?rej, "unhandled rejection");
+        bad_request("bad request")
+    };
+    Ok(res)
+}

@@ -1,0 +1,384 @@
+//! The Redis broker: PUBLISH through the deadpool pool, and one dedicated pub/sub connection
+//! whose reconnection, resubscription and liveness (ping and canary) this module drives
+//! itself, because redis-rs pub/sub streams end on connection loss and never reconnect.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::{interval, sleep, timeout, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::router::{ControlMessage, Router};
+use crate::cluster::error::{bounded, RedisError};
+use crate::cluster::keys::Keys;
+use crate::cluster::pool::Pool;
+use crate::delivery::{SubCommand, Target};
+use crate::metrics as m;
+
+/// How long connecting the pub/sub connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one SUBSCRIBE/UNSUBSCRIBE round trip may take before the connection is
+/// considered broken.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE command when resubscribing everything after a reconnect.
+const RESUBSCRIBE_CHUNK: usize = 1000;
+/// Most hub commands applied in one batch.
+const MAX_BATCH: usize = 1024;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What the subscription loop needs besides the broker itself.
+pub(crate) struct SubscriberSettings {
+    /// Where received payloads go.
+    pub(crate) router: Router,
+    /// How often the canary is published and checked.
+    pub(crate) probe_interval: Duration,
+    /// A canary not back within this time means the subscription is silently dead.
+    pub(crate) probe_timeout: Duration,
+    /// Notified after every successful (re)subscription, so the node re-asserts presence
+    /// at once instead of waiting for its next heartbeat.
+    pub(crate) on_reconnect: Arc<Notify>,
+}
+
+/// Redis-backed broker.
+#[derive(Clone)]
+pub(crate) struct RedisBroker {
+    client: ::redis::Client,
+    pool: Pool,
+    keys: Keys,
+}
+
+impl RedisBroker {
+    pub(crate) fn new(client: ::redis::Client, pool: Pool, keys: Keys) -> Self {
+        RedisBroker { client, pool, keys }
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        target: Target<'_>,
+        payload: &[u8],
+    ) -> Result<u64, RedisError> {
+        self.publish_on(&self.keys.target_channel(target), payload)
+            .await
+    }
+
+    /// Publishes a control message that every node carries out.
+    pub(crate) async fn kick(&self, user: &str) -> Result<(), RedisError> {
+        let msg = ControlMessage::Disconnect {
+            user: user.to_string(),
+        };
+        let payload =
+            serde_json::to_vec(&msg).map_err(|_| RedisError::Reply("unserialisable control"))?;
+        self.publish_on(&self.keys.control_channel(), &payload)
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish_on(&self, channel: &str, payload: &[u8]) -> Result<u64, RedisError> {
+        bounded(async {
+            let mut conn = self.pool.get().await?;
+            let n: u64 = ::redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async(&mut *conn)
+                .await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    pub(crate) async fn run_subscriber(
+        &self,
+        mut cmds: mpsc::UnboundedReceiver<SubCommand>,
+        s: SubscriberSettings,
+        shutdown: CancellationToken,
+    ) {
+        let keys = s.router.keys().clone();
+        let health = s.router.health().clone();
+        // Subscribed for the node's whole life: broadcast, control and the canary.
+        let canary_channel = keys.canary_channel();
+        let mut desired: HashSet<String> = [
+            keys.broadcast_channel(),
+            keys.control_channel(),
+            canary_channel.clone(),
+        ]
+        .into_iter()
+        .collect();
+        let mut backoff = BACKOFF_MIN;
+        let mut canary_seq = 0u64;
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub()) => r,
+            };
+            let pubsub = match connected {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pub/sub connect failed");
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "pubsub_connect").increment(1);
+                    if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("pub/sub connect timed out");
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "pubsub_connect").increment(1);
+                    if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let (mut sink, mut stream) = pubsub.split();
+
+            // Fold in whatever the hub asked for while we were away, then subscribe to the
+            // whole desired set. Acks wait until the channels are confirmed.
+            let mut pending_acks = Vec::new();
+            while let Ok(cmd) = cmds.try_recv() {
+                let (_, _, acks) = apply(&keys, &mut desired, vec![cmd]);
+                pending_acks.extend(acks);
+            }
+            let all: Vec<String> = desired.iter().cloned().collect();
+            let mut ok = true;
+            for chunk in all.chunks(RESUBSCRIBE_CHUNK) {
+                match timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(chunk)).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            for a in pending_acks {
+                let _ = a.send(());
+            }
+            if !ok {
+                tracing::warn!("resubscribe failed; reconnecting");
+                metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            backoff = BACKOFF_MIN;
+            health.canary_reset();
+            health.set_pubsub(true);
+            metrics::counter!(m::PUBSUB_RECONNECTS).increment(1);
+            tracing::info!(channels = desired.len(), "pub/sub subscribed");
+            s.on_reconnect.notify_one();
+
+            let mut probe = interval(s.probe_interval);
+            probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let reason = loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        health.set_pubsub(false);
+                        return;
+                    }
+                    msg = stream.next() => match msg {
+                        Some(msg) => {
+                            s.router.route(msg.get_channel_name(), msg.get_payload_bytes()).await;
+                        }
+                        None => break "connection closed",
+                    },
+                    cmd = cmds.recv() => {
+                        let Some(cmd) = cmd else {
+                            health.set_pubsub(false);
+                            return;
+                        };
+                        let mut batch = vec![cmd];
+                        while batch.len() < MAX_BATCH {
+                            match cmds.try_recv() {
+                                Ok(c) => batch.push(c),
+                                Err(_) => break,
+                            }
+                        }
+                        let (subs, unsubs, acks) = apply(&keys, &mut desired, batch);
+                        let mut failed = false;
+                        if !unsubs.is_empty() {
+                            failed |= !matches!(timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&unsubs)).await, Ok(Ok(())));
+                        }
+                        if !failed && !subs.is_empty() {
+                            failed |= !matches!(timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&subs)).await, Ok(Ok(())));
+                        }
+                        // Acks go out even on failure: the channels are in `desired` and the
+                        // reconnect below subscribes them; holding sessions back would not help.
+                        for a in acks {
+                            let _ = a.send(());
+                        }
+                        if failed {
+                            metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                            break "subscribe failed";
+                        }
+                    }
+                    tick = probe.tick() => {
+                        // A tick far behind schedule means this process was not running
+                        // (SIGSTOP, VM pause): the canary may be sitting unread in the socket,
+                        // so its clock restarts instead of condemning a healthy connection.
+                        if tick.elapsed() > s.probe_interval / 2 {
+                            tracing::warn!(late_ms = tick.elapsed().as_millis() as u64, "process was stalled; re-checking the subscription");
+                            health.canary_reset();
+                            s.on_reconnect.notify_one();
+                            continue;
+                        }
+                        if health.canary_overdue(s.probe_timeout.as_millis() as u64) {
+                            metrics::counter!(m::CANARY_TIMEOUTS).increment(1);
+                            break "canary did not come back";
+                        }
+                        if health.canary_answered() {
+                            canary_seq += 1;
+                            health.canary_sending(canary_seq);
+                            let this = self.clone();
+                            let channel = canary_channel.clone();
+                            // Published from its own task so a slow pool never stalls reading.
+                            tokio::spawn(async move {
+                                if let Err(e) = this.publish_on(&channel, canary_seq.to_string().as_bytes()).await {
+                                    tracing::debug!(error = %e, "canary publish failed");
+                                    metrics::counter!(m::REDIS_ERRORS, "op" => "canary").increment(1);
+                                }
+                            });
+                        }
+                    }
+                }
+            };
+            health.set_pubsub(false);
+            tracing::warn!(reason, "pub/sub connection lost; reconnecting");
+            drop(stream);
+            drop(sink);
+            if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
+                return;
+            }
+        }
+    }
+}
+
+/// While disconnected, keeps `desired` current and acknowledges subscriptions at once (the
+/// next connection subscribes them), for `wait`. Returns false on shutdown.
+async fn wait_offline(
+    cmds: &mut mpsc::UnboundedReceiver<SubCommand>,
+    keys: &Keys,
+    desired: &mut HashSet<String>,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    let deadline = sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = &mut deadline => return true,
+            cmd = cmds.recv() => match cmd {
+                Some(cmd) => {
+                    for a in apply(keys, desired, vec![cmd]).2 {
+                        let _ = a.send(());
+                    }
+                }
+                None => return false,
+            },
+        }
+    }
+}
+
+/// Applies hub commands in order to `desired` and returns the net channels to subscribe,
+/// to unsubscribe, and the acknowledgements to send once that is done.
+fn apply(
+    keys: &Keys,
+    desired: &mut HashSet<String>,
+    batch: Vec<SubCommand>,
+) -> (Vec<String>, Vec<String>, Vec<oneshot::Sender<()>>) {
+    let mut before: HashMap<String, bool> = HashMap::new();
+    let mut acks = Vec::new();
+    for cmd in batch {
+        match cmd {
+            SubCommand::Subscribe { interests, done } => {
+                for ch in interests.iter().map(|i| keys.interest_channel(i)) {
+                    before
+                        .entry(ch.clone())
+                        .or_insert_with(|| desired.contains(&ch));
+                    desired.insert(ch);
+                }
+                acks.extend(done);
+            }
+            SubCommand::Unsubscribe { interests } => {
+                for ch in interests.iter().map(|i| keys.interest_channel(i)) {
+                    before
+                        .entry(ch.clone())
+                        .or_insert_with(|| desired.contains(&ch));
+                    desired.remove(&ch);
+                }
+            }
+        }
+    }
+    let mut subs = Vec::new();
+    let mut unsubs = Vec::new();
+    for (ch, was) in before {
+        match (was, desired.contains(&ch)) {
+            (false, true) => subs.push(ch),
+            (true, false) => unsubs.push(ch),
+            _ => {}
+        }
+    }
+    (subs, unsubs, acks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::delivery::Interest;
+
+    fn keys() -> Keys {
+        Keys::new("p", "n")
+    }
+    fn sub(topic: &str) -> SubCommand {
+        SubCommand::Subscribe {
+            interests: vec![Interest::Topic(topic.into())],
+            done: None,
+        }
+    }
+    fn unsub(topic: &str) -> SubCommand {
+        SubCommand::Unsubscribe {
+            interests: vec![Interest::Topic(topic.into())],
+        }
+    }
+
+    #[test]
+    fn batches_net_out_in_order() {
+        let mut desired = HashSet::new();
+        let (s, u, _) = apply(&keys(), &mut desired, vec![sub("a"), unsub("a"), sub("b")]);
+        assert_eq!(s, vec!["p:topic:b".to_string()]);
+        assert!(u.is_empty());
+        // Leave then rejoin within one batch: stays subscribed, nothing sent.
+        let (s, u, _) = apply(&keys(), &mut desired, vec![unsub("b"), sub("b")]);
+        assert!(s.is_empty() && u.is_empty());
+        assert!(desired.contains("p:topic:b"));
+        let (s, u, _) = apply(&keys(), &mut desired, vec![unsub("b")]);
+        assert!(s.is_empty());
+        assert_eq!(u, vec!["p:topic:b".to_string()]);
+        assert!(desired.is_empty());
+    }
+
+    #[test]
+    fn acks_are_collected_even_without_channels() {
+        let mut desired = HashSet::new();
+        let (tx, _rx) = oneshot::channel();
+        let (_, _, acks) = apply(
+            &keys(),
+            &mut desired,
+            vec![SubCommand::Subscribe {
+                interests: vec![],
+                done: Some(tx),
+            }],
+        );
+        assert_eq!(acks.len(), 1);
+    }
+}

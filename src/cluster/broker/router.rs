@@ -1,0 +1,216 @@
+//! Reads what arrives on the node's subscription back into delivery's terms: the channel
+//! names a target, a durable envelope carries an inbox id, the control channel carries
+//! node-to-node commands and the canary channel proves the subscription is alive.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::inbox::open_envelope;
+use crate::cluster::keys::{Channel, Keys};
+use crate::delivery::{Fanout, Outcome, Source, Target};
+use crate::health::Health;
+use crate::metrics as m;
+
+/// Control messages nodes exchange on `<prefix>:ctl`.
+#[derive(Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub(crate) enum ControlMessage {
+    /// Close every session of `user` with 4002.
+    Disconnect { user: String },
+}
+
+/// What became of one received payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Handed to the fan-out.
+    Delivered(Outcome),
+    /// Not a channel of this deployment (or another node's canary): dropped and counted.
+    UnknownChannel,
+    /// A control message, carried out.
+    Control,
+    /// A control message herald does not understand: dropped and counted.
+    BadControl,
+    /// This node's canary came back.
+    Canary,
+}
+
+/// Routes payloads received on the node's subscription.
+pub(crate) struct Router {
+    keys: Keys,
+    fanout: Arc<Fanout>,
+    health: Arc<Health>,
+}
+
+impl Router {
+    pub(crate) fn new(keys: Keys, fanout: Arc<Fanout>, health: Arc<Health>) -> Self {
+        Router {
+            keys,
+            fanout,
+            health,
+        }
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(crate) fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Routes one payload received on `channel`. Returns once it is written to every local
+    /// recipient (see [`Fanout::handle_spread`]), so the next one keeps each session's order.
+    pub(crate) async fn route(&self, channel: &str, payload: &[u8]) -> Routed {
+        let Some(ch) = self.keys.parse_channel(channel) else {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "unknown_channel").increment(1);
+            return Routed::UnknownChannel;
+        };
+        let (target, id, payload) = match ch {
+            Channel::Control => return self.control(payload),
+            Channel::Canary => {
+                self.health.canary_received(payload);
+                return Routed::Canary;
+            }
+            // Durable messages arrive enveloped with their inbox id (see inbox::envelope).
+            Channel::User(u) => match open_envelope(payload) {
+                Some((id, inner)) => (Target::User(u), Some(id), inner),
+                None => (Target::User(u), None, payload),
+            },
+            Channel::Topic(t) => (Target::Topic(t), None, payload),
+            Channel::Broadcast => (Target::Broadcast, None, payload),
+        };
+        Routed::Delivered(
+            self.fanout
+                .handle_spread(target, id, payload, Source::Redis)
+                .await,
+        )
+    }
+
+    fn control(&self, payload: &[u8]) -> Routed {
+        match serde_json::from_slice::<ControlMessage>(payload) {
+            Ok(ControlMessage::Disconnect { user }) => {
+                self.fanout.kick(&user);
+                Routed::Control
+            }
+            Err(e) => {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "bad_control").increment(1);
+                tracing::warn!(error = %e, "ignored malformed control message");
+                Routed::BadControl
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::inbox::envelope;
+    use crate::delivery::{Hub, SessionInfo};
+    use crate::protocol::{CloseReason, StreamId};
+    use crate::transport::{Client, OutboxLimits};
+    use tokio::sync::mpsc;
+
+    fn setup() -> (Router, Arc<Client>) {
+        let (stx, _srx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(stx));
+        let client = Arc::new(Client::default());
+        let _ = hub.register(
+            SessionInfo {
+                id: uuid::Uuid::new_v4(),
+                user: "42".into(),
+                topics: vec![Arc::<str>::from("t")].into(),
+                connected_at: 0,
+            },
+            client.clone(),
+        );
+        let limits = OutboxLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        let fanout = Arc::new(Fanout::new(hub, 16, limits));
+        let health = Arc::new(Health::new(false));
+        (Router::new(Keys::new("p", "n1"), fanout, health), client)
+    }
+
+    #[tokio::test]
+    async fn channels_name_their_targets() {
+        let (r, client) = setup();
+        let one = Routed::Delivered(Outcome::Delivered { queued: 1 });
+        assert_eq!(r.route("p:user:42", b"1").await, one);
+        assert_eq!(r.route("p:topic:t", b"2").await, one);
+        assert_eq!(r.route("p:broadcast", b"3").await, one);
+        let none = Routed::Delivered(Outcome::Delivered { queued: 0 });
+        assert_eq!(r.route("p:user:7", b"4").await, none);
+        let labels: Vec<String> = client
+            .take(8)
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        assert_eq!(
+            labels,
+            vec![
+                r#"{"type":"message","channel":"user:42","data":1}"#,
+                r#"{"type":"message","channel":"topic:t","data":2}"#,
+                r#"{"type":"message","channel":"broadcast","data":3}"#,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn enveloped_payloads_carry_their_inbox_id() {
+        let (r, client) = setup();
+        let id = StreamId { ms: 9, seq: 1 };
+        let raw = envelope(id, b"{\"x\":2}");
+        assert_eq!(
+            r.route("p:user:42", &raw).await,
+            Routed::Delivered(Outcome::Delivered { queued: 1 })
+        );
+        let got = client.take(1).remove(0);
+        assert_eq!(got.id, Some(id));
+        assert_eq!(
+            std::str::from_utf8(&got.payload).unwrap_or_default(),
+            r#"{"type":"message","channel":"user:42","id":"9-1","data":{"x":2}}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn foreign_and_oversize_payloads_are_dropped() {
+        let (r, client) = setup();
+        assert_eq!(
+            r.route("p:user:42", &[b'x'; 17]).await,
+            Routed::Delivered(Outcome::Oversize)
+        );
+        assert_eq!(r.route("q:user:42", b"1").await, Routed::UnknownChannel);
+        assert_eq!(
+            r.route("p:node:n2:canary", b"1").await,
+            Routed::UnknownChannel
+        );
+        assert_eq!(client.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn control_disconnect_kicks_the_user() {
+        let (r, client) = setup();
+        assert_eq!(
+            r.route("p:ctl", b"{\"op\":\"nope\"}").await,
+            Routed::BadControl
+        );
+        assert!(!client.is_closed());
+        assert_eq!(
+            r.route("p:ctl", br#"{"op":"disconnect","user":"42"}"#)
+                .await,
+            Routed::Control
+        );
+        assert_eq!(client.reason(), Some(CloseReason::Kicked));
+    }
+
+    #[tokio::test]
+    async fn the_canary_reaches_health() {
+        let (r, _client) = setup();
+        r.health().canary_sending(1);
+        assert!(!r.health().canary_answered());
+        assert_eq!(r.route("p:node:n1:canary", b"1").await, Routed::Canary);
+        assert!(r.health().canary_answered());
+    }
+}

@@ -1,0 +1,53 @@
+//! The one error type of every Redis operation, and the one time bound around each.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::pool::PoolError;
+
+/// Why a Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RedisError {
+    /// No pooled connection could be had (Redis unreachable, or the pool's wait ran out).
+    #[error("redis pool: {0}")]
+    Pool(#[from] PoolError),
+    /// The command or script failed, or the connection broke.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The whole operation took longer than its bound.
+    #[error("timed out")]
+    Timeout,
+    /// Redis answered something herald cannot read (a script returned a malformed value).
+    #[error("unexpected reply: {0}")]
+    Reply(&'static str),
+}
+
+impl RedisError {
+    /// True when Redis does not know the herald Functions library (it restarted empty).
+    /// Redis reports this only as text under the generic `ERR` code, so the text is read
+    /// here, in one place.
+    pub(crate) fn is_function_missing(&self) -> bool {
+        matches!(self, RedisError::Redis(e) if e.to_string().contains("Function not found"))
+    }
+}
+
+/// Upper bound on any single Redis operation, so a hung Redis never stalls a session, a
+/// request or the heartbeat for long.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs `f` within `limit`.
+pub(crate) async fn bounded_by<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| RedisError::Timeout)?
+}
+
+/// Runs `f` within [`CALL_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    f: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    bounded_by(CALL_TIMEOUT, f).await
+}

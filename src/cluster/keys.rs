@@ -1,0 +1,198 @@
+//! Every Redis key and pub/sub channel name, built from the configured prefix, and channel
+//! names read back into what they carry. Rust code formats keys only here; the Lua scripts
+//! that must find keys by id (the reaper, stats, `herald_notify`) derive them from a prefix
+//! this module passes in, and docs/redis.md lists them all.
+
+use crate::delivery::{Interest, Target};
+
+/// What a publication's channel says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Channel<'a> {
+    /// `<prefix>:user:<uid>`: every session of one user (may carry a durable envelope).
+    User(&'a str),
+    /// `<prefix>:broadcast`: every session.
+    Broadcast,
+    /// `<prefix>:topic:<name>`: sessions that joined the topic.
+    Topic(&'a str),
+    /// `<prefix>:ctl`: node-to-node control messages (disconnect a user).
+    Control,
+    /// `<prefix>:node:<id>:canary`: this node's private liveness probe.
+    Canary,
+}
+
+/// Key and channel builder bound to one prefix and node.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+    node: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str, node_id: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+            node: node_id.to_string(),
+        }
+    }
+
+    /// Channel carrying notifications for one user.
+    pub(crate) fn user_channel(&self, user: &str) -> String {
+        format!("{}:user:{}", self.prefix, user)
+    }
+
+    /// Channel carrying notifications for every session.
+    pub(crate) fn broadcast_channel(&self) -> String {
+        format!("{}:broadcast", self.prefix)
+    }
+
+    /// Channel carrying notifications for a topic.
+    pub(crate) fn topic_channel(&self, topic: &str) -> String {
+        format!("{}:topic:{}", self.prefix, topic)
+    }
+
+    /// The channel a publication for `target` goes to.
+    pub(crate) fn target_channel(&self, target: Target<'_>) -> String {
+        match target {
+            Target::User(u) => self.user_channel(u),
+            Target::Topic(t) => self.topic_channel(t),
+            Target::Broadcast => self.broadcast_channel(),
+        }
+    }
+
+    /// The channel a node subscribes to for `interest`.
+    pub(crate) fn interest_channel(&self, interest: &Interest) -> String {
+        match interest {
+            Interest::User(u) => self.user_channel(u),
+            Interest::Topic(t) => self.topic_channel(t),
+        }
+    }
+
+    /// Channel every node subscribes to for control messages.
+    pub(crate) fn control_channel(&self) -> String {
+        format!("{}:ctl", self.prefix)
+    }
+
+    /// This node's private canary channel.
+    pub(crate) fn canary_channel(&self) -> String {
+        format!("{}:node:{}:canary", self.prefix, self.node)
+    }
+
+    /// ZSET of one user's live sessions: member `<session>|<node>|<connected_at ms>`,
+    /// score = expiry in Redis-server milliseconds.
+    pub(crate) fn presence_key(&self, user: &str) -> String {
+        format!("{}:presence:{}", self.prefix, user)
+    }
+
+    /// ZSET of users with at least one session: member user id, score = latest expiry.
+    pub(crate) fn users_key(&self) -> String {
+        format!("{}:users", self.prefix)
+    }
+
+    /// ZSET of live nodes: member node id, score = expiry.
+    pub(crate) fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// HASH describing this node (connections, users, started_at, listen), with a TTL.
+    pub(crate) fn node_key(&self) -> String {
+        format!("{}:node:{}", self.prefix, self.node)
+    }
+
+    /// STREAM: one user's durable inbox (entries `d` = payload), capped by length and age.
+    pub(crate) fn inbox_key(&self, user: &str) -> String {
+        format!("{}:inbox:{}", self.prefix, user)
+    }
+
+    /// STRING: the id of the last inbox entry the user acknowledged.
+    pub(crate) fn cursor_key(&self, user: &str) -> String {
+        format!("{}:cursor:{}", self.prefix, user)
+    }
+
+    /// STREAM of online/offline events, and the pub/sub channel of the same name.
+    pub(crate) fn events_key(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// HASH user -> reason of offline events waiting out the grace window.
+    pub(crate) fn offline_pending_key(&self) -> String {
+        format!("{}:offline-pending", self.prefix)
+    }
+
+    /// What the reaper script puts in front of a user id to find their presence key.
+    pub(crate) fn presence_key_prefix(&self) -> String {
+        self.presence_key("")
+    }
+
+    /// What the stats script puts in front of a node id to find its info key.
+    pub(crate) fn node_key_prefix(&self) -> String {
+        format!("{}:node:", self.prefix)
+    }
+
+    /// Reads a channel name back into what it carries. Channels outside this prefix, or
+    /// with an empty user or topic, or another node's canary, yield `None`.
+    pub(crate) fn parse_channel<'a>(&self, channel: &'a str) -> Option<Channel<'a>> {
+        let rest = channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(':')?;
+        if let Some(user) = rest.strip_prefix("user:") {
+            return (!user.is_empty()).then_some(Channel::User(user));
+        }
+        if let Some(topic) = rest.strip_prefix("topic:") {
+            return (!topic.is_empty()).then_some(Channel::Topic(topic));
+        }
+        match rest {
+            "broadcast" => Some(Channel::Broadcast),
+            "ctl" => Some(Channel::Control),
+            _ if rest
+                .strip_prefix("node:")
+                .and_then(|r| r.strip_suffix(":canary"))
+                == Some(self.node.as_str()) =>
+            {
+                Some(Channel::Canary)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_round_trip_through_parse() {
+        let k = Keys::new("hx", "n1");
+        assert_eq!(
+            k.parse_channel(&k.user_channel("42")),
+            Some(Channel::User("42"))
+        );
+        assert_eq!(
+            k.parse_channel(&k.user_channel("a:b")),
+            Some(Channel::User("a:b"))
+        );
+        assert_eq!(
+            k.parse_channel(&k.broadcast_channel()),
+            Some(Channel::Broadcast)
+        );
+        assert_eq!(
+            k.parse_channel(&k.topic_channel("t")),
+            Some(Channel::Topic("t"))
+        );
+        assert_eq!(
+            k.parse_channel(&k.control_channel()),
+            Some(Channel::Control)
+        );
+        assert_eq!(k.parse_channel(&k.canary_channel()), Some(Channel::Canary));
+    }
+
+    #[test]
+    fn foreign_and_empty_channels_are_ignored() {
+        let k = Keys::new("hx", "n1");
+        assert_eq!(k.parse_channel("other:user:1"), None);
+        assert_eq!(k.parse_channel("hxuser:1"), None);
+        assert_eq!(k.parse_channel("hx:user:"), None);
+        assert_eq!(k.parse_channel("hx:topic:"), None);
+        assert_eq!(k.parse_channel("hx:node:n2:canary"), None);
+        assert_eq!(k.parse_channel("hx:nothing"), None);
+    }
+}

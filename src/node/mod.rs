@@ -1,0 +1,266 @@
+//! The composition root: builds a node from its configuration (hub, fan-out, engines,
+//! health), starts its background tasks, and offers the narrow facade the HTTP layer and
+//! `main` use. Nothing outside this module reaches into a node's parts.
+
+mod session;
+mod tasks;
+
+pub(crate) use session::SessionRequest;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::cluster::broker::{Router, SubscriberSettings};
+use crate::cluster::keys::Keys;
+use crate::cluster::presence::{PresenceSession, Stats};
+use crate::cluster::{BuildError, Engines, RedisError};
+use crate::config::Config;
+use crate::delivery::{Fanout, Hub, SubCommand, Target};
+use crate::health::{Health, ReadyStatus};
+use crate::metrics as m;
+use crate::protocol::{CloseReason, InboxEntry, StreamId};
+use crate::transport::Client;
+
+/// Why a node could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct NodeError(#[from] BuildError);
+
+/// A running node.
+pub struct Node {
+    config: Config,
+    node_id: String,
+    hub: Arc<Hub>,
+    engines: Engines,
+    health: Arc<Health>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// One permit per session; `--max-connections` of them.
+    admission: Arc<Semaphore>,
+    sessions: TaskTracker,
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+/// A reserved session slot, released when dropped.
+pub(crate) struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Node {
+    /// Builds the node and starts its background tasks (subscriber, heartbeat, reaper,
+    /// sweeper). Never waits for Redis: a node started before Redis is reachable reports
+    /// not-ready until it is.
+    pub fn start(config: Config) -> Result<Arc<Node>, NodeError> {
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let keys = Keys::new(&config.prefix, &node_id);
+        // The recorder goes first: components resolve their metric handles when built.
+        let metrics = m::install();
+        let health = Arc::new(Health::new(config.redis_url.is_none()));
+        let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
+        let hub = Arc::new(Hub::new(sub_tx));
+        let fanout = Arc::new(Fanout::new(
+            hub.clone(),
+            config.max_message_bytes,
+            config.outbox_limits(),
+        ));
+        let engines = Engines::build(&config, &node_id, &keys)?;
+        engines.attach(fanout.clone());
+
+        let node = Arc::new(Node {
+            node_id,
+            hub,
+            engines,
+            health: health.clone(),
+            metrics,
+            admission: Arc::new(Semaphore::new(config.max_connections)),
+            sessions: TaskTracker::new(),
+            background: TaskTracker::new(),
+            stop_background: CancellationToken::new(),
+            config,
+        });
+
+        let reassert = Arc::new(Notify::new());
+        let heartbeat = node.config.heartbeat_interval();
+        let settings = SubscriberSettings {
+            router: Router::new(keys, fanout, health),
+            probe_interval: heartbeat.max(Duration::from_millis(500)),
+            probe_timeout: (heartbeat * 2).max(Duration::from_secs(2)),
+            on_reconnect: reassert.clone(),
+        };
+        let stop = node.stop_background.clone();
+        let n = node.clone();
+        node.background.spawn(async move {
+            n.engines
+                .broker
+                .run_subscriber(sub_rx, settings, stop)
+                .await;
+        });
+        node.background
+            .spawn(tasks::heartbeat_loop(node.clone(), reassert));
+        if node.health.clustered() {
+            node.background.spawn(tasks::reaper_loop(node.clone()));
+        }
+        node.background.spawn(tasks::sweep_loop(node.clone()));
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Readiness as `/readyz` reports it.
+    pub(crate) fn ready_status(&self) -> ReadyStatus {
+        self.health.status()
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.health.draining()
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Live sessions on this node.
+    pub(crate) fn session_count(&self) -> usize {
+        self.hub.counts().connections
+    }
+
+    /// Publishes a notification for `target` on every node.
+    pub(crate) async fn publish(
+        &self,
+        target: Target<'_>,
+        payload: &[u8],
+    ) -> Result<(), RedisError> {
+        self.engines
+            .broker
+            .publish(target, payload)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes a durable notification: stored in the user's inbox and delivered live with
+    /// its id (on Redis the `herald_notify` function does both atomically).
+    pub(crate) async fn publish_durable(
+        &self,
+        user: &str,
+        payload: &[u8],
+    ) -> Result<StreamId, RedisError> {
+        self.engines.inbox.notify(user, payload).await
+    }
+
+    /// Closes every session of `user` on every node with 4002.
+    pub(crate) async fn kick(&self, user: &str) -> Result<(), RedisError> {
+        self.engines.broker.kick(user).await
+    }
+
+    /// Live sessions of `user` across the cluster.
+    pub(crate) async fn presence(&self, user: &str) -> Result<Vec<PresenceSession>, RedisError> {
+        self.engines.presence.user(user).await
+    }
+
+    /// Connections and users across live nodes.
+    pub(crate) async fn stats(&self) -> Result<Stats, RedisError> {
+        self.engines.presence.stats().await
+    }
+
+    /// The user's read cursor and up to `limit` unacknowledged entries after it.
+    pub(crate) async fn inbox_page(
+        &self,
+        user: &str,
+        limit: usize,
+    ) -> Result<(Option<StreamId>, Vec<InboxEntry>), RedisError> {
+        let cursor = self.engines.inbox.cursor(user).await?;
+        let entries = self.engines.inbox.read_after(user, cursor, limit).await?;
+        Ok((cursor, entries))
+    }
+
+    /// Moves the user's read cursor forward; false when it already was there or beyond.
+    pub(crate) async fn inbox_ack(&self, user: &str, id: StreamId) -> Result<bool, RedisError> {
+        self.engines.inbox.ack(user, id).await
+    }
+
+    /// Records a failed Redis operation of the API: a failed command may mean a pooled
+    /// connection broke (Redis restarted), so idle ones are dropped and the next request
+    /// connects afresh.
+    pub(crate) fn redis_failed(&self, op: &'static str, e: &RedisError) {
+        self.engines.reset_connections();
+        tracing::warn!(error = %e, op, "API request failed on Redis");
+        metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
+    }
+
+    /// Reserves a session slot, or `None` when the node is at `--max-connections`.
+    pub(crate) fn admit(&self) -> Option<Admission> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(Admission)
+    }
+
+    /// Clean stop: not-ready at once, refuse upgrades, close sessions with 1012 in paced
+    /// batches (each removes its presence as it ends), deregister, stop background tasks.
+    /// Returns within `drain_grace` whatever the clients do.
+    pub async fn drain(&self) {
+        let deadline = Instant::now() + self.config.drain_grace;
+        self.health.set_draining();
+        let mut clients: Vec<Arc<Client>> = Vec::new();
+        self.hub.all_sessions(&mut clients);
+        tracing::info!(sessions = clients.len(), "draining");
+        for (i, batch) in clients.chunks(self.config.drain_batch).enumerate() {
+            if i > 0 {
+                sleep(self.config.drain_interval).await;
+            }
+            for client in batch {
+                client.close(CloseReason::Draining);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        // Sessions that arrived during the drain are closed too.
+        clients.clear();
+        self.hub.all_sessions(&mut clients);
+        for client in clients {
+            client.close(CloseReason::Draining);
+        }
+        self.sessions.close();
+        // Keep a little of the grace for deregistering.
+        let session_deadline = deadline
+            .checked_sub(Duration::from_millis(500))
+            .unwrap_or(deadline)
+            .max(Instant::now());
+        if tokio::time::timeout_at(session_deadline, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.session_count(),
+                "drain grace ran out; dropping remaining sessions"
+            );
+        }
+        if let Err(e) = self.engines.presence.deregister().await {
+            tracing::warn!(error = %e, "deregister failed; the node record will expire");
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout_at(
+            deadline.max(Instant::now() + Duration::from_millis(100)),
+            self.background.wait(),
+        )
+        .await;
+        tracing::info!("drained");
+    }
+}

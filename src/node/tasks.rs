@@ -1,0 +1,126 @@
+//! The node's background loops, one task each: the presence heartbeat, the offline reaper
+//! and the liveness sweeper. Each runs until the node's background token is cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{sleep, Instant, MissedTickBehavior};
+
+use super::Node;
+use crate::clock::mono_ms;
+use crate::metrics as m;
+use crate::transport::LivenessSettings;
+
+/// Heartbeat retry interval while Redis is failing (bounded by the normal interval).
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Visits every session a few times per ping interval: sends due pings and closes sessions
+/// that stayed silent past the idle timeout or whose backlog made no progress within the
+/// write timeout. One task instead of a timer per session: an idle session then holds no
+/// timer at all.
+pub(super) async fn sweep_loop(node: Arc<Node>) {
+    let live = LivenessSettings {
+        ping_interval: node.config.ping_interval,
+        idle_timeout: node.config.idle_timeout,
+        write_timeout: node.config.write_timeout,
+    };
+    let limits = node.config.outbox_limits();
+    let mut tick = tokio::time::interval(live.sweep_period());
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut clients = Vec::new();
+    loop {
+        tokio::select! {
+            _ = node.stop_background.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        node.hub.all_sessions(&mut clients);
+        let now = mono_ms();
+        for client in clients.drain(..) {
+            client.sweep(now, &live, limits);
+        }
+    }
+}
+
+/// Refreshes presence every third of the TTL, at once after a pub/sub reconnect, and every
+/// second while Redis fails (so readiness recovers quickly).
+pub(super) async fn heartbeat_loop(node: Arc<Node>, reassert: Arc<Notify>) {
+    let interval = node.config.heartbeat_interval();
+    let mut wait = Duration::ZERO;
+    let mut last_ok: Option<Instant> = None;
+    // Redis Functions are not persisted by a Redis without RDB/AOF, so the inbox function
+    // is (re)loaded after start, after failures and after every reconnect.
+    let mut functions_loaded = false;
+    loop {
+        tokio::select! {
+            _ = node.stop_background.cancelled() => return,
+            _ = sleep(wait) => {}
+            _ = reassert.notified() => functions_loaded = false,
+        }
+        // Longer than the TTL since the last successful heartbeat means this node's records
+        // have expired (it was frozen, partitioned or Redis lost them): the heartbeat below
+        // rewrites every session, so it doubles as the re-assertion.
+        if let Some(t) = last_ok {
+            if t.elapsed() > node.config.presence_ttl {
+                tracing::warn!(
+                    away_ms = t.elapsed().as_millis() as u64,
+                    "presence expired while this node was away; re-asserting"
+                );
+                metrics::counter!(m::PRESENCE_REASSERTS).increment(1);
+            }
+        }
+        let sessions = node.hub.snapshot();
+        let counts = node.hub.counts();
+        metrics::gauge!(m::CONNECTIONS).set(counts.connections as f64);
+        metrics::gauge!(m::USERS).set(counts.users as f64);
+        let started = Instant::now();
+        match node.engines.presence.heartbeat(&sessions, counts).await {
+            Ok(()) => {
+                last_ok = Some(Instant::now());
+                if !functions_loaded {
+                    match node.engines.inbox.load().await {
+                        Ok(()) => functions_loaded = true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot load the herald_notify function");
+                            metrics::counter!(m::REDIS_ERRORS, "op" => "function_load")
+                                .increment(1);
+                        }
+                    }
+                }
+                metrics::histogram!(m::HEARTBEAT_SECONDS).record(started.elapsed().as_secs_f64());
+                node.health.set_redis(true);
+                wait = interval;
+            }
+            Err(e) => {
+                functions_loaded = false;
+                node.engines.reset_connections();
+                tracing::warn!(error = %e, "presence heartbeat failed");
+                metrics::counter!(m::REDIS_ERRORS, "op" => "heartbeat").increment(1);
+                node.health.set_redis(false);
+                wait = interval.min(RETRY_INTERVAL);
+            }
+        }
+    }
+}
+
+/// Emits the `offline` events that are due, every second (or every heartbeat interval if
+/// shorter). Every node runs it; the script makes each event happen exactly once.
+pub(super) async fn reaper_loop(node: Arc<Node>) {
+    let every = node.config.heartbeat_interval().min(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = node.stop_background.cancelled() => return,
+            _ = sleep(every) => {}
+        }
+        match node.engines.presence.reap().await {
+            Ok(n) if n > 0 => {
+                metrics::counter!(m::OFFLINE_EVENTS_REAPED).increment(n);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "offline reaper failed");
+                metrics::counter!(m::REDIS_ERRORS, "op" => "reap").increment(1);
+            }
+        }
+    }
+}

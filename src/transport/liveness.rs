@@ -1,0 +1,88 @@
+//! Whether one session is still alive and keeping up: when its client was last heard, when
+//! it was last pinged, and the verdict the node's sweeper acts on.
+//!
+//! There is no timer per session. One sweeper task per node visits every session a few
+//! times per interval and asks [`Liveness::judge`] what to do, so an idle session owns two
+//! integers here and nothing that wakes up by itself.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::protocol::CloseReason;
+
+/// Liveness settings the sweeper applies to every session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LivenessSettings {
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+}
+
+impl LivenessSettings {
+    /// How often the sweeper visits every session: a quarter of the shortest interval it
+    /// enforces, between 20 ms and 1 s, so each limit is enforced within a quarter of
+    /// itself without the sweep becoming a busy loop.
+    pub(crate) fn sweep_period(&self) -> Duration {
+        (self
+            .ping_interval
+            .min(self.idle_timeout)
+            .min(self.write_timeout)
+            / 4)
+        .clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+}
+
+/// What the sweeper should do with one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing is due.
+    Fine,
+    /// A ping is due (the sweep recorded it as sent).
+    Ping,
+    /// The session must close.
+    Close(CloseReason),
+}
+
+/// One session's liveness clocks, in [`crate::clock::mono_ms`] milliseconds.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    last_heard: AtomicU64,
+    last_ping: AtomicU64,
+}
+
+impl Liveness {
+    /// A session that was just heard from and pinged at `now`.
+    pub(crate) fn new(now: u64) -> Self {
+        Liveness {
+            last_heard: AtomicU64::new(now),
+            last_ping: AtomicU64::new(now),
+        }
+    }
+
+    /// Records that the client sent something.
+    pub(crate) fn heard(&self, now: u64) {
+        self.last_heard.store(now, Ordering::Relaxed);
+    }
+
+    /// Judges the session at `now`. `stalled_since` is when its backlog last made progress,
+    /// if it has one. A due ping is recorded as sent.
+    pub(crate) fn judge(
+        &self,
+        now: u64,
+        s: &LivenessSettings,
+        stalled_since: Option<u64>,
+    ) -> Verdict {
+        let ms = |d: Duration| d.as_millis() as u64;
+        if stalled_since.is_some_and(|t| now.saturating_sub(t) >= ms(s.write_timeout)) {
+            return Verdict::Close(CloseReason::SlowConsumer);
+        }
+        if now.saturating_sub(self.last_heard.load(Ordering::Relaxed)) >= ms(s.idle_timeout) {
+            return Verdict::Close(CloseReason::IdleTimeout);
+        }
+        if now.saturating_sub(self.last_ping.load(Ordering::Relaxed)) >= ms(s.ping_interval) {
+            self.last_ping.store(now, Ordering::Relaxed);
+            return Verdict::Ping;
+        }
+        Verdict::Fine
+    }
+}

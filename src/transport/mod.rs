@@ -1,0 +1,19 @@
+//! Sockets: the accept loop, the WebSocket codec, each session's loop, its outbox and
+//! liveness, and the welcome-and-replay that starts every session's stream.
+//!
+//! Transport is the bottom of both data paths. Deliveries arrive through a [`Client`]
+//! handle (Redis → fanout → hub → **socket**); client frames leave through the session loop
+//! (**socket → frame reader** → inbox), which reaches the inbox only through the
+//! [`InboxPort`] it is given. Nothing here imports delivery, cluster or api.
+
+pub(crate) mod client;
+pub(crate) mod codec;
+pub(crate) mod listener;
+pub(crate) mod liveness;
+pub(crate) mod outbox;
+pub(crate) mod replay;
+pub(crate) mod session;
+
+pub(crate) use client::{Client, Offered};
+pub(crate) use liveness::LivenessSettings;
+pub(crate) use outbox::{OutboxLimits, Outgoing};

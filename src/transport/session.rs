@@ -1,0 +1,235 @@
+//! One connection's loop: reads and answers client frames, drains the outbox when the
+//! socket was busy, and closes with a documented code when told to.
+//!
+//! The loop is a single `poll_fn` over state kept outside any `select!`, so an idle session
+//! costs a few hundred bytes: no read buffer (reads go to a per-thread scratch buffer), no
+//! timer (the node's sweeper sends pings and enforces timeouts), no wake-up per delivered
+//! message (deliveries write to the socket themselves; see `outbox`).
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::client::Client;
+use super::codec::{self, FrameReader, Incoming, Kind};
+use super::outbox::{OutboxLimits, Outgoing};
+use super::replay::InboxPort;
+use crate::metrics as m;
+use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
+
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Reads handled in one poll before the loop yields to other tasks.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    /// Read scratch space, one per worker thread instead of one per connection.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Everything the loop needs.
+pub(crate) struct SessionParts {
+    pub(crate) sock: Arc<TcpStream>,
+    pub(crate) client: Arc<Client>,
+    pub(crate) user: Arc<str>,
+    pub(crate) outbox: OutboxLimits,
+    /// Largest client message accepted.
+    pub(crate) max_message: usize,
+    /// Bytes read per `read` call (the per-thread scratch buffer's size).
+    pub(crate) read_chunk: usize,
+    /// Bounds an inbox acknowledgement's Redis call.
+    pub(crate) ack_timeout: Duration,
+    /// Where acknowledgements go (the user's inbox read cursor).
+    pub(crate) inbox: Arc<dyn InboxPort>,
+}
+
+type Pending = Option<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// Runs the session until it ends and returns why. The caller has registered it, sent the
+/// welcome (and any replay) and released the hold. `reader` may hold bytes the client sent
+/// before the upgrade completed.
+pub(crate) async fn run(parts: &SessionParts, reader: FrameReader) -> CloseReason {
+    let mut reader = reader;
+    let mut pending: Pending = None;
+    let mut echo: Option<Outgoing> = None;
+    let reason = poll_fn(|cx| poll_session(parts, &mut reader, &mut pending, &mut echo, cx)).await;
+    drop(pending);
+    parts.client.close(reason);
+    let last = match reason {
+        CloseReason::ConnectionLost => None,
+        // Complete the closing handshake the client started.
+        CloseReason::ClientClosed => echo,
+        r => Some(Outgoing::close(r)),
+    };
+    // A slow consumer is not owed a patient goodbye; its buffers go now.
+    let wait = if reason == CloseReason::SlowConsumer {
+        Duration::from_millis(100)
+    } else {
+        CLOSE_TIMEOUT
+    };
+    Box::pin(parts.client.finish(last, wait)).await;
+    reason
+}
+
+fn poll_session(
+    parts: &SessionParts,
+    reader: &mut FrameReader,
+    pending: &mut Pending,
+    echo: &mut Option<Outgoing>,
+    cx: &mut Context<'_>,
+) -> Poll<CloseReason> {
+    let ctl = &parts.client;
+    ctl.register(cx.waker());
+    let mut reads = 0;
+    loop {
+        if let Some(r) = ctl.reason() {
+            return Poll::Ready(r);
+        }
+        if let Some(f) = pending.as_mut() {
+            if f.as_mut().poll(cx).is_ready() {
+                *pending = None;
+            }
+        }
+        if let Poll::Ready(Err(_)) = ctl.poll_flush(cx) {
+            return Poll::Ready(CloseReason::ConnectionLost);
+        }
+        if pending.is_some() {
+            // An acknowledgement is in flight: read nothing more until it is stored.
+            return Poll::Pending;
+        }
+        if reader.has_partial() {
+            // Frames left over when the last read stopped early (an ack started).
+            if let Some(r) = handle(parts, reader, &[], pending, echo) {
+                return Poll::Ready(r);
+            }
+            if pending.is_some() {
+                continue;
+            }
+        }
+        if reads == READS_PER_POLL {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match parts.sock.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(CloseReason::ConnectionLost),
+            Poll::Ready(Ok(())) => {}
+        }
+        reads += 1;
+        let read = SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            if buf.len() != parts.read_chunk {
+                buf.resize(parts.read_chunk, 0);
+            }
+            match parts.sock.try_read(&mut buf) {
+                Ok(0) => Err(CloseReason::ConnectionLost),
+                Ok(n) => {
+                    ctl.heard();
+                    match handle(parts, reader, &buf[..n], pending, echo) {
+                        Some(r) => Err(r),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(CloseReason::ConnectionLost),
+            }
+        });
+        if let Err(r) = read {
+            return Poll::Ready(r);
+        }
+    }
+}
+
+/// Feeds read bytes to the frame reader and acts on each frame. Returns why the session
+/// must end, if it must.
+fn handle(
+    parts: &SessionParts,
+    reader: &mut FrameReader,
+    data: &[u8],
+    pending: &mut Pending,
+    echo: &mut Option<Outgoing>,
+) -> Option<CloseReason> {
+    let ctl = &parts.client;
+    let mut end = None;
+    let fed = reader.feed(data, parts.max_message, |frame| match frame {
+        Incoming::Text(text) => match parse_client_frame(text) {
+            ClientFrame::LegacyHeartbeat => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
+                true
+            }
+            ClientFrame::Ping => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
+                ctl.offer(
+                    &Outgoing::text(ServerFrame::Pong.to_text(), None),
+                    parts.outbox,
+                );
+                true
+            }
+            ClientFrame::Ack(id) => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
+                let ctl = ctl.clone();
+                let (limits, wait) = (parts.outbox, parts.ack_timeout);
+                let (inbox, user) = (parts.inbox.clone(), parts.user.clone());
+                *pending = Some(Box::pin(async move {
+                    let stored = matches!(timeout(wait, inbox.ack(&user, id)).await, Ok(Ok(_)));
+                    if !stored {
+                        let text = ServerFrame::Error {
+                            error: "ack_failed",
+                        }
+                        .to_text();
+                        ctl.offer(&Outgoing::text(text, None), limits);
+                    }
+                }));
+                // Stop here; the rest is read once the cursor is stored, in order.
+                false
+            }
+            ClientFrame::Unknown(kind) => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => kind).increment(1);
+                let text = ServerFrame::Error { error: kind }.to_text();
+                ctl.offer(&Outgoing::text(text, None), parts.outbox);
+                true
+            }
+        },
+        Incoming::Binary => {
+            metrics::counter!(m::CLIENT_FRAMES, "kind" => "binary").increment(1);
+            end = Some(CloseReason::Binary);
+            false
+        }
+        Incoming::Ping(payload) => {
+            ctl.offer(
+                &Outgoing::control(Kind::Pong, payload.to_vec()),
+                parts.outbox,
+            );
+            true
+        }
+        // Pongs only prove liveness, which reading them already recorded.
+        Incoming::Pong => true,
+        Incoming::Close(code) => {
+            *echo = Some(match code {
+                None => Outgoing::control(Kind::Close, Vec::new()),
+                Some(c) if valid_close_code(c) => {
+                    Outgoing::control(Kind::Close, codec::close_payload(c, ""))
+                }
+                Some(_) => Outgoing::close(CloseReason::Protocol),
+            });
+            end = Some(CloseReason::ClientClosed);
+            false
+        }
+    });
+    match fed {
+        Err(e) => Some(e.into()),
+        Ok(()) => end,
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 7.4).
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+}
