@@ -207,24 +207,9 @@ mod tests {
     use crate::delivery::hub::SessionInfo;
     use tokio::sync::mpsc;
 
-    fn setup() -> (Fanout, Arc<Client>, Arc<Client>) {
-        let (stx, _srx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(stx));
-        let ctl = Arc::new(Client::default());
-        let _ = hub.register(
-            SessionInfo {
-                id: uuid::Uuid::new_v4(),
-                user: "42".into(),
-                topics: vec![Arc::<str>::from("t")].into(),
-                connected_at: 0,
-            },
-            ctl.clone(),
-        );
-        let limits = OutboxLimits {
-            messages: 8,
-            bytes: 1 << 20,
-        };
-        (Fanout::new(hub, 16, limits), ctl.clone(), ctl)
+    fn setup() -> (Arc<Fanout>, Arc<Client>, Arc<Client>) {
+        let (f, client) = crate::delivery::testing::fanout_with_one_session(16);
+        (f, client.clone(), client)
     }
 
     #[test]

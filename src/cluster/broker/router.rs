@@ -106,29 +106,11 @@ impl Router {
 mod tests {
     use super::*;
     use crate::cluster::inbox::envelope;
-    use crate::delivery::{Hub, SessionInfo};
     use crate::protocol::{CloseReason, StreamId};
-    use crate::transport::{Client, OutboxLimits};
-    use tokio::sync::mpsc;
+    use crate::transport::Client;
 
     fn setup() -> (Router, Arc<Client>) {
-        let (stx, _srx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(stx));
-        let client = Arc::new(Client::default());
-        let _ = hub.register(
-            SessionInfo {
-                id: uuid::Uuid::new_v4(),
-                user: "42".into(),
-                topics: vec![Arc::<str>::from("t")].into(),
-                connected_at: 0,
-            },
-            client.clone(),
-        );
-        let limits = OutboxLimits {
-            messages: 8,
-            bytes: 1 << 20,
-        };
-        let fanout = Arc::new(Fanout::new(hub, 16, limits));
+        let (fanout, client) = crate::delivery::testing::fanout_with_one_session(16);
         let health = Arc::new(Health::new(false));
         (Router::new(Keys::new("p", "n1"), fanout, health), client)
     }

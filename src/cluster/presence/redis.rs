@@ -111,29 +111,31 @@ impl RedisPresence {
     }
 
     pub(crate) async fn add(&self, s: &SessionInfo, first_of_user: bool) -> Result<(), RedisError> {
-        let mut conn = self.pool.get().await?;
-        let mut inv = self.invoke(&self.scripts.add);
-        inv.key(self.keys.users_key())
-            .key(self.keys.presence_key(&s.user))
-            .key(self.keys.node_key())
-            .key(self.keys.events_key())
-            .key(self.keys.offline_pending_key())
-            .arg(&*s.user)
-            .arg(self.member(s))
-            .arg(first_of_user as u8)
-            .arg(&self.node);
-        let _: i64 = inv.invoke_async(&mut *conn).await?;
-        Ok(())
+        self.session_change(&self.scripts.add, s, first_of_user, &self.node)
+            .await
     }
 
+    /// `reason` (closed, kicked, drained) is what the user's `offline` event will say.
     pub(crate) async fn remove(
         &self,
         s: &SessionInfo,
         last_of_user: bool,
         reason: &str,
     ) -> Result<(), RedisError> {
+        self.session_change(&self.scripts.remove, s, last_of_user, reason)
+            .await
+    }
+
+    /// Runs the add or remove script, which share their keys and first arguments.
+    async fn session_change(
+        &self,
+        script: &Script,
+        s: &SessionInfo,
+        flag: bool,
+        last: &str,
+    ) -> Result<(), RedisError> {
         let mut conn = self.pool.get().await?;
-        let mut inv = self.invoke(&self.scripts.remove);
+        let mut inv = self.invoke(script);
         inv.key(self.keys.users_key())
             .key(self.keys.presence_key(&s.user))
             .key(self.keys.node_key())
@@ -141,8 +143,8 @@ impl RedisPresence {
             .key(self.keys.offline_pending_key())
             .arg(&*s.user)
             .arg(self.member(s))
-            .arg(last_of_user as u8)
-            .arg(reason);
+            .arg(flag as u8)
+            .arg(last);
         let _: i64 = inv.invoke_async(&mut *conn).await?;
         Ok(())
     }
