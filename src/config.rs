@@ -114,6 +114,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_INBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub inbox_retention: Duration,
 
+    /// How long an idempotency key of a durable publish answers with its first id (and
+    /// stores nothing new).
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
+
     /// Most durable messages replayed to one connection; beyond it the client gets a
     /// `gap` frame and should resync through the API.
     #[arg(long, env = "HERALD_REPLAY_LIMIT", default_value_t = 500)]
@@ -192,6 +197,9 @@ impl Config {
         }
         if self.idle_timeout <= self.ping_interval {
             return Err(ConfigError::IdleBelowPing);
+        }
+        if self.idempotency_window < Duration::from_secs(1) {
+            return Err(ConfigError::Zero("--idempotency-window"));
         }
         for (name, v) in [
             ("--max-connections", self.max_connections),

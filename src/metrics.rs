@@ -19,6 +19,13 @@ pub(crate) const UPGRADES_REJECTED: &str = "herald_upgrades_rejected_total";
 pub(crate) const MESSAGES_IN: &str = "herald_messages_in_total";
 /// Counter: durable messages replayed to reconnecting sessions.
 pub(crate) const MESSAGES_REPLAYED: &str = "herald_messages_replayed_total";
+/// Counter: durable messages sent to live sessions by a catch-up after their node's
+/// subscription broke.
+pub(crate) const MESSAGES_CAUGHT_UP: &str = "herald_messages_caught_up_total";
+/// Counter: sessions caught up after a broken subscription.
+pub(crate) const CATCH_UP_SESSIONS: &str = "herald_catch_up_sessions_total";
+/// Histogram: seconds one catch-up of every live session took.
+pub(crate) const CATCH_UP_SECONDS: &str = "herald_catch_up_seconds";
 /// Counter: message frames queued to sessions.
 pub(crate) const MESSAGES_OUT: &str = "herald_messages_out_total";
 /// Counter: payloads or deliveries dropped, by `reason`.

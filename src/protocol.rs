@@ -127,6 +127,10 @@ pub(crate) enum ServerFrame<'a> {
         session: &'a str,
         user: &'a str,
         node: &'a str,
+        /// Durable messages after the user's read cursor (absent when the inbox could not
+        /// be read).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unread: Option<u64>,
     },
     Pong,
     Error {
@@ -138,6 +142,15 @@ pub(crate) enum ServerFrame<'a> {
     Gap {
         reason: &'a str,
     },
+    /// The user read durable messages up to `id` (on this or another device): the read
+    /// cursor moved there.
+    Read {
+        id: &'a str,
+    },
+    /// The durable message `id` was withdrawn by its producer.
+    Retract {
+        id: &'a str,
+    },
 }
 
 impl ServerFrame<'_> {
@@ -147,16 +160,26 @@ impl ServerFrame<'_> {
     }
 }
 
-/// Builds the message frame `{"type":"message","channel":..,["id":..,]"data":..}` once.
-/// `data` is the payload itself when it is valid JSON, else the payload as a JSON string
-/// (lossily decoded when it is not UTF-8).
-pub(crate) fn message_frame(channel: &str, id: Option<&str>, payload: &[u8]) -> String {
+/// Builds the message frame
+/// `{"type":"message","channel":..,["id":..,]["replaces":..,]"data":..}` once. `data` is the
+/// payload itself when it is valid JSON, else the payload as a JSON string (lossily decoded
+/// when it is not UTF-8). `replaces` names the unread durable message this one collapsed.
+pub(crate) fn message_frame(
+    channel: &str,
+    id: Option<&str>,
+    replaces: Option<&str>,
+    payload: &[u8],
+) -> String {
     let mut out = String::with_capacity(payload.len() + channel.len() + 64);
     out.push_str(r#"{"type":"message","channel":"#);
     push_json_string(&mut out, channel);
     if let Some(id) = id {
         out.push_str(r#","id":"#);
         push_json_string(&mut out, id);
+    }
+    if let Some(replaces) = replaces {
+        out.push_str(r#","replaces":"#);
+        push_json_string(&mut out, replaces);
     }
     out.push_str(r#","data":"#);
     match std::str::from_utf8(payload) {
@@ -287,17 +310,18 @@ mod tests {
 
     #[test]
     fn message_frame_embeds_json_and_quotes_text() {
-        let f = message_frame("user:42", None, br#"{"a":1}"#);
+        let f = message_frame("user:42", None, None, br#"{"a":1}"#);
         assert_eq!(
             f,
             r#"{"type":"message","channel":"user:42","data":{"a":1}}"#
         );
-        let f = message_frame("broadcast", None, b"hello \"x\"");
+        let f = message_frame("broadcast", None, None, b"hello \"x\"");
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["data"], "hello \"x\"");
-        let f = message_frame("topic:t", Some("1-0"), b"\xff\xfe");
+        let f = message_frame("topic:t", Some("1-0"), Some("0-1"), b"\xff\xfe");
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["id"], "1-0");
+        assert_eq!(v["replaces"], "0-1");
         assert!(v["data"].is_string());
     }
 
@@ -307,11 +331,27 @@ mod tests {
             session: "s",
             user: "u",
             node: "n",
+            unread: Some(3),
+        }
+        .to_text();
+        assert_eq!(
+            t,
+            r#"{"type":"welcome","session":"s","user":"u","node":"n","unread":3}"#
+        );
+        let t = ServerFrame::Welcome {
+            session: "s",
+            user: "u",
+            node: "n",
+            unread: None,
         }
         .to_text();
         assert_eq!(
             t,
             r#"{"type":"welcome","session":"s","user":"u","node":"n"}"#
+        );
+        assert_eq!(
+            ServerFrame::Read { id: "1-0" }.to_text(),
+            r#"{"type":"read","id":"1-0"}"#
         );
         assert_eq!(ServerFrame::Pong.to_text(), r#"{"type":"pong"}"#);
     }
@@ -337,7 +377,7 @@ mod tests {
                 channel in any::<String>(),
                 payload in proptest::collection::vec(any::<u8>(), 0..256),
             ) {
-                let frame = message_frame(&channel, Some("1-0"), &payload);
+                let frame = message_frame(&channel, Some("1-0"), None, &payload);
                 let v: serde_json::Value = serde_json::from_str(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(&v["type"], "message");
                 prop_assert_eq!(v["channel"].as_str(), Some(channel.as_str()));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::cluster::inbox::NotifyOptions;
 pub(crate) use crate::cluster::presence::PresenceSession;
 use crate::protocol::valid_name;
 
@@ -30,6 +31,13 @@ pub(crate) struct PublishRequest {
     /// Store in the users' durable inboxes as well (user and users targets only).
     #[serde(default)]
     durable: bool,
+    /// Durable only: a retry with the same key within the idempotency window returns the
+    /// first ids and stores nothing new.
+    idempotency_key: Option<String>,
+    /// Durable only: seconds after which the message is no longer replayed or listed.
+    expires_in: Option<u64>,
+    /// Durable only: replaces the user's unread message that last used this key.
+    collapse_key: Option<String>,
     /// Required; any JSON value, `null` included.
     data: Box<RawValue>,
 }
@@ -60,6 +68,12 @@ pub(crate) enum PublishError {
     BroadcastFalse,
     #[error("\"durable\" applies to \"user\" and \"users\" only")]
     DurableTarget,
+    #[error("\"{0}\" applies to durable publishes only (\"durable\": true)")]
+    NotDurable(&'static str),
+    #[error("\"{0}\" must be 1-128 printable ASCII characters")]
+    BadOptionKey(&'static str),
+    #[error("\"expires_in\" must be a whole number of seconds from 1")]
+    BadExpiry,
 }
 
 /// Most users one publish request may address.
@@ -71,6 +85,14 @@ pub(crate) struct Publish {
     pub(crate) target: PublishTarget,
     pub(crate) data: Box<RawValue>,
     pub(crate) durable: bool,
+    /// Options of a durable publish (all `None` for a plain one).
+    pub(crate) options: NotifyOptions,
+}
+
+/// Idempotency and collapse keys: 1-128 printable ASCII characters (what `herald_notify`
+/// accepts).
+pub(crate) fn valid_option_key(k: &str) -> bool {
+    (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl PublishRequest {
@@ -78,6 +100,28 @@ impl PublishRequest {
     fn validate(self) -> Result<Publish, PublishError> {
         if self.durable && (self.topic.is_some() || self.broadcast.is_some()) {
             return Err(PublishError::DurableTarget);
+        }
+        if !self.durable {
+            for (given, name) in [
+                (self.idempotency_key.is_some(), "idempotency_key"),
+                (self.expires_in.is_some(), "expires_in"),
+                (self.collapse_key.is_some(), "collapse_key"),
+            ] {
+                if given {
+                    return Err(PublishError::NotDurable(name));
+                }
+            }
+        }
+        for (key, name) in [
+            (&self.idempotency_key, "idempotency_key"),
+            (&self.collapse_key, "collapse_key"),
+        ] {
+            if key.as_deref().is_some_and(|k| !valid_option_key(k)) {
+                return Err(PublishError::BadOptionKey(name));
+            }
+        }
+        if self.expires_in == Some(0) {
+            return Err(PublishError::BadExpiry);
         }
         let count = self.user.is_some() as u8
             + self.users.is_some() as u8
@@ -113,6 +157,11 @@ impl PublishRequest {
             target,
             data: self.data,
             durable: self.durable,
+            options: NotifyOptions {
+                idempotency_key: self.idempotency_key,
+                ttl_secs: self.expires_in,
+                collapse_key: self.collapse_key,
+            },
         })
     }
 }
@@ -164,6 +213,8 @@ pub(crate) struct InboxEntryBody {
 pub(crate) struct InboxResponse {
     pub(crate) user: String,
     pub(crate) cursor: Option<String>,
+    /// Unacknowledged entries in all (counted up to 1,000).
+    pub(crate) unread: u64,
     pub(crate) entries: Vec<InboxEntryBody>,
 }
 
@@ -178,6 +229,8 @@ pub(crate) struct AckBody {
 pub(crate) struct AckResponse {
     pub(crate) ok: bool,
     pub(crate) moved: bool,
+    /// The cursor after the ack: at most the newest entry the inbox holds.
+    pub(crate) cursor: Option<String>,
 }
 
 /// Error body of every 4xx/5xx the HTTP layer produces.
@@ -207,6 +260,38 @@ mod tests {
         assert!(parse_publish(br#"{"user":"1","durable":true,"data":1}"#).is_ok_and(|p| p.durable));
         assert!(parse_publish(br#"{"topic":"t","durable":true,"data":1}"#).is_err());
         assert!(parse_publish(br#"{"broadcast":true,"durable":true,"data":1}"#).is_err());
+    }
+
+    #[test]
+    fn durable_options_need_durable_and_valid_values() {
+        let p = parse_publish(
+            br#"{"user":"1","durable":true,"idempotency_key":"k-1","expires_in":60,"collapse_key":"c","data":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.options,
+            NotifyOptions {
+                idempotency_key: Some("k-1".into()),
+                ttl_secs: Some(60),
+                collapse_key: Some("c".into()),
+            }
+        );
+        for body in [
+            &br#"{"user":"1","idempotency_key":"k","data":1}"#[..],
+            br#"{"user":"1","expires_in":5,"data":1}"#,
+            br#"{"user":"1","collapse_key":"c","data":1}"#,
+            br#"{"user":"1","durable":true,"idempotency_key":"","data":1}"#,
+            br#"{"user":"1","durable":true,"idempotency_key":"a b","data":1}"#,
+            br#"{"user":"1","durable":true,"expires_in":0,"data":1}"#,
+            br#"{"user":"1","durable":true,"expires_in":-1,"data":1}"#,
+            br#"{"user":"1","durable":true,"expires_in":1.5,"data":1}"#,
+        ] {
+            assert!(
+                parse_publish(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     mod properties {

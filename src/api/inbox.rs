@@ -1,5 +1,6 @@
 //! The durable inbox over HTTP: `GET /api/inbox/<uid>` lists what the user has not
-//! acknowledged, `POST /api/inbox/<uid>/ack` moves their read cursor.
+//! acknowledged, `POST /api/inbox/<uid>/ack` moves their read cursor, and
+//! `DELETE /api/inbox/<uid>/<id>` withdraws an entry.
 
 use std::sync::Arc;
 
@@ -9,8 +10,8 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::bodies::{AckBody, AckResponse, InboxEntryBody, InboxQuery, InboxResponse};
-use super::{api_auth, bad_request, count, decode_user, json, unavailable, with_api, Api};
+use super::bodies::{AckBody, AckResponse, InboxEntryBody, InboxQuery, InboxResponse, OkResponse};
+use super::{api_auth, bad_request, count, decode_user, error, json, unavailable, with_api, Api};
 use crate::protocol::StreamId;
 
 /// Most entries one `GET /api/inbox/<uid>` returns.
@@ -41,6 +42,17 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+pub(super) fn retract_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "inbox" / String / String)
+        .and(warp::delete())
+        .and(api_auth(api.clone()))
+        .and(with_api(api))
+        .then(|user: String, id: String, api: Arc<Api>| async move {
+            count("inbox_retract", retract(&user, &id, &api).await)
+        })
+        .boxed()
+}
+
 /// The payload as clients receive it in `data`: JSON when it parses, else a string.
 fn payload_value(data: &[u8]) -> serde_json::Value {
     serde_json::from_slice(data)
@@ -55,12 +67,15 @@ async fn list(raw_user: &str, query: &str, api: &Api) -> Response {
     let q: InboxQuery = serde_urlencoded::from_str(query).unwrap_or_default();
     let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
     match api.node.inbox_page(&user, limit).await {
-        Ok((cursor, entries)) => json(
+        Ok(opening) => json(
             StatusCode::OK,
             &InboxResponse {
                 user,
-                cursor: cursor.map(|c| c.to_string()),
-                entries: entries
+                cursor: opening.start.map(|c| c.to_string()),
+                unread: opening.unread.unwrap_or(0),
+                entries: opening
+                    .page
+                    .entries
                     .into_iter()
                     .map(|e| InboxEntryBody {
                         id: e.id.to_string(),
@@ -83,7 +98,33 @@ async fn ack(raw_user: &str, body: &[u8], api: &Api) -> Response {
         _ => return bad_request(r#"body must be {"id":"<inbox id>"}"#),
     };
     match api.node.inbox_ack(&user, id).await {
-        Ok(moved) => json(StatusCode::OK, &AckResponse { ok: true, moved }),
+        Ok(acked) => json(
+            StatusCode::OK,
+            &AckResponse {
+                ok: true,
+                moved: acked.moved,
+                cursor: acked.cursor.map(|c| c.to_string()),
+            },
+        ),
         Err(e) => unavailable(api, "inbox_ack", &e),
+    }
+}
+
+async fn retract(raw_user: &str, raw_id: &str, api: &Api) -> Response {
+    let user = match decode_user(raw_user) {
+        Ok(u) => u,
+        Err(res) => return *res,
+    };
+    let Ok(id) = raw_id.parse::<StreamId>() else {
+        return bad_request("the entry id must be an inbox id such as 1732530000000-0");
+    };
+    match api.node.inbox_retract(&user, id).await {
+        Ok(true) => json(StatusCode::OK, &OkResponse { ok: true }),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the inbox holds no such entry (it was never there, aged out or was withdrawn)",
+        ),
+        Err(e) => unavailable(api, "inbox_retract", &e),
     }
 }

@@ -66,6 +66,8 @@ fn api_routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(inbox::ack_route(api.clone()))
         .unify()
+        .or(inbox::retract_route(api.clone()))
+        .unify()
         .or(presence::stats_route(api.clone()))
         .unify()
         .or(presence::disconnect_route(api))

@@ -35,6 +35,7 @@ async fn publish(body: &[u8], api: &Api) -> Response {
         target,
         data,
         durable,
+        options,
     } = match parse_publish(body) {
         Ok(v) => v,
         Err(e) => return bad_request(e.to_string()),
@@ -52,7 +53,18 @@ async fn publish(body: &[u8], api: &Api) -> Response {
         let PublishTarget::Users(users) = target else {
             return bad_request("durable applies to users only");
         };
-        let results = join_all(users.iter().map(|u| api.node.publish_durable(u, payload))).await;
+        let retention = api.node.config().inbox_retention.as_secs();
+        if options.ttl_secs.is_some_and(|t| t > retention) {
+            return bad_request(format!(
+                "\"expires_in\" must be at most the inbox retention ({retention} s)"
+            ));
+        }
+        let results = join_all(
+            users
+                .iter()
+                .map(|u| api.node.publish_durable(u, payload, &options)),
+        )
+        .await;
         let mut ids = BTreeMap::new();
         for (user, r) in users.iter().zip(results) {
             match r {

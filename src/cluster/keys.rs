@@ -108,6 +108,16 @@ impl Keys {
         format!("{}:cursor:{}", self.prefix, user)
     }
 
+    /// ZSET of the user's withdrawn inbox ids (retracted or collapsed), score = their ms.
+    pub(crate) fn gone_key(&self, user: &str) -> String {
+        format!("{}:gone:{}", self.prefix, user)
+    }
+
+    /// The prefix the Functions library checks inbox keys against.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// STREAM of online/offline events, and the pub/sub channel of the same name.
     pub(crate) fn events_key(&self) -> String {
         format!("{}:events", self.prefix)

@@ -57,6 +57,8 @@ impl Engines {
         let policy = InboxPolicy {
             max_len: config.inbox_max_len,
             retention: config.inbox_retention,
+            max_bytes: config.max_message_bytes,
+            idempotency_window: config.idempotency_window,
         };
         let Some(url) = &config.redis_url else {
             let broker = MemoryBroker::new();

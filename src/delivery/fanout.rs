@@ -7,9 +7,11 @@
 
 use std::sync::Arc;
 
+use uuid::Uuid;
+
 use super::hub::Hub;
 use crate::metrics as m;
-use crate::protocol::{message_frame, CloseReason, StreamId};
+use crate::protocol::{message_frame, CloseReason, ServerFrame, StreamId};
 use crate::transport::{Client, Offered, OutboxLimits, Outgoing};
 
 /// Who a published payload is for.
@@ -32,6 +34,30 @@ impl Target<'_> {
             Target::Broadcast => "broadcast".to_string(),
         }
     }
+}
+
+/// What makes a message durable: its inbox id, and the unread entry it replaced (a
+/// collapse key's previous message), if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Durable {
+    pub(crate) id: StreamId,
+    pub(crate) replaces: Option<StreamId>,
+}
+
+impl Durable {
+    #[cfg(test)]
+    pub(crate) fn new(id: StreamId) -> Self {
+        Durable { id, replaces: None }
+    }
+}
+
+/// A change to a user's inbox that their live sessions are told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InboxEvent {
+    /// The read cursor moved to this id.
+    Read(StreamId),
+    /// This entry was withdrawn.
+    Retract(StreamId),
 }
 
 /// What happened to one payload; returned for tests and callers that count.
@@ -89,11 +115,11 @@ impl Fanout {
     pub(crate) fn handle(
         &self,
         target: Target<'_>,
-        id: Option<StreamId>,
+        durable: Option<Durable>,
         payload: &[u8],
         source: Source,
     ) -> Outcome {
-        match self.route(target, id, payload, source) {
+        match self.route(target, durable, payload, source) {
             Route::Done(outcome) => outcome,
             Route::Deliver(msg, recipients) => self.deliver(&msg, &recipients),
         }
@@ -106,11 +132,11 @@ impl Fanout {
     pub(crate) async fn handle_spread(
         self: &Arc<Self>,
         target: Target<'_>,
-        id: Option<StreamId>,
+        durable: Option<Durable>,
         payload: &[u8],
         source: Source,
     ) -> Outcome {
-        let (msg, mut recipients) = match self.route(target, id, payload, source) {
+        let (msg, mut recipients) = match self.route(target, durable, payload, source) {
             Route::Done(outcome) => return outcome,
             Route::Deliver(msg, recipients) => (msg, recipients),
         };
@@ -131,6 +157,43 @@ impl Fanout {
             }
         }
         Outcome::Delivered { queued }
+    }
+
+    /// Tells the user's local sessions (but `except`, the one it came from) about a change
+    /// to their inbox. Returns how many were told.
+    pub(crate) fn inbox_event(&self, user: &str, event: InboxEvent, except: Option<Uuid>) -> usize {
+        let mut recipients = Vec::new();
+        self.hub.user_sessions_except(user, except, &mut recipients);
+        if recipients.is_empty() {
+            return 0;
+        }
+        let frame = match event {
+            InboxEvent::Read(id) => ServerFrame::Read {
+                id: &id.to_string(),
+            }
+            .to_text(),
+            InboxEvent::Retract(id) => ServerFrame::Retract {
+                id: &id.to_string(),
+            }
+            .to_text(),
+        };
+        match self.deliver(&Outgoing::text(frame, None), &recipients) {
+            Outcome::Delivered { queued } => queued,
+            Outcome::Oversize => 0,
+        }
+    }
+
+    /// Parks live deliveries to every local session until each is caught up from its last
+    /// durable message: called when the subscription was rebuilt, before any publication
+    /// of the new one is delivered, so nothing published meanwhile overtakes what the
+    /// catch-up sends. Returns how many sessions wait for a catch-up.
+    pub(crate) fn hold_all_for_catch_up(&self) -> usize {
+        let mut clients = Vec::new();
+        self.hub.all_sessions(&mut clients);
+        for client in &clients {
+            client.hold_for_catch_up();
+        }
+        clients.len()
     }
 
     /// Closes every local session of `user` with 4002 (`POST /api/disconnect`); returns how
@@ -164,7 +227,7 @@ impl Fanout {
     fn route(
         &self,
         target: Target<'_>,
-        id: Option<StreamId>,
+        durable: Option<Durable>,
         payload: &[u8],
         source: Source,
     ) -> Route {
@@ -192,10 +255,16 @@ impl Fanout {
         if recipients.is_empty() {
             return Route::Done(Outcome::Delivered { queued: 0 });
         }
-        let id_text = id.map(|i| i.to_string());
+        let id_text = durable.map(|d| d.id.to_string());
+        let replaces = durable.and_then(|d| d.replaces).map(|r| r.to_string());
         let msg = Outgoing::text(
-            message_frame(&target.label(), id_text.as_deref(), payload),
-            id,
+            message_frame(
+                &target.label(),
+                id_text.as_deref(),
+                replaces.as_deref(),
+                payload,
+            ),
+            durable.map(|d| d.id),
         );
         Route::Deliver(msg, recipients)
     }
@@ -244,7 +313,12 @@ mod tests {
         let (f, rx, _) = setup();
         let id = StreamId { ms: 9, seq: 1 };
         assert_eq!(
-            f.handle(Target::User("42"), Some(id), b"{\"x\":2}", Source::Redis),
+            f.handle(
+                Target::User("42"),
+                Some(Durable::new(id)),
+                b"{\"x\":2}",
+                Source::Redis
+            ),
             Outcome::Delivered { queued: 1 }
         );
         let got = rx.take(1).remove(0);
@@ -282,7 +356,7 @@ mod tests {
         for (user, ctl) in [("slow", &slow), ("fast", &fast)] {
             let _ = hub.register(
                 SessionInfo {
-                    id: uuid::Uuid::new_v4(),
+                    id: Uuid::new_v4(),
                     user: user.into(),
                     topics: Vec::new().into(),
                     connected_at: 0,
@@ -339,7 +413,7 @@ mod tests {
         for (i, ctl) in ctls.iter().enumerate() {
             let _ = hub.register(
                 SessionInfo {
-                    id: uuid::Uuid::new_v4(),
+                    id: Uuid::new_v4(),
                     user: format!("u{i}").into(),
                     topics: Vec::new().into(),
                     connected_at: 0,

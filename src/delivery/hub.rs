@@ -172,14 +172,37 @@ impl Hub {
     /// Appends the controls of every session of `user` to `out` (the fan-out writes to
     /// them after the lock is released: the hub does no I/O).
     pub(crate) fn user_sessions(&self, user: &str, out: &mut Vec<Arc<Client>>) {
+        self.user_sessions_except(user, None, out);
+    }
+
+    /// Like [`user_sessions`](Self::user_sessions), leaving out the session `except`.
+    pub(crate) fn user_sessions_except(
+        &self,
+        user: &str,
+        except: Option<Uuid>,
+        out: &mut Vec<Arc<Client>>,
+    ) {
         let inner = self.read();
         if let Some(ids) = inner.users.get(user) {
             out.extend(
                 ids.iter()
+                    .filter(|id| Some(**id) != except)
                     .filter_map(|id| inner.sessions.get(id))
                     .map(|e| e.client.clone()),
             );
         }
+    }
+
+    /// Every live session with its user, for a catch-up.
+    pub(crate) fn all_sessions_with_users(&self, out: &mut Vec<(Arc<Client>, Arc<str>)>) {
+        let inner = self.read();
+        out.reserve(inner.sessions.len());
+        out.extend(
+            inner
+                .sessions
+                .values()
+                .map(|e| (e.client.clone(), e.info.user.clone())),
+        );
     }
 
     pub(crate) fn topic_sessions(&self, topic: &str, out: &mut Vec<Arc<Client>>) {

@@ -9,7 +9,7 @@
 pub(crate) mod fanout;
 pub(crate) mod hub;
 
-pub(crate) use fanout::{Fanout, Outcome, Source, Target};
+pub(crate) use fanout::{Durable, Fanout, InboxEvent, Outcome, Source, Target};
 pub(crate) use hub::{Counts, Hub, Interest, SessionInfo, SubCommand};
 
 /// Test fixtures shared by delivery's and the broker's unit tests.

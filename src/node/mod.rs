@@ -10,13 +10,14 @@ pub(crate) use session::SessionRequest;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::cluster::broker::{Router, SubscriberSettings};
+use crate::cluster::inbox::NotifyOptions;
 use crate::cluster::keys::Keys;
 use crate::cluster::presence::{PresenceSession, Stats};
 use crate::cluster::{BuildError, Engines, RedisError};
@@ -24,7 +25,8 @@ use crate::config::Config;
 use crate::delivery::{Fanout, Hub, SubCommand, Target};
 use crate::health::{Health, ReadyStatus};
 use crate::metrics as m;
-use crate::protocol::{CloseReason, InboxEntry, StreamId};
+use crate::protocol::{CloseReason, StreamId};
+use crate::transport::replay::{Acked, Opening, ReplayLimits};
 use crate::transport::Client;
 
 /// Why a node could not be built.
@@ -87,12 +89,14 @@ impl Node {
         });
 
         let reassert = Arc::new(Notify::new());
+        let (subscribed, catch_up) = watch::channel(0u64);
         let heartbeat = node.config.heartbeat_interval();
         let settings = SubscriberSettings {
             router: Router::new(keys, fanout, health),
             probe_interval: heartbeat.max(Duration::from_millis(500)),
             probe_timeout: (heartbeat * 2).max(Duration::from_secs(2)),
             on_reconnect: reassert.clone(),
+            subscribed,
         };
         let stop = node.stop_background.clone();
         let n = node.clone();
@@ -108,6 +112,8 @@ impl Node {
             node.background.spawn(tasks::reaper_loop(node.clone()));
         }
         node.background.spawn(tasks::sweep_loop(node.clone()));
+        node.background
+            .spawn(tasks::catch_up_loop(node.clone(), catch_up));
         Ok(node)
     }
 
@@ -157,8 +163,9 @@ impl Node {
         &self,
         user: &str,
         payload: &[u8],
+        options: &NotifyOptions,
     ) -> Result<StreamId, RedisError> {
-        self.engines.inbox.notify(user, payload).await
+        self.engines.inbox.notify(user, payload, options).await
     }
 
     /// Closes every session of `user` on every node with 4002.
@@ -176,20 +183,30 @@ impl Node {
         self.engines.presence.stats().await
     }
 
-    /// The user's read cursor and up to `limit` unacknowledged entries after it.
-    pub(crate) async fn inbox_page(
-        &self,
-        user: &str,
-        limit: usize,
-    ) -> Result<(Option<StreamId>, Vec<InboxEntry>), RedisError> {
-        let cursor = self.engines.inbox.cursor(user).await?;
-        let entries = self.engines.inbox.read_after(user, cursor, limit).await?;
-        Ok((cursor, entries))
+    /// The user's read cursor (the opening's `start`), unread count and up to `limit`
+    /// unacknowledged entries after the cursor.
+    pub(crate) async fn inbox_page(&self, user: &str, limit: usize) -> Result<Opening, RedisError> {
+        self.engines.inbox.open(user, None, true, true, limit).await
     }
 
-    /// Moves the user's read cursor forward; false when it already was there or beyond.
-    pub(crate) async fn inbox_ack(&self, user: &str, id: StreamId) -> Result<bool, RedisError> {
-        self.engines.inbox.ack(user, id).await
+    /// Moves the user's read cursor forward (at most to the newest entry) and tells the
+    /// user's sessions on every node.
+    pub(crate) async fn inbox_ack(&self, user: &str, id: StreamId) -> Result<Acked, RedisError> {
+        self.engines.inbox.ack(user, id, None).await
+    }
+
+    /// Withdraws an inbox entry and tells the user's sessions; false when there is none.
+    pub(crate) async fn inbox_retract(&self, user: &str, id: StreamId) -> Result<bool, RedisError> {
+        self.engines.inbox.retract(user, id).await
+    }
+
+    /// What one replay or catch-up may send.
+    fn replay_limits(&self) -> ReplayLimits {
+        ReplayLimits {
+            max_entries: self.config.replay_limit,
+            max_bytes: self.config.max_message_bytes,
+            write_timeout: self.config.write_timeout,
+        }
     }
 
     /// Records a failed Redis operation of the API: a failed command may mean a pooled

@@ -16,7 +16,8 @@ use crate::delivery::SessionInfo;
 use crate::metrics as m;
 use crate::protocol::{CloseReason, ServerFrame, StreamId};
 use crate::transport::codec::FrameReader;
-use crate::transport::replay::{self, ReplayLimits};
+use crate::transport::outbox::Released;
+use crate::transport::replay;
 use crate::transport::session::{self as session_loop, SessionParts};
 use crate::transport::{Client, Outgoing};
 
@@ -92,18 +93,17 @@ impl Node {
         let _ = timeout(SUBSCRIBE_WAIT, reg.subscribed).await;
 
         let session_id = info.id.to_string();
-        let welcome = ServerFrame::Welcome {
-            session: &session_id,
-            user: &info.user,
-            node: &self.node_id,
-        }
-        .to_text();
-        let limits = ReplayLimits {
-            max_entries: self.config.replay_limit,
-            max_bytes: self.config.max_message_bytes,
-            write_timeout: self.config.write_timeout,
+        let welcome = |unread| {
+            ServerFrame::Welcome {
+                session: &session_id,
+                user: &info.user,
+                node: &self.node_id,
+                unread,
+            }
+            .to_text()
         };
-        let greeted = replay::greet(
+        let limits = self.replay_limits();
+        let mut greeted = replay::greet(
             &client,
             &*self.engines.inbox,
             welcome,
@@ -111,11 +111,20 @@ impl Node {
             request.since,
             limits,
         )
-        .await;
+        .await
+        .map(|start| client.finish_greeting(start));
+        if greeted == Ok(Released::StillHeld) {
+            // The subscription was rebuilt while the replay ran: what was published before
+            // it came back may have been missed; catch up before going live.
+            greeted = replay::catch_up(&client, &*self.engines.inbox, &info.user, limits)
+                .await
+                .map(|_| Released::Idle);
+        }
         let live = Box::new(LiveSession {
             parts: SessionParts {
                 sock,
                 client: client.clone(),
+                session: info.id,
                 user: info.user.clone(),
                 outbox: self.config.outbox_limits(),
                 max_message: self.config.max_message_bytes,
@@ -126,10 +135,7 @@ impl Node {
             info,
         });
         match greeted {
-            Ok(replayed_up_to) => {
-                client.release(replayed_up_to);
-                (live, None)
-            }
+            Ok(_) => (live, None),
             Err(reason) => {
                 client.close(reason);
                 let last = (reason != CloseReason::ConnectionLost).then(|| Outgoing::close(reason));

@@ -4,13 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep, Instant, MissedTickBehavior};
 
 use super::Node;
 use crate::clock::mono_ms;
 use crate::metrics as m;
-use crate::transport::LivenessSettings;
+use crate::transport::{replay, LivenessSettings};
+
+/// Sessions caught up at once after a broken subscription: bounds the Redis reads in
+/// flight (and the node memory they hold) however many sessions there are.
+const CATCH_UP_CONCURRENCY: usize = 32;
 
 /// Heartbeat retry interval while Redis is failing (bounded by the normal interval).
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -122,5 +127,44 @@ pub(super) async fn reaper_loop(node: Arc<Node>) {
                 metrics::counter!(m::REDIS_ERRORS, "op" => "reap").increment(1);
             }
         }
+    }
+}
+
+/// Catches every live session up after the node's subscription was rebuilt (the broker has
+/// parked their live deliveries before the new subscription delivered anything). Runs in
+/// its own task with a bounded number of sessions in flight, so thousands of sessions are
+/// caught up at a steady pace while the subscriber goes on reading. A rebuild during a pass
+/// starts another pass once this one is done.
+pub(super) async fn catch_up_loop(node: Arc<Node>, mut subscribed: watch::Receiver<u64>) {
+    let limits = node.replay_limits();
+    let mut clients = Vec::new();
+    loop {
+        tokio::select! {
+            _ = node.stop_background.cancelled() => return,
+            changed = subscribed.changed() => if changed.is_err() { return },
+        }
+        let started = Instant::now();
+        node.hub.all_sessions_with_users(&mut clients);
+        let inbox = &*node.engines.inbox;
+        let sessions = clients.len();
+        futures_util::stream::iter(clients.drain(..))
+            .for_each_concurrent(CATCH_UP_CONCURRENCY, |(client, user)| async move {
+                if client.catch_up_start().is_none() {
+                    // Greeting (it catches up when its replay ends) or closing.
+                    return;
+                }
+                if let Err(reason) = replay::catch_up(&client, inbox, &user, limits).await {
+                    client.close(reason);
+                }
+                metrics::counter!(m::CATCH_UP_SESSIONS).increment(1);
+            })
+            .await;
+        let took = started.elapsed();
+        metrics::histogram!(m::CATCH_UP_SECONDS).record(took.as_secs_f64());
+        tracing::info!(
+            sessions,
+            took_ms = took.as_millis() as u64,
+            "live sessions caught up after the subscription was rebuilt"
+        );
     }
 }

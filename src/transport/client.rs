@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use super::codec::Kind;
 use super::liveness::{Liveness, LivenessSettings, Verdict};
-use super::outbox::{Outbox, OutboxLimits, Outgoing, Pushed};
+use super::outbox::{CatchUp, Outbox, OutboxLimits, Outgoing, Pushed, Released};
 use crate::clock::mono_ms;
 use crate::protocol::{CloseReason, StreamId};
 
@@ -118,15 +118,48 @@ impl Client {
         }
     }
 
-    /// Writes one frame directly while the session is held (welcome, gap and replay
-    /// frames, which go before anything queued). Gives up after `wait`.
-    pub(crate) async fn send_now(&self, msg: &Outgoing, wait: Duration) -> Result<(), CloseReason> {
-        self.outbox.send_now(msg, wait).await
+    /// Writes one welcome, replay or catch-up frame while the session is held (see
+    /// [`Outbox::send_held`]).
+    pub(crate) async fn send_held(
+        &self,
+        msg: &Outgoing,
+        wait: Duration,
+    ) -> Result<(), CloseReason> {
+        self.outbox.send_held(msg, wait).await
     }
 
-    /// Ends the hold (see [`Outbox::release`]).
-    pub(crate) fn release(&self, replayed_up_to: Option<StreamId>) {
-        self.outbox.release(replayed_up_to);
+    /// Ends the greeting (see [`Outbox::finish_greeting`]); wakes the session loop when
+    /// parked deliveries are now to be written.
+    pub(crate) fn finish_greeting(&self, start: Option<StreamId>) -> Released {
+        self.woken(self.outbox.finish_greeting(start))
+    }
+
+    /// Parks live deliveries until the session is caught up (see
+    /// [`Outbox::hold_for_catch_up`]).
+    pub(crate) fn hold_for_catch_up(&self) {
+        if !self.is_closed() {
+            self.outbox.hold_for_catch_up();
+        }
+    }
+
+    /// Where a pending catch-up starts, if one is due now.
+    pub(crate) fn catch_up_start(&self) -> Option<CatchUp> {
+        if self.is_closed() {
+            return None;
+        }
+        self.outbox.catch_up_start()
+    }
+
+    /// Ends a catch-up (see [`Outbox::finish_catch_up`]).
+    pub(crate) fn finish_catch_up(&self, done: CatchUp) -> Released {
+        self.woken(self.outbox.finish_catch_up(done))
+    }
+
+    fn woken(&self, released: Released) -> Released {
+        if released == Released::Backlog {
+            self.waker.wake();
+        }
+        released
     }
 
     /// Drains the outbox as far as the socket allows (see [`Outbox::poll_flush`]).
@@ -181,7 +214,7 @@ mod tests {
             .set_send_buffer_size(4096)
             .unwrap();
         let ctl = Arc::new(Client::held(sock));
-        ctl.release(None);
+        ctl.finish_greeting(None);
         (ctl, client)
     }
 
@@ -217,10 +250,10 @@ mod tests {
         assert_eq!(ctl.offer(&early, LIMITS), Offered::Queued);
         assert_eq!(ctl.offer(&later, LIMITS), Offered::Queued);
         let welcome = Outgoing::text("welcome".into(), None);
-        ctl.send_now(&welcome, Duration::from_secs(1))
+        ctl.send_held(&welcome, Duration::from_secs(1))
             .await
             .unwrap();
-        ctl.release(Some("5-0".parse().unwrap()));
+        ctl.finish_greeting(Some("5-0".parse().unwrap()));
         assert_eq!(ctl.queued(), 1);
         std::future::poll_fn(|cx| ctl.poll_flush(cx)).await.unwrap();
         assert_eq!(
@@ -285,7 +318,7 @@ mod tests {
     async fn sweep_pings_then_closes_idle_and_stalled_sessions() {
         let (sock, mut client) = pair().await;
         let ctl = Client::held(sock);
-        ctl.release(None);
+        ctl.finish_greeting(None);
         let live = LivenessSettings {
             ping_interval: Duration::from_millis(100),
             idle_timeout: Duration::from_millis(300),

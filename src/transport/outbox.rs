@@ -90,6 +90,17 @@ pub(crate) enum Pushed {
     Failed,
 }
 
+/// What ending a hold left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// Still held: another catch-up is due (or the greeting is not over).
+    StillHeld,
+    /// Released with nothing queued.
+    Idle,
+    /// Released with parked deliveries to drain: the session loop must be woken.
+    Backlog,
+}
+
 #[derive(Debug, Default)]
 struct Out {
     /// `None` in unit tests and once the session has finished.
@@ -97,10 +108,55 @@ struct Out {
     queue: VecDeque<Outgoing>,
     /// Bytes (header and payload) of the queue's first frame already written.
     head_sent: usize,
-    /// While the welcome and replay are written, live deliveries queue behind them.
-    held: bool,
-    /// Durable messages up to this id were replayed; live copies are dropped.
-    replayed_up_to: Option<StreamId>,
+    /// The welcome and replay are being written: live deliveries are parked behind them.
+    greeting: bool,
+    /// A catch-up was asked for (the subscription broke): live deliveries are parked until
+    /// the session is caught up from `last_durable`.
+    catch_up: bool,
+    /// Bumped by every catch-up request, so one that arrives during a catch-up is not
+    /// mistaken for the one being finished.
+    catch_up_gen: u32,
+    /// While held (greeting or catching up): how many frames at the front of the queue may
+    /// be written (what was queued before the hold, then welcome, replay or catch-up frames).
+    /// The frames behind them are parked live deliveries.
+    ready: usize,
+    /// The highest inbox id this session was sent (written or queued, parked frames
+    /// excepted). Inbox ids grow in publish order, so a live copy at or below it is a
+    /// duplicate of what replay or catch-up delivered, and a catch-up starts after it.
+    last_durable: Option<StreamId>,
+}
+
+impl Out {
+    fn held(&self) -> bool {
+        self.greeting || self.catch_up
+    }
+
+    /// Frames that may be written now.
+    fn writable(&self) -> usize {
+        if self.held() {
+            self.ready
+        } else {
+            self.queue.len()
+        }
+    }
+
+    fn is_duplicate(&self, id: Option<StreamId>) -> bool {
+        matches!((id, self.last_durable), (Some(id), Some(done)) if id <= done)
+    }
+
+    fn saw(&mut self, id: Option<StreamId>) {
+        if id > self.last_durable {
+            self.last_durable = id;
+        }
+    }
+}
+
+/// What a catch-up needs to start: where to read from, and which request it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CatchUp {
+    /// The session was sent every durable message up to here.
+    pub(crate) after: Option<StreamId>,
+    generation: u32,
 }
 
 /// The write side of one session.
@@ -108,19 +164,20 @@ struct Out {
 pub(crate) struct Outbox {
     out: Mutex<Out>,
     queued_bytes: AtomicUsize,
-    /// Something is queued (read without the lock by the sweeper).
+    /// Something writable is queued (read without the lock by the sweeper).
     backlog: AtomicBool,
     /// [`mono_ms`] of the last write progress while a backlog existed.
     progress_at: AtomicU64,
 }
 
 impl Outbox {
-    /// An outbox on `sock` that queues every delivery until [`release`](Self::release).
+    /// An outbox on `sock` that parks every delivery until the greeting is over
+    /// ([`finish_greeting`](Self::finish_greeting)).
     pub(crate) fn held(sock: Arc<TcpStream>) -> Self {
         Outbox {
             out: Mutex::new(Out {
                 sock: Some(sock),
-                held: true,
+                greeting: true,
                 ..Out::default()
             }),
             ..Outbox::default()
@@ -150,15 +207,15 @@ impl Outbox {
             .then(|| self.progress_at.load(Ordering::Relaxed))
     }
 
-    /// Sends `msg` now if the socket takes it, else queues it within `limits`.
+    /// Sends `msg` now if the socket takes it, else queues it within `limits` (parked
+    /// behind the welcome, replay or catch-up while the session is held).
     pub(crate) fn push(&self, msg: &Outgoing, limits: OutboxLimits) -> Pushed {
         let mut out = self.lock();
-        if let (Some(id), Some(done)) = (msg.id, out.replayed_up_to) {
-            if id <= done {
-                return Pushed::Skipped;
-            }
+        if out.is_duplicate(msg.id) {
+            return Pushed::Skipped;
         }
-        if out.queue.is_empty() && !out.held {
+        let held = out.held();
+        if out.queue.is_empty() && !held {
             // Borrowed, not cloned: this runs once per recipient of every message.
             let written = out.sock.as_deref().map(|sock| {
                 let (h, hl) = codec::header(msg.kind, msg.payload.len());
@@ -169,10 +226,14 @@ impl Outbox {
             });
             if let Some((result, total)) = written {
                 return match result {
-                    Ok(n) if n == total => Pushed::Written,
+                    Ok(n) if n == total => {
+                        out.saw(msg.id);
+                        Pushed::Written
+                    }
                     Ok(n) => {
                         out.head_sent = n;
                         out.queue.push_back(msg.clone());
+                        out.saw(msg.id);
                         self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
                         self.start_backlog();
                         Pushed::Queued { wake: true }
@@ -188,13 +249,16 @@ impl Outbox {
         let was_empty = out.queue.is_empty();
         out.queue.push_back(msg.clone());
         self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
-        // A held session's queue waits for `release`, which starts the backlog clock; the
-        // welcome and replay are not the client's slowness.
-        let wake = was_empty && !out.held;
-        if wake {
+        if held {
+            // Parked: the hold's end decides whether it is a duplicate and starts the
+            // backlog clock; the welcome, replay or catch-up is not the client's slowness.
+            return Pushed::Queued { wake: false };
+        }
+        out.saw(msg.id);
+        if was_empty {
             self.start_backlog();
         }
-        Pushed::Queued { wake }
+        Pushed::Queued { wake: was_empty }
     }
 
     fn start_backlog(&self) {
@@ -202,25 +266,57 @@ impl Outbox {
         self.backlog.store(true, Ordering::Release);
     }
 
-    /// Writes one frame directly while the session is held (welcome, gap and replay
-    /// frames, which go before anything queued). Gives up after `wait`.
-    pub(crate) async fn send_now(&self, msg: &Outgoing, wait: Duration) -> Result<(), CloseReason> {
-        let Some(sock) = self.lock().sock.clone() else {
-            return Err(CloseReason::ConnectionLost);
+    /// Writes one frame of the welcome, a replay or a catch-up while the session is held:
+    /// after what was queued before the hold, before every parked live delivery. Returns
+    /// once it (and everything before it) is written; a client that does not take it within
+    /// `wait` is a slow consumer.
+    pub(crate) async fn send_held(
+        &self,
+        msg: &Outgoing,
+        wait: Duration,
+    ) -> Result<(), CloseReason> {
+        let sock = {
+            let mut out = self.lock();
+            let Some(sock) = out.sock.clone() else {
+                return Err(CloseReason::ConnectionLost);
+            };
+            if !out.held() {
+                return Err(CloseReason::ConnectionLost);
+            }
+            out.saw(msg.id);
+            if out.ready == 0 && out.head_sent == 0 {
+                // Nothing writable before it: straight to the socket, no queue (an idle
+                // session should not keep a queue allocation for its welcome).
+                let (h, hl) = codec::header(msg.kind, msg.payload.len());
+                match write_frame(&sock, &h[..hl], &msg.payload, 0) {
+                    Ok(n) if n == hl + msg.payload.len() => return Ok(()),
+                    Ok(n) => {
+                        out.head_sent = n;
+                        out.queue.push_front(msg.clone());
+                    }
+                    Err(_) => return Err(CloseReason::ConnectionLost),
+                }
+            } else {
+                let at = out.ready;
+                out.queue.insert(at, msg.clone());
+            }
+            out.ready += 1;
+            self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
+            self.start_backlog();
+            sock
         };
-        let (h, hl) = codec::header(msg.kind, msg.payload.len());
-        let total = hl + msg.payload.len();
         let write = async {
-            let mut sent = 0;
             loop {
                 {
-                    // Held: deliveries only queue, so this is the only writer.
-                    let _out = self.lock();
-                    sent = write_frame(&sock, &h[..hl], &msg.payload, sent)
-                        .map_err(|_| CloseReason::ConnectionLost)?;
-                }
-                if sent == total {
-                    return Ok(());
+                    let mut out = self.lock();
+                    if out.sock.is_none() {
+                        return Err(CloseReason::ConnectionLost);
+                    }
+                    match self.drain(&mut out, &sock) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(_) => return Err(CloseReason::ConnectionLost),
+                    }
                 }
                 sock.writable()
                     .await
@@ -233,27 +329,95 @@ impl Outbox {
         }
     }
 
-    /// Ends the hold: drops queued live copies of replayed entries; later deliveries may
-    /// write directly once the loop has drained what was queued.
-    pub(crate) fn release(&self, replayed_up_to: Option<StreamId>) {
+    /// Ends the greeting. `start` is where its replay started (the `since` the client gave,
+    /// or the read cursor): the client has everything up to it, so live copies up to there
+    /// are dropped too. Returns true when a catch-up was asked for meanwhile: the session
+    /// then stays held until [`finish_catch_up`](Self::finish_catch_up); else its parked
+    /// deliveries are released (and true is returned only in that case if they must be
+    /// drained: see [`Released`]).
+    pub(crate) fn finish_greeting(&self, start: Option<StreamId>) -> Released {
         let mut out = self.lock();
-        out.held = false;
-        out.replayed_up_to = replayed_up_to;
-        if let Some(done) = replayed_up_to {
-            let before: usize = out.queue.iter().map(Outgoing::len).sum();
-            out.queue
-                .retain(|m| !matches!(m.id, Some(id) if id <= done));
-            let after: usize = out.queue.iter().map(Outgoing::len).sum();
-            self.queued_bytes
-                .fetch_sub(before - after, Ordering::Relaxed);
+        out.greeting = false;
+        out.saw(start);
+        if out.catch_up {
+            return Released::StillHeld;
         }
-        if !out.queue.is_empty() {
+        self.release_parked(&mut out)
+    }
+
+    /// Asks for a catch-up: parks live deliveries from now on, until the session has been
+    /// sent what its subscription may have missed. Called before any live message of a new
+    /// subscription is delivered.
+    pub(crate) fn hold_for_catch_up(&self) {
+        let mut out = self.lock();
+        if out.sock.is_none() {
+            return;
+        }
+        if !out.held() {
+            out.ready = out.queue.len();
+        }
+        out.catch_up = true;
+        out.catch_up_gen = out.catch_up_gen.wrapping_add(1);
+    }
+
+    /// Where a pending catch-up starts, if one is pending and the greeting is over.
+    pub(crate) fn catch_up_start(&self) -> Option<CatchUp> {
+        let out = self.lock();
+        (out.catch_up && !out.greeting && out.sock.is_some()).then_some(CatchUp {
+            after: out.last_durable,
+            generation: out.catch_up_gen,
+        })
+    }
+
+    /// Ends the catch-up `done` served. If another was asked for meanwhile, the session
+    /// stays held ([`Released::StillHeld`]) and must be caught up again.
+    pub(crate) fn finish_catch_up(&self, done: CatchUp) -> Released {
+        let mut out = self.lock();
+        if out.catch_up_gen != done.generation {
+            return Released::StillHeld;
+        }
+        out.catch_up = false;
+        if out.greeting {
+            return Released::StillHeld;
+        }
+        self.release_parked(&mut out)
+    }
+
+    /// Releases the parked deliveries: drops live copies of what was sent meanwhile, and
+    /// lets the rest go out in order.
+    fn release_parked(&self, out: &mut Out) -> Released {
+        let ready = std::mem::take(&mut out.ready);
+        let done = out.last_durable;
+        let mut dropped = 0usize;
+        let mut newest = None;
+        let mut i = 0usize;
+        out.queue.retain(|m| {
+            let parked = i >= ready;
+            i += 1;
+            if parked && matches!((m.id, done), (Some(id), Some(d)) if id <= d) {
+                dropped += m.len();
+                return false;
+            }
+            if parked && m.id > newest {
+                newest = m.id;
+            }
+            true
+        });
+        self.queued_bytes.fetch_sub(dropped, Ordering::Relaxed);
+        out.saw(newest);
+        if out.queue.is_empty() {
+            // Free what parking allocated: an idle session keeps no queue.
+            out.queue = VecDeque::new();
+            Released::Idle
+        } else {
             self.start_backlog();
+            Released::Backlog
         }
     }
 
-    /// Drains the outbox as far as the socket allows. `Ready(Ok)` once it is empty (or the
-    /// session is held or detached); `Pending` with the waker registered for writability.
+    /// Drains the outbox as far as the socket allows (only the frames before the parked
+    /// ones while held). `Ready(Ok)` once that is done or the session is detached;
+    /// `Pending` with the waker registered for writability.
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.backlog.load(Ordering::Acquire) {
             return Poll::Ready(Ok(()));
@@ -263,9 +427,6 @@ impl Outbox {
             let Some(sock) = out.sock.clone() else {
                 return Poll::Ready(Ok(()));
             };
-            if out.held {
-                return Poll::Ready(Ok(()));
-            }
             match self.drain(&mut out, &sock) {
                 Ok(true) => return Poll::Ready(Ok(())),
                 Ok(false) => {}
@@ -280,25 +441,27 @@ impl Outbox {
         }
     }
 
-    /// Writes queued frames, several per `writev`, until the queue is empty (`true`) or
-    /// the socket is full (`false`).
+    /// Writes the writable frames, several per `writev`, until none is left (`true`) or the
+    /// socket is full (`false`).
     fn drain(&self, out: &mut Out, sock: &TcpStream) -> io::Result<bool> {
         loop {
-            if out.queue.is_empty() {
+            let writable = out.writable();
+            if writable == 0 {
                 self.backlog.store(false, Ordering::Release);
-                if out.queue.capacity() > 64 {
+                if out.queue.is_empty() && out.queue.capacity() > 64 {
                     // A burst grew the queue; an idle session should not keep that memory.
                     out.queue.shrink_to(0);
                 }
                 return Ok(true);
             }
+            let batch = writable.min(WRITE_BATCH);
             let mut headers = [([0u8; codec::MAX_HEADER], 0usize); WRITE_BATCH];
-            for (slot, m) in headers.iter_mut().zip(out.queue.iter()) {
+            for (slot, m) in headers.iter_mut().zip(out.queue.iter().take(batch)) {
                 *slot = codec::header(m.kind, m.payload.len());
             }
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * WRITE_BATCH);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch);
             let mut skip = out.head_sent;
-            for ((h, hl), m) in headers.iter().zip(out.queue.iter()) {
+            for ((h, hl), m) in headers.iter().zip(out.queue.iter().take(batch)) {
                 for part in [&h[..*hl], &m.payload[..]] {
                     if skip >= part.len() {
                         skip -= part.len();
@@ -318,6 +481,7 @@ impl Outbox {
             self.progress_at.store(mono_ms(), Ordering::Relaxed);
             let mut left = out.head_sent + written;
             out.head_sent = 0;
+            let held = out.held();
             while let Some(m) = out.queue.front() {
                 let wire = codec::header(m.kind, m.payload.len()).1 + m.payload.len();
                 if left < wire {
@@ -327,6 +491,9 @@ impl Outbox {
                 left -= wire;
                 let len = m.len();
                 out.queue.pop_front();
+                if held {
+                    out.ready -= 1;
+                }
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             }
         }
@@ -344,7 +511,9 @@ impl Outbox {
                     self.queued_bytes.fetch_sub(m.len(), Ordering::Relaxed);
                 }
             }
-            out.held = false;
+            out.greeting = false;
+            out.catch_up = false;
+            out.ready = 0;
             if let Some(m) = last {
                 out.queue.push_back(m);
             }

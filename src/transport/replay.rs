@@ -1,7 +1,8 @@
-//! The start of a session's stream: the welcome, then the durable inbox replayed after
-//! `since` (or after the user's read cursor), in pages, with `gap` frames where entries
-//! were lost. Runs while the session is held, after its subscriptions are confirmed, so the
-//! live copies of replayed entries can be dropped by id without a hole in between.
+//! What a session is sent from its user's durable inbox: at connect, the welcome (with the
+//! unread count) and the replay after `since` or the read cursor; after a broken
+//! subscription, the catch-up from the last durable id the session was sent. Both run
+//! while the session is held, after its subscription is in place, so the live copies of
+//! what they send are dropped by id, with no hole between inbox and live delivery.
 //!
 //! The inbox is reached through the [`InboxPort`] the node hands in; transport knows
 //! nothing of Redis.
@@ -11,7 +12,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use super::client::Client;
-use super::outbox::Outgoing;
+use super::outbox::{Outgoing, Released};
 use crate::metrics as m;
 use crate::protocol::{message_frame, CloseReason, InboxEntry, ServerFrame, StreamId};
 
@@ -22,35 +23,76 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// messages).
 pub(crate) type PortError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a replay starts, and its first page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Opening {
+    /// The replay starts after this id (`None`: from the oldest entry).
+    pub(crate) start: Option<StreamId>,
+    /// Entries after `start` were dropped by the inbox caps: the replay is incomplete.
+    pub(crate) trimmed: bool,
+    /// Entries after the user's read cursor (when asked for).
+    pub(crate) unread: Option<u64>,
+    /// The first page.
+    pub(crate) page: Page,
+}
+
+/// A page of inbox entries, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Page {
+    /// The entries still worth delivering (expired ones are left out).
+    pub(crate) entries: Vec<InboxEntry>,
+    /// The last id the page looked at, expired entries included: the next page starts
+    /// after it. `None` when the page reached the end of the inbox.
+    pub(crate) next: Option<StreamId>,
+}
+
+/// What an acknowledgement did to the user's read cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Acked {
+    /// The cursor moved.
+    pub(crate) moved: bool,
+    /// The cursor now (an ack moves it at most to the newest entry the inbox holds).
+    pub(crate) cursor: Option<StreamId>,
+}
+
 /// What a session needs of the durable inbox: replay reads and acknowledgements.
 pub(crate) trait InboxPort: Send + Sync {
-    /// The user's read cursor: the last id they acknowledged.
-    fn cursor<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Option<StreamId>, PortError>>;
-    /// True when entries newer than `since` were dropped by the inbox caps.
-    fn trimmed_after<'a>(
-        &'a self,
-        user: &'a str,
-        since: StreamId,
-    ) -> BoxFuture<'a, Result<bool, PortError>>;
-    /// Up to `count` entries after `after` (from the start when `None`), oldest first.
-    fn read_after<'a>(
+    /// Opens a replay for `user`: after `after`, or (with `after_cursor`) after the later of
+    /// `after` and the user's read cursor; with the first `count` entries, and the unread
+    /// count when `count_unread`.
+    fn open<'a>(
         &'a self,
         user: &'a str,
         after: Option<StreamId>,
+        after_cursor: bool,
+        count_unread: bool,
         count: usize,
-    ) -> BoxFuture<'a, Result<Vec<InboxEntry>, PortError>>;
-    /// Moves the user's read cursor forward to `id`.
-    fn ack<'a>(&'a self, user: &'a str, id: StreamId) -> BoxFuture<'a, Result<bool, PortError>>;
+    ) -> BoxFuture<'a, Result<Opening, PortError>>;
+    /// Up to `count` entries after `after`, oldest first.
+    fn page<'a>(
+        &'a self,
+        user: &'a str,
+        after: StreamId,
+        count: usize,
+    ) -> BoxFuture<'a, Result<Page, PortError>>;
+    /// Moves the user's read cursor forward to `id` (at most to the newest entry) and
+    /// tells the user's other sessions; `session` is the one that read it.
+    fn ack<'a>(
+        &'a self,
+        user: &'a str,
+        id: StreamId,
+        session: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Acked, PortError>>;
 }
 
-/// Entries read from the inbox per round trip while replaying: bounds node memory per
-/// replaying session to this many payloads.
+/// Entries read from the inbox per round trip: bounds node memory per replaying session to
+/// this many payloads.
 pub(crate) const REPLAY_PAGE: usize = 16;
 
-/// Limits of one replay.
+/// Limits of one replay or catch-up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReplayLimits {
-    /// Most entries replayed to one connection (`--replay-limit`).
+    /// Most entries sent to one connection at once (`--replay-limit`).
     pub(crate) max_entries: usize,
     /// Larger entries are skipped and counted (`--max-message-bytes`).
     pub(crate) max_bytes: usize,
@@ -58,97 +100,129 @@ pub(crate) struct ReplayLimits {
     pub(crate) write_timeout: Duration,
 }
 
-/// Sends the welcome, then replays the durable inbox after `since` (or after the user's
-/// read cursor) in pages, with a gap frame when entries were lost. Returns the id of the
-/// last replayed entry, so the caller can release the session dropping live copies of it
-/// and everything before.
+/// Sends the welcome (built by `welcome` from the unread count), then replays the durable
+/// inbox after `since` (or after the user's read cursor) in pages, with a gap frame when
+/// entries were lost. Returns where the replay started: the client has everything up to
+/// there, so the caller ends the greeting dropping live copies up to it.
 pub(crate) async fn greet(
     client: &Client,
     inbox: &dyn InboxPort,
-    welcome: String,
+    welcome: impl FnOnce(Option<u64>) -> String,
     user: &str,
     since: Option<StreamId>,
     limits: ReplayLimits,
 ) -> Result<Option<StreamId>, CloseReason> {
-    let wt = limits.write_timeout;
-    send_text(client, welcome, wt).await?;
-    let start = match since {
-        Some(s) => Some(s),
-        None => match inbox.cursor(user).await {
-            Ok(c) => c,
-            Err(e) => {
-                replay_failed(&*e);
-                return Ok(None);
-            }
-        },
-    };
-    if let Some(start) = start {
-        match inbox.trimmed_after(user, start).await {
-            Ok(true) => {
-                send_text(client, ServerFrame::Gap { reason: "trimmed" }.to_text(), wt).await?;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                replay_failed(&*e);
-                return Ok(None);
-            }
+    let first = REPLAY_PAGE.min(limits.max_entries);
+    let opening = match inbox.open(user, since, since.is_none(), true, first).await {
+        Ok(o) => Some(o),
+        Err(e) => {
+            inbox_failed("inbox_replay", &*e);
+            None
         }
+    };
+    let unread = opening.as_ref().and_then(|o| o.unread);
+    send_text(client, welcome(unread), limits.write_timeout).await?;
+    let Some(opening) = opening else {
+        return Ok(since);
+    };
+    let start = opening.start;
+    let sent = deliver(client, inbox, user, opening, limits).await?;
+    metrics::counter!(m::MESSAGES_REPLAYED).increment(sent as u64);
+    Ok(start)
+}
+
+/// Catches a live session up after its subscription broke: sends what the inbox holds
+/// after the last durable id the session was sent (and after the user's read cursor), in
+/// order, then releases the live deliveries parked meanwhile, dropping their copies of what
+/// was sent. Repeats while further catch-ups were asked for. Returns how many entries were
+/// sent; a failed inbox read releases the session with what it has.
+pub(crate) async fn catch_up(
+    client: &Client,
+    inbox: &dyn InboxPort,
+    user: &str,
+    limits: ReplayLimits,
+) -> Result<usize, CloseReason> {
+    let mut total = 0;
+    while let Some(request) = client.catch_up_start() {
+        let first = REPLAY_PAGE.min(limits.max_entries);
+        match inbox.open(user, request.after, true, false, first).await {
+            Ok(opening) => total += deliver(client, inbox, user, opening, limits).await?,
+            Err(e) => inbox_failed("inbox_catch_up", &*e),
+        }
+        if client.finish_catch_up(request) != Released::StillHeld {
+            break;
+        }
+    }
+    metrics::counter!(m::MESSAGES_CAUGHT_UP).increment(total as u64);
+    Ok(total)
+}
+
+/// Sends an opened replay: a `trimmed` gap first when entries were lost, then the entries
+/// page by page up to the limit, then a `replay_limit` gap if more are pending. Returns how
+/// many messages were sent (oversize entries count towards the limit but are skipped).
+async fn deliver(
+    client: &Client,
+    inbox: &dyn InboxPort,
+    user: &str,
+    opening: Opening,
+    limits: ReplayLimits,
+) -> Result<usize, CloseReason> {
+    let wt = limits.write_timeout;
+    if opening.trimmed {
+        send_text(client, ServerFrame::Gap { reason: "trimmed" }.to_text(), wt).await?;
     }
     let label = format!("user:{user}");
     let limit = limits.max_entries;
-    let mut after = start;
-    let mut replayed = None;
-    let mut sent = 0usize;
-    while sent < limit {
-        let page = match inbox
-            .read_after(user, after, REPLAY_PAGE.min(limit - sent))
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                replay_failed(&*e);
-                break;
+    let mut page = opening.page;
+    let (mut sent, mut delivered) = (0usize, 0usize);
+    loop {
+        for entry in std::mem::take(&mut page.entries) {
+            if sent == limit {
+                send_text(
+                    client,
+                    ServerFrame::Gap {
+                        reason: "replay_limit",
+                    }
+                    .to_text(),
+                    wt,
+                )
+                .await?;
+                return Ok(delivered);
             }
-        };
-        if page.is_empty() {
-            break;
-        }
-        for entry in page {
-            after = Some(entry.id);
-            replayed = Some(entry.id);
             sent += 1;
             if entry.data.len() > limits.max_bytes {
                 metrics::counter!(m::MESSAGES_DROPPED, "reason" => "oversize").increment(1);
                 continue;
             }
-            let frame = message_frame(&label, Some(&entry.id.to_string()), &entry.data);
-            send_text(client, frame, wt).await?;
-            metrics::counter!(m::MESSAGES_REPLAYED).increment(1);
+            let id = entry.id.to_string();
+            let frame = message_frame(&label, Some(&id), None, &entry.data);
+            client
+                .send_held(&Outgoing::text(frame, Some(entry.id)), wt)
+                .await?;
+            delivered += 1;
         }
-    }
-    if sent >= limit
-        && matches!(inbox.read_after(user, after, 1).await, Ok(more) if !more.is_empty())
-    {
-        send_text(
-            client,
-            ServerFrame::Gap {
-                reason: "replay_limit",
+        let Some(after) = page.next else {
+            return Ok(delivered);
+        };
+        // One entry more than the limit allows tells whether a gap frame is due.
+        let want = REPLAY_PAGE.min(limit - sent + 1);
+        page = match inbox.page(user, after, want).await {
+            Ok(p) => p,
+            Err(e) => {
+                inbox_failed("inbox_replay", &*e);
+                return Ok(delivered);
             }
-            .to_text(),
-            wt,
-        )
-        .await?;
+        };
     }
-    Ok(replayed)
 }
 
-fn replay_failed(e: &(dyn std::error::Error + Send + Sync)) {
-    tracing::warn!(error = %e, "inbox replay failed; continuing with live messages");
-    metrics::counter!(m::REDIS_ERRORS, "op" => "inbox_replay").increment(1);
+fn inbox_failed(op: &'static str, e: &(dyn std::error::Error + Send + Sync)) {
+    tracing::warn!(error = %e, op, "inbox read failed; continuing with live messages");
+    metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
 }
 
-/// Writes one text frame of the welcome or replay (the session is held: nothing else
-/// writes). A client that does not take it within `wait` is a slow consumer.
+/// Writes one frame of the welcome or a replay (the session is held: live deliveries wait
+/// behind it). A client that does not take it within `wait` is a slow consumer.
 async fn send_text(client: &Client, text: String, wait: Duration) -> Result<(), CloseReason> {
-    client.send_now(&Outgoing::text(text, None), wait).await
+    client.send_held(&Outgoing::text(text, None), wait).await
 }

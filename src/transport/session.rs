@@ -38,6 +38,9 @@ thread_local! {
 pub(crate) struct SessionParts {
     pub(crate) sock: Arc<TcpStream>,
     pub(crate) client: Arc<Client>,
+    /// The session's id (what an ack names as the reader, so the user's other sessions
+    /// are told and this one is not).
+    pub(crate) session: uuid::Uuid,
     pub(crate) user: Arc<str>,
     pub(crate) outbox: OutboxLimits,
     /// Largest client message accepted.
@@ -177,8 +180,12 @@ fn handle(
                 let ctl = ctl.clone();
                 let (limits, wait) = (parts.outbox, parts.ack_timeout);
                 let (inbox, user) = (parts.inbox.clone(), parts.user.clone());
+                let session = parts.session.to_string();
                 *pending = Some(Box::pin(async move {
-                    let stored = matches!(timeout(wait, inbox.ack(&user, id)).await, Ok(Ok(_)));
+                    let stored = matches!(
+                        timeout(wait, inbox.ack(&user, id, Some(&session))).await,
+                        Ok(Ok(_))
+                    );
                     if !stored {
                         let text = ServerFrame::Error {
                             error: "ack_failed",

@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{Fanout, Outcome, Source, SubCommand, Target};
-use crate::protocol::StreamId;
+use uuid::Uuid;
+
+use crate::delivery::{Durable, Fanout, InboxEvent, Outcome, Source, SubCommand, Target};
 
 /// In-process broker for a node without Redis.
 #[derive(Clone, Default)]
@@ -30,15 +31,27 @@ impl MemoryBroker {
         self.deliver(target, None, payload)
     }
 
-    /// Delivers a durable message (with its inbox id) to local sessions.
-    pub(crate) fn deliver(&self, target: Target<'_>, id: Option<StreamId>, payload: &[u8]) -> u64 {
+    /// Delivers a message (durable with its inbox id) to local sessions.
+    pub(crate) fn deliver(
+        &self,
+        target: Target<'_>,
+        durable: Option<Durable>,
+        payload: &[u8],
+    ) -> u64 {
         match self
             .fanout
             .get()
-            .map(|f| f.handle(target, id, payload, Source::Local))
+            .map(|f| f.handle(target, durable, payload, Source::Local))
         {
             Some(Outcome::Delivered { queued }) => queued as u64,
             _ => 0,
+        }
+    }
+
+    /// Tells the user's local sessions (but `except`) about a change to their inbox.
+    pub(crate) fn inbox_event(&self, user: &str, event: InboxEvent, except: Option<Uuid>) {
+        if let Some(f) = self.fanout.get() {
+            f.inbox_event(user, event, except);
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{interval, sleep, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,9 @@ pub(crate) struct SubscriberSettings {
     /// Notified after every successful (re)subscription, so the node re-asserts presence
     /// at once instead of waiting for its next heartbeat.
     pub(crate) on_reconnect: Arc<Notify>,
+    /// Bumped after every successful (re)subscription, once every live session's
+    /// deliveries are parked, so the node catches each up from its last durable message.
+    pub(crate) subscribed: watch::Sender<u64>,
 }
 
 /// Redis-backed broker.
@@ -169,10 +172,19 @@ impl RedisBroker {
                 continue;
             }
             backoff = BACKOFF_MIN;
+            // Whatever was published while the subscription was down is in the inboxes,
+            // not in this connection: park every session's live deliveries before the new
+            // subscription delivers anything, and let the node catch each one up.
+            let held = s.router.hold_all_for_catch_up();
+            s.subscribed.send_modify(|g| *g = g.wrapping_add(1));
             health.canary_reset();
             health.set_pubsub(true);
             metrics::counter!(m::PUBSUB_RECONNECTS).increment(1);
-            tracing::info!(channels = desired.len(), "pub/sub subscribed");
+            tracing::info!(
+                channels = desired.len(),
+                sessions = held,
+                "pub/sub subscribed"
+            );
             s.on_reconnect.notify_one();
 
             let mut probe = interval(s.probe_interval);

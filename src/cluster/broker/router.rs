@@ -6,11 +6,18 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::inbox::open_envelope;
+use crate::clock::unix_ms;
+use crate::cluster::inbox::{open_envelope, Envelope};
 use crate::cluster::keys::{Channel, Keys};
-use crate::delivery::{Fanout, Outcome, Source, Target};
+use crate::delivery::{Fanout, InboxEvent, Outcome, Source, Target};
 use crate::health::Health;
 use crate::metrics as m;
+
+/// How far ahead of this node's clock an inbox id may be before its envelope is taken for
+/// a forgery: ids are Redis-clock milliseconds, and clocks of a deployment agree far
+/// better than this. A forged id far in the future would otherwise make the session drop
+/// every real durable message below it as a duplicate.
+const MAX_ID_AHEAD_MS: u64 = 60_000;
 
 /// Control messages nodes exchange on `<prefix>:ctl`.
 #[derive(Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -33,6 +40,10 @@ pub(crate) enum Routed {
     BadControl,
     /// This node's canary came back.
     Canary,
+    /// An inbox event (read, retract) told to the user's sessions.
+    InboxEvent,
+    /// A durable envelope whose id lies in the future: dropped and counted.
+    BadEnvelope,
 }
 
 /// Routes payloads received on the node's subscription.
@@ -59,6 +70,12 @@ impl Router {
         &self.health
     }
 
+    /// Parks every local session's live deliveries for a catch-up (see
+    /// [`Fanout::hold_all_for_catch_up`]).
+    pub(crate) fn hold_all_for_catch_up(&self) -> usize {
+        self.fanout.hold_all_for_catch_up()
+    }
+
     /// Routes one payload received on `channel`. Returns once it is written to every local
     /// recipient (see [`Fanout::handle_spread`]), so the next one keeps each session's order.
     pub(crate) async fn route(&self, channel: &str, payload: &[u8]) -> Routed {
@@ -66,23 +83,38 @@ impl Router {
             metrics::counter!(m::MESSAGES_DROPPED, "reason" => "unknown_channel").increment(1);
             return Routed::UnknownChannel;
         };
-        let (target, id, payload) = match ch {
+        let (target, durable, payload) = match ch {
             Channel::Control => return self.control(payload),
             Channel::Canary => {
                 self.health.canary_received(payload);
                 return Routed::Canary;
             }
-            // Durable messages arrive enveloped with their inbox id (see inbox::envelope).
+            // Durable messages and inbox events arrive enveloped (see inbox::Envelope).
             Channel::User(u) => match open_envelope(payload) {
-                Some((id, inner)) => (Target::User(u), Some(id), inner),
                 None => (Target::User(u), None, payload),
+                Some(env) if env.id().ms > unix_ms().saturating_add(MAX_ID_AHEAD_MS) => {
+                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "bad_envelope").increment(1);
+                    tracing::warn!(channel, id = %env.id(), "dropped an envelope with an id in the future");
+                    return Routed::BadEnvelope;
+                }
+                Some(Envelope::Message { durable, payload }) => {
+                    (Target::User(u), Some(durable), payload)
+                }
+                Some(Envelope::Read { id, session }) => {
+                    self.fanout.inbox_event(u, InboxEvent::Read(id), session);
+                    return Routed::InboxEvent;
+                }
+                Some(Envelope::Retract { id }) => {
+                    self.fanout.inbox_event(u, InboxEvent::Retract(id), None);
+                    return Routed::InboxEvent;
+                }
             },
             Channel::Topic(t) => (Target::Topic(t), None, payload),
             Channel::Broadcast => (Target::Broadcast, None, payload),
         };
         Routed::Delivered(
             self.fanout
-                .handle_spread(target, id, payload, Source::Redis)
+                .handle_spread(target, durable, payload, Source::Redis)
                 .await,
         )
     }
@@ -143,7 +175,7 @@ mod tests {
     async fn enveloped_payloads_carry_their_inbox_id() {
         let (r, client) = setup();
         let id = StreamId { ms: 9, seq: 1 };
-        let raw = envelope(id, b"{\"x\":2}");
+        let raw = envelope("9-1", b"{\"x\":2}");
         assert_eq!(
             r.route("p:user:42", &raw).await,
             Routed::Delivered(Outcome::Delivered { queued: 1 })
@@ -185,6 +217,37 @@ mod tests {
             Routed::Control
         );
         assert_eq!(client.reason(), Some(CloseReason::Kicked));
+    }
+
+    #[tokio::test]
+    async fn inbox_events_reach_the_users_other_sessions_and_future_ids_are_refused() {
+        let (r, client) = setup();
+        assert_eq!(
+            r.route("p:user:42", &envelope("read 9-1", b"")).await,
+            Routed::InboxEvent
+        );
+        assert_eq!(
+            r.route("p:user:42", &envelope("retract 9-1", b"")).await,
+            Routed::InboxEvent
+        );
+        let frames: Vec<String> = client
+            .take(8)
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        assert_eq!(
+            frames,
+            vec![
+                r#"{"type":"read","id":"9-1"}"#,
+                r#"{"type":"retract","id":"9-1"}"#
+            ]
+        );
+        let future = format!("{}-0", unix_ms() + 3_600_000);
+        assert_eq!(
+            r.route("p:user:42", &envelope(&future, b"1")).await,
+            Routed::BadEnvelope
+        );
+        assert_eq!(client.queued(), 0);
     }
 
     #[tokio::test]

@@ -1,28 +1,37 @@
-//! The Redis inbox: the `herald_notify` Functions library (`lua/herald.lua`), replay reads
-//! with XRANGE, gap detection and the forward-only cursor (`lua/inbox_*.lua`).
+//! The Redis inbox: every operation is a function of the `herald` Functions library
+//! (`lua/herald.lua`), which nodes load with this deployment's settings and load again
+//! whenever Redis has lost it.
 
-use std::sync::Arc;
+use redis::Value;
 
-use redis::Script;
-
-use super::InboxPolicy;
+use super::{InboxPolicy, NotifyOptions};
 use crate::cluster::error::RedisError;
 use crate::cluster::keys::Keys;
 use crate::cluster::pool::Pool;
 use crate::protocol::{InboxEntry, StreamId};
+use crate::transport::replay::{Acked, Opening, Page};
 
-/// The Functions library source, with its policy placeholders.
+/// The Functions library source, with its settings as placeholders.
 const LIBRARY: &str = include_str!("../lua/herald.lua");
 
-/// The Redis Functions library nodes load at start-up and after every Redis restart, with
-/// this deployment's inbox policy in place of its placeholders.
-pub(crate) fn function_library(policy: InboxPolicy) -> String {
+/// Most entries scanned to count a user's unread messages (the welcome's `unread`).
+pub(crate) const UNREAD_CAP: usize = 1000;
+
+/// The Functions library with this deployment's settings in place of its placeholders.
+pub(crate) fn function_library(prefix: &str, policy: &InboxPolicy) -> String {
     LIBRARY
+        .replace("__PREFIX__", prefix)
         .replace("__MAX_LEN__", &policy.max_len.to_string())
         .replace(
             "__RETENTION_MS__",
             &policy.retention.as_millis().to_string(),
         )
+        .replace("__MAX_BYTES__", &policy.max_bytes.to_string())
+        .replace(
+            "__IDEMPOTENCY_WINDOW_MS__",
+            &policy.idempotency_window.as_millis().to_string(),
+        )
+        .replace("__UNREAD_CAP__", &UNREAD_CAP.to_string())
 }
 
 /// Redis inbox.
@@ -30,32 +39,16 @@ pub(crate) fn function_library(policy: InboxPolicy) -> String {
 pub(crate) struct RedisInbox {
     pool: Pool,
     keys: Keys,
-    policy: InboxPolicy,
-    gap: Arc<Script>,
-    ack: Arc<Script>,
-}
-
-/// XRANGE reply: (id, [(field, value)]).
-type RawEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-
-fn parse_entries(raw: RawEntries) -> Vec<InboxEntry> {
-    raw.into_iter()
-        .filter_map(|(id, fields)| {
-            let id = id.parse().ok()?;
-            let data = fields.into_iter().find(|(k, _)| k == "d").map(|(_, v)| v)?;
-            Some(InboxEntry { id, data })
-        })
-        .collect()
+    library: std::sync::Arc<str>,
 }
 
 impl RedisInbox {
     pub(crate) fn new(pool: Pool, keys: Keys, policy: InboxPolicy) -> Self {
+        let library = function_library(keys.prefix(), &policy).into();
         RedisInbox {
             pool,
             keys,
-            policy,
-            gap: Arc::new(Script::new(include_str!("../lua/inbox_gap.lua"))),
-            ack: Arc::new(Script::new(include_str!("../lua/inbox_ack.lua"))),
+            library,
         }
     }
 
@@ -64,93 +57,202 @@ impl RedisInbox {
         let _: String = redis::cmd("FUNCTION")
             .arg("LOAD")
             .arg("REPLACE")
-            .arg(function_library(self.policy))
+            .arg(&*self.library)
             .query_async(&mut *c)
             .await?;
         Ok(())
     }
 
-    pub(crate) async fn notify(&self, user: &str, payload: &[u8]) -> Result<StreamId, RedisError> {
-        let mut c = self.pool.get().await?;
-        let id: String = redis::cmd("FCALL")
-            .arg("herald_notify")
-            .arg(1)
-            .arg(self.keys.inbox_key(user))
-            .arg(payload)
-            .query_async(&mut *c)
-            .await?;
-        id.parse()
-            .map_err(|_| RedisError::Reply("herald_notify returned a bad id"))
+    /// Calls one function of the library; loads the library and retries once when Redis
+    /// has lost it (it restarted empty).
+    async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        function: &str,
+        keys: &[String],
+        args: &[&[u8]],
+    ) -> Result<T, RedisError> {
+        let call = || async {
+            let mut c = self.pool.get().await?;
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg(function).arg(keys.len()).arg(keys);
+            for a in args {
+                cmd.arg(*a);
+            }
+            Ok::<T, RedisError>(cmd.query_async(&mut *c).await?)
+        };
+        match call().await {
+            Err(e) if e.is_function_missing() => {
+                self.load().await?;
+                call().await
+            }
+            other => other,
+        }
     }
 
-    pub(crate) async fn read_after(
+    pub(crate) async fn notify(
+        &self,
+        user: &str,
+        payload: &[u8],
+        options: &NotifyOptions,
+    ) -> Result<StreamId, RedisError> {
+        let ttl = options.ttl_secs.map(|t| t.to_string());
+        let mut args: Vec<&[u8]> = vec![payload];
+        if let Some(k) = &options.idempotency_key {
+            args.extend([&b"idem"[..], k.as_bytes()]);
+        }
+        if let Some(t) = &ttl {
+            args.extend([&b"ttl"[..], t.as_bytes()]);
+        }
+        if let Some(k) = &options.collapse_key {
+            args.extend([&b"collapse"[..], k.as_bytes()]);
+        }
+        let id: String = self
+            .fcall("herald_notify", &[self.keys.inbox_key(user)], &args)
+            .await?;
+        parse_id(&id)
+    }
+
+    pub(crate) async fn open(
         &self,
         user: &str,
         after: Option<StreamId>,
+        after_cursor: bool,
+        count_unread: bool,
         count: usize,
-    ) -> Result<Vec<InboxEntry>, RedisError> {
-        let mut c = self.pool.get().await?;
-        let start = after
-            .map(|id| format!("({id}"))
-            .unwrap_or_else(|| "-".to_string());
-        let raw: RawEntries = redis::cmd("XRANGE")
-            .arg(self.keys.inbox_key(user))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut *c)
+    ) -> Result<Opening, RedisError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let count = count.to_string();
+        let keys = [
+            self.keys.inbox_key(user),
+            self.keys.cursor_key(user),
+            self.keys.gone_key(user),
+        ];
+        let flag = |b: bool| if b { &b"1"[..] } else { &b"0"[..] };
+        let raw: Vec<Value> = self
+            .fcall(
+                "herald_open",
+                &keys,
+                &[
+                    after.as_bytes(),
+                    flag(after_cursor),
+                    flag(count_unread),
+                    count.as_bytes(),
+                ],
+            )
             .await?;
-        Ok(parse_entries(raw))
-    }
-
-    pub(crate) async fn trimmed_after(
-        &self,
-        user: &str,
-        since: StreamId,
-    ) -> Result<bool, RedisError> {
-        let mut c = self.pool.get().await?;
-        let (first, trimmed, now): (String, i64, String) = self
-            .gap
-            .key(self.keys.inbox_key(user))
-            .invoke_async(&mut *c)
-            .await?;
-        let now: u64 = now.parse().unwrap_or(0);
-        Ok(match first.parse::<StreamId>() {
-            // Trimming removes the oldest entries only: if `since` is at or after the first
-            // retained entry, everything after it is still there. Before it, entries may
-            // have been dropped, unless nothing was ever trimmed.
-            Ok(first) => since < first && trimmed == 1,
-            // No stream: everything expired; a gap if `since` is older than the retention.
-            Err(_) => {
-                since
-                    .ms
-                    .saturating_add(self.policy.retention.as_millis() as u64)
-                    < now
-            }
+        let [start, trimmed, unread, rest @ ..] = &raw[..] else {
+            return Err(RedisError::Reply("herald_open returned too little"));
+        };
+        Ok(Opening {
+            start: optional_id(start)?,
+            trimmed: integer(trimmed)? == 1,
+            unread: u64::try_from(integer(unread)?).ok(),
+            page: parse_page(rest)?,
         })
     }
 
-    pub(crate) async fn ack(&self, user: &str, id: StreamId) -> Result<bool, RedisError> {
-        let mut c = self.pool.get().await?;
-        let moved: i64 = self
-            .ack
-            .key(self.keys.cursor_key(user))
-            .arg(id.to_string())
-            .arg(self.policy.retention.as_millis() as u64)
-            .invoke_async(&mut *c)
+    pub(crate) async fn page(
+        &self,
+        user: &str,
+        after: StreamId,
+        count: usize,
+    ) -> Result<Page, RedisError> {
+        let keys = [self.keys.inbox_key(user), self.keys.gone_key(user)];
+        let (after, count) = (after.to_string(), count.to_string());
+        let raw: Vec<Value> = self
+            .fcall("herald_page", &keys, &[after.as_bytes(), count.as_bytes()])
             .await?;
-        Ok(moved == 1)
+        parse_page(&raw)
     }
 
-    pub(crate) async fn cursor(&self, user: &str) -> Result<Option<StreamId>, RedisError> {
-        let mut c = self.pool.get().await?;
-        let v: Option<String> = redis::cmd("GET")
-            .arg(self.keys.cursor_key(user))
-            .query_async(&mut *c)
+    pub(crate) async fn ack(
+        &self,
+        user: &str,
+        id: StreamId,
+        session: Option<&str>,
+    ) -> Result<Acked, RedisError> {
+        let keys = [self.keys.cursor_key(user), self.keys.inbox_key(user)];
+        let id = id.to_string();
+        let (moved, cursor): (i64, String) = self
+            .fcall(
+                "herald_ack",
+                &keys,
+                &[id.as_bytes(), session.unwrap_or("").as_bytes()],
+            )
             .await?;
-        Ok(v.and_then(|s| s.parse().ok()))
+        Ok(Acked {
+            moved: moved == 1,
+            cursor: if cursor.is_empty() {
+                None
+            } else {
+                Some(parse_id(&cursor)?)
+            },
+        })
     }
+
+    pub(crate) async fn retract(&self, user: &str, id: StreamId) -> Result<bool, RedisError> {
+        let keys = [self.keys.inbox_key(user), self.keys.gone_key(user)];
+        let id = id.to_string();
+        let n: i64 = self
+            .fcall("herald_retract", &keys, &[id.as_bytes()])
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+fn parse_id(s: &str) -> Result<StreamId, RedisError> {
+    s.parse()
+        .map_err(|_| RedisError::Reply("the inbox returned a malformed id"))
+}
+
+fn text(v: &Value) -> Result<&str, RedisError> {
+    match v {
+        Value::BulkString(b) => {
+            std::str::from_utf8(b).map_err(|_| RedisError::Reply("the inbox returned bad text"))
+        }
+        Value::SimpleString(s) => Ok(s),
+        _ => Err(RedisError::Reply("the inbox returned a non-string")),
+    }
+}
+
+fn integer(v: &Value) -> Result<i64, RedisError> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        _ => Err(RedisError::Reply("the inbox returned a non-integer")),
+    }
+}
+
+fn optional_id(v: &Value) -> Result<Option<StreamId>, RedisError> {
+    let s = text(v)?;
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(s).map(Some)
+    }
+}
+
+/// `{next, id1, data1, id2, data2, ...}` as the library's `page` returns it.
+fn parse_page(raw: &[Value]) -> Result<Page, RedisError> {
+    let [next, rest @ ..] = raw else {
+        return Err(RedisError::Reply("the inbox returned an empty page"));
+    };
+    let mut entries = Vec::with_capacity(rest.len() / 2);
+    for pair in rest.chunks(2) {
+        let [id, data] = pair else {
+            return Err(RedisError::Reply("the inbox returned an odd page"));
+        };
+        let Value::BulkString(data) = data else {
+            return Err(RedisError::Reply("the inbox returned a non-string payload"));
+        };
+        entries.push(InboxEntry {
+            id: parse_id(text(id)?)?,
+            data: data.clone(),
+        });
+    }
+    Ok(Page {
+        entries,
+        next: optional_id(next)?,
+    })
 }
 
 #[cfg(test)]
@@ -159,15 +261,38 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn library_names_the_function_and_policy() {
-        let lib = function_library(InboxPolicy {
-            max_len: 42,
-            retention: Duration::from_secs(2),
-        });
+    fn library_carries_the_deployment_settings() {
+        let lib = function_library(
+            "hx",
+            &InboxPolicy {
+                max_len: 42,
+                retention: Duration::from_secs(2),
+                max_bytes: 777,
+                idempotency_window: Duration::from_secs(60),
+            },
+        );
         assert!(lib.starts_with("#!lua name=herald\n"));
+        assert!(lib.contains("local PREFIX = 'hx'"));
         assert!(lib.contains("local MAXLEN = 42"));
         assert!(lib.contains("local RETENTION = 2000"));
+        assert!(lib.contains("local MAX_BYTES = 777"));
+        assert!(lib.contains("local IDEM_WINDOW = 60000"));
         assert!(lib.contains("register_function('herald_notify'"));
         assert!(!lib.contains("__"), "every placeholder is replaced");
+    }
+
+    #[test]
+    fn pages_parse_and_malformed_replies_are_errors() {
+        let raw = vec![
+            Value::BulkString(b"5-0".to_vec()),
+            Value::BulkString(b"4-0".to_vec()),
+            Value::BulkString(b"{}".to_vec()),
+        ];
+        let p = parse_page(&raw).unwrap();
+        assert_eq!(p.next, Some(StreamId { ms: 5, seq: 0 }));
+        assert_eq!(p.entries[0].id, StreamId { ms: 4, seq: 0 });
+        assert!(parse_page(&[]).is_err());
+        assert!(parse_page(&raw[..2]).is_err());
+        assert!(parse_page(&[Value::Int(1)]).is_err());
     }
 }
