@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::dial::{open_sessions, prepare_fd_limit, write_ready_file, ClientArgs, Dialer};
 use crate::hist::Lat;
+use crate::node_http;
 use crate::probe::{
     redis_client, redis_conn, rss_map, scrape_counter, warn_if_noisy, Meter, ProbeArgs,
 };
@@ -178,13 +179,13 @@ fn is_slow(i: usize, share: f64) -> bool {
     ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
 }
 
-async fn metrics_sum(urls: &[String]) -> Option<f64> {
+async fn metrics_sum(http: &reqwest::Client, urls: &[String]) -> Option<f64> {
     if urls.is_empty() {
         return None;
     }
     let mut sum = 0.0;
     for u in urls {
-        match scrape_counter(u, "herald_slow_consumer_disconnects_total").await {
+        match scrape_counter(http, u, "herald_slow_consumer_disconnects_total").await {
             Ok(v) => sum += v,
             Err(e) => {
                 eprintln!("herald-bench: cannot read {u}: {e:#}");
@@ -202,6 +203,8 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     check_secs(args.hold, "--hold", true)?;
     prepare_fd_limit(c.sessions)?;
     let dialer = Arc::new(Dialer::new(c).await?);
+    // For --producer http and the slow scenario's /metrics reads.
+    let http = node_http::client()?;
     let redis = match (&p.producer, &p.redis_url) {
         (ProducerKind::Redis, Some(url)) => Some(redis_client(url)?),
         _ => None,
@@ -344,7 +347,7 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
     }
     let metrics_before = match &slow_opts {
-        Some(o) => metrics_sum(&o.metrics_urls).await,
+        Some(o) => metrics_sum(&http, &o.metrics_urls).await,
         None => None,
     };
 
@@ -366,16 +369,17 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
             }
         }
         ProducerKind::Http => {
-            let main = run_http(plan, &dialer.targets, p.api_key.clone(), p.http_connections);
+            let key = p.api_key.as_deref();
+            let main = run_http(plan, &http, &dialer.targets, key, p.http_connections);
             match flood_plan {
                 Some(fp) => {
                     let (a, b) = tokio::join!(
                         main,
-                        run_http(fp, &dialer.targets, p.api_key.clone(), p.http_connections)
+                        run_http(fp, &http, &dialer.targets, key, p.http_connections)
                     );
-                    (a, Some(b))
+                    (a?, Some(b?))
                 }
-                None => (main.await, None),
+                None => (main.await?, None),
             }
         }
         ProducerKind::External => {
@@ -397,7 +401,7 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     let cpu = meter.finish();
     let rss = rss_map(&args.probe.pids);
     let metrics_after = match &slow_opts {
-        Some(o) => metrics_sum(&o.metrics_urls).await,
+        Some(o) => metrics_sum(&http, &o.metrics_urls).await,
         None => None,
     };
 

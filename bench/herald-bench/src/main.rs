@@ -14,7 +14,8 @@
 //!
 //! Module map: [`dial`] opens sessions, [`wire`] is the protocol-specific part, [`recv`]
 //! tracks what sessions receive, [`producer`] publishes, [`probe`] reads /proc, Redis and
-//! metrics, [`report`] prints and serialises, [`hist`] holds latency histograms.
+//! metrics, [`node_http`] makes the HTTP requests to nodes (reqwest), [`report`] prints and
+//! serialises, [`hist`] holds latency histograms.
 
 mod churn;
 mod connect;
@@ -22,8 +23,8 @@ mod dial;
 mod durable;
 mod fanout;
 mod hist;
-mod http1;
 mod idle;
+mod node_http;
 mod probe;
 mod producer;
 mod recv;

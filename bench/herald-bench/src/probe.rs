@@ -463,14 +463,14 @@ pub async fn count_keys(
 // ===== Node metrics =====
 
 /// Sums a Prometheus counter (all label sets) from GET <url> (http://host:port/metrics).
-pub async fn scrape_counter(url: &str, name: &str) -> anyhow::Result<f64> {
+pub async fn scrape_counter(http: &reqwest::Client, url: &str, name: &str) -> anyhow::Result<f64> {
     let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     let authority = uri
         .authority()
         .with_context(|| format!("{url:?} has no host"))?
         .clone();
     let port = uri.port_u16().unwrap_or(80);
-    let addr = tokio::net::lookup_host((authority.host(), port))
+    let addr = tokio::net::lookup_host((authority.host().trim_matches(['[', ']']), port))
         .await
         .with_context(|| format!("cannot resolve {url:?}"))?
         .next()
@@ -480,15 +480,17 @@ pub async fn scrape_counter(url: &str, name: &str) -> anyhow::Result<f64> {
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/metrics");
-    let mut conn = crate::http1::HttpConn::new(addr, authority.as_str());
-    let resp = conn
-        .request("GET", path, None, b"")
+    let req = http.get(crate::node_http::url(addr, path)?).header(
+        reqwest::header::HOST,
+        crate::node_http::header(authority.as_str(), url)?,
+    );
+    let (status, body) = crate::node_http::exchange(req)
         .await
         .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
-    if resp.status != 200 {
-        bail!("GET {url}: HTTP {}", resp.status);
+    if status != 200 {
+        bail!("GET {url}: HTTP {status}");
     }
-    Ok(sum_counter(&String::from_utf8_lossy(&resp.body), name))
+    Ok(sum_counter(&String::from_utf8_lossy(&body), name))
 }
 
 fn sum_counter(text: &str, name: &str) -> f64 {

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{interval, MissedTickBehavior};
 
 use crate::dial::Target;
-use crate::http1::HttpConn;
+use crate::node_http;
 use crate::util::{mono_ns, round3, Rng};
 use crate::wire::payload;
 
@@ -319,14 +320,16 @@ pub async fn run_redis(
     finish(out, &pacer)
 }
 
-/// Publishes `plan` with POST /api/publish over `connections` keep-alive connections spread
-/// over `targets`. Messages for one key always take the same connection (order kept).
+/// Publishes `plan` with POST /api/publish from `connections` workers spread over
+/// `targets`, on `http`'s keep-alive connections. Each worker has one request in flight, so
+/// at most `connections` are; messages for one key always take the same worker (order kept).
 pub async fn run_http(
     plan: Plan,
+    http: &reqwest::Client,
     targets: &[Target],
-    api_key: Option<String>,
+    api_key: Option<&str>,
     connections: usize,
-) -> Produced {
+) -> anyhow::Result<Produced> {
     let keys = plan.targets.names.len().max(1);
     let mut out = Produced {
         last_seq: vec![0; keys],
@@ -335,6 +338,28 @@ pub async fn run_http(
     let workers = connections.clamp(1, 256);
     let prefixes: std::sync::Arc<Vec<String>> =
         std::sync::Arc::new((0..keys).map(|k| plan.targets.http_prefix(k)).collect());
+    let auth = match api_key {
+        Some(k) => {
+            let mut v = node_http::header(&format!("Bearer {k}"), "--api-key")?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        None => None,
+    };
+    // Built once per target: each request clones them (a reference-count bump for the
+    // headers, one short string for the URL).
+    let endpoints = targets
+        .iter()
+        .map(|t| {
+            Ok((
+                node_http::url(t.addr, "/api/publish")?,
+                node_http::header(&t.authority, "the target's host")?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if endpoints.is_empty() {
+        bail!("--producer http needs a target");
+    }
     let mut senders = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
     // Jobs still queued when the pacer's own deadline passes are dropped (counted failed),
@@ -343,12 +368,13 @@ pub async fn run_http(
     for w in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(usize, u64)>(4096);
         senders.push(tx);
-        let target = &targets[w % targets.len()];
-        let mut conn = HttpConn::new(target.addr, &target.authority);
+        let (url, host) = endpoints[w % endpoints.len()].clone();
+        let http = http.clone();
         let prefixes = prefixes.clone();
         let pad = plan.pad.clone();
-        let key = api_key.clone();
+        let auth = auth.clone();
         handles.push(tokio::spawn(async move {
+            let json = HeaderValue::from_static("application/json");
             let mut got = Produced::default();
             while let Some((k, seq)) = rx.recv().await {
                 if Instant::now() > deadline {
@@ -358,12 +384,16 @@ pub async fn run_http(
                 let mut body = prefixes[k].clone();
                 body.push_str(&payload(seq, mono_ns(), &pad));
                 body.push('}');
-                match conn
-                    .request("POST", "/api/publish", key.as_deref(), body.as_bytes())
-                    .await
-                {
-                    Ok(r) if r.status == 200 => got.sent += 1,
-                    Ok(r) => got.fail(k, seq, format!("http: HTTP {}", r.status)),
+                let mut req = http
+                    .post(url.clone())
+                    .header(HOST, host.clone())
+                    .header(CONTENT_TYPE, json.clone());
+                if let Some(a) = &auth {
+                    req = req.header(AUTHORIZATION, a.clone());
+                }
+                match node_http::exchange(req.body(body)).await {
+                    Ok((200, _)) => got.sent += 1,
+                    Ok((status, _)) => got.fail(k, seq, format!("http: HTTP {status}")),
                     Err(e) => got.fail(k, seq, format!("http: {e}")),
                 }
             }
@@ -403,7 +433,7 @@ pub async fn run_http(
             }
         }
     }
-    finish(out, &pacer)
+    Ok(finish(out, &pacer))
 }
 
 /// What an external producer reports when it is done.
