@@ -73,8 +73,9 @@ pub(crate) struct ProducerArgs {
     #[arg(long, default_value_t = 60.0)]
     pub(crate) expect_timeout: f64,
 
-    /// --producer http: connections publishing in parallel (messages to one target always
-    /// use the same connection, so their order is kept).
+    /// --producer http: publishes in flight at once, each on a kept-alive connection (at
+    /// most this many open). Messages to one target always go through the same sender, one
+    /// after the other, so their order is kept.
     #[arg(long, default_value_t = 16)]
     pub(crate) http_connections: usize,
 
