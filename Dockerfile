@@ -5,7 +5,8 @@
 # ---- build ----
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# The whole tree (see .dockerignore): Cargo needs every declared target to parse the manifest.
+# The whole tree (see .dockerignore): Cargo needs every declared target and every workspace
+# member (bench/herald-bench) to parse the manifest; only herald is built.
 COPY . .
 # Registry and target dir are cache mounts, so a rebuild after a source change is incremental.
 # The binary is copied out in the same step because the target dir is not part of the layer.

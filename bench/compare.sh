@@ -144,18 +144,21 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         exit 1
     }
     if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-        log "cargo build --release --bins"
-        cargo build --release --bins 2>"$OUT_DIR/cargo-build.log" || {
+        # One package at a time, so herald is built without the bench's dependency features
+        # (see build_release in scripts/bench-lib.sh).
+        log "cargo build --release --bins -p herald; the same for -p herald-bench"
+        { cargo build --release --bins -p herald &&
+            cargo build --release --bins -p herald-bench; } 2>"$OUT_DIR/cargo-build.log" || {
             tail -30 "$OUT_DIR/cargo-build.log" >&2
             exit 1
         }
     fi
 fi
-# The herald tree measured: commit, and anything uncommitted under src/ (another change in
-# progress would be measured too).
+# The herald tree measured: commit, and anything uncommitted in herald (src/) or the load
+# generator (bench/herald-bench/) (another change in progress would be measured too).
 {
     git rev-parse HEAD 2>/dev/null || echo "no git"
-    git status --short -- src Cargo.toml Cargo.lock 2>/dev/null || true
+    git status --short -- src bench/herald-bench Cargo.toml Cargo.lock 2>/dev/null || true
 } >"$OUT_DIR/tree-status.txt"
 HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
 BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}

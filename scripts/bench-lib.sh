@@ -33,11 +33,17 @@ new_secrets() {
     export HERALD_BENCH_SECRET="$JWT_SECRET"
 }
 
-# Builds the release binaries; sets HERALD, BENCH and BUILT_FROM, and raises the open-file
-# limit to the hard limit (the node and the bench hold one descriptor per session).
+# Builds the release binaries of both workspace crates (herald, and herald-bench from
+# bench/herald-bench); sets HERALD, BENCH and BUILT_FROM, and raises the open-file limit to
+# the hard limit (the node and the bench hold one descriptor per session).
+# Two cargo runs on purpose: built together, Cargo would unify the features of shared
+# dependencies and compile the bench's HTTP client features (hyper "client", hyper-util
+# "client-legacy") into the measured herald. Built alone, target/release/herald is the
+# binary a herald-only build (Dockerfile, local-cluster.sh) gives.
 build_release() {
-    log "building release binaries"
-    cargo build --release --bins
+    log "building release binaries (herald, then herald-bench)"
+    cargo build --release --bins -p herald
+    cargo build --release --bins -p herald-bench
     BUILT_FROM=$(git describe --always --dirty 2>/dev/null || echo unknown)
     HERALD=target/release/herald
     BENCH=target/release/herald-bench

@@ -23,75 +23,75 @@ use crate::util::{check_secs, round3, Rng};
 use crate::wire::Ws;
 
 #[derive(Debug, Clone, Args)]
-pub struct ChurnArgs {
+pub(crate) struct ChurnArgs {
     /// --sessions is the number of steady sessions held through the whole run (0 for none).
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub(crate) client: ClientArgs,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 
     /// Concurrent connect/disconnect loops.
     #[arg(long, default_value_t = 50)]
-    pub loops: usize,
+    pub(crate) loops: usize,
 
     /// Seconds of churn.
     #[arg(long, default_value_t = 60.0)]
-    pub duration: f64,
+    pub(crate) duration: f64,
 
     /// Most connects per second over all loops.
     #[arg(long, default_value_t = 200.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
 
     /// A churning session stays open a random time up to this many milliseconds.
     #[arg(long, default_value_t = 500)]
-    pub max_hold_ms: u64,
+    pub(crate) max_hold_ms: u64,
 
     /// How churning sessions end, as weights: clean close frame, dropped socket (FIN), and
     /// TCP RST (SO_LINGER 0).
     #[arg(long, default_value = "clean=1,drop=1,rst=1")]
-    pub mix: String,
+    pub(crate) mix: String,
 
     /// Distinct users the loops connect as (bench-<first-user + sessions + j>), so users
     /// come and go and presence keys appear and expire.
     #[arg(long, default_value_t = 1000)]
-    pub churn_users: usize,
+    pub(crate) churn_users: usize,
 
     /// Seconds between samples of RSS and key count.
     #[arg(long, default_value_t = 5.0)]
-    pub sample_interval: f64,
+    pub(crate) sample_interval: f64,
 
     /// Seconds to wait after the last churning session ended before the final sample
     /// (longer than the node's --presence-ttl plus --offline-grace).
     #[arg(long, default_value_t = 15.0)]
-    pub settle: f64,
+    pub(crate) settle: f64,
 
     /// Redis to count keys in (SCAN MATCH <prefix>:*); without it only RSS is checked.
     #[arg(long)]
-    pub redis_url: Option<String>,
+    pub(crate) redis_url: Option<String>,
 
     #[arg(long, default_value = "herald")]
-    pub prefix: String,
+    pub(crate) prefix: String,
 
     /// Seconds to hold the steady sessions before the baseline sample.
     #[arg(long, default_value_t = 2.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
 
     /// Final RSS may exceed the baseline by this share of the baseline...
     #[arg(long, default_value_t = 0.25)]
-    pub rss_tolerance: f64,
+    pub(crate) rss_tolerance: f64,
 
     /// ...or by this many KiB, whichever is larger.
     #[arg(long, default_value_t = 16_384)]
-    pub rss_tolerance_kib: u64,
+    pub(crate) rss_tolerance_kib: u64,
 
     /// Final key count may exceed the baseline by this many keys (e.g. the events stream).
     #[arg(long, default_value_t = 3)]
-    pub key_tolerance: usize,
+    pub(crate) key_tolerance: usize,
 
     /// Most connects one loop makes (a bound besides --duration).
     #[arg(long, default_value_t = 1_000_000)]
-    pub max_connects_per_loop: u64,
+    pub(crate) max_connects_per_loop: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,14 +139,14 @@ fn pick_ending(mix: &[(Ending, u32)], rng: &mut Rng) -> Ending {
 
 /// One point of the time series.
 #[derive(Debug, Clone, Serialize)]
-pub struct Sample {
-    pub t_s: f64,
-    pub phase: &'static str,
-    pub rss_kib: BTreeMap<String, u64>,
-    pub keys: Option<usize>,
-    pub churn_open: usize,
-    pub connects: u64,
-    pub failures: u64,
+pub(crate) struct Sample {
+    pub(crate) t_s: f64,
+    pub(crate) phase: &'static str,
+    pub(crate) rss_kib: BTreeMap<String, u64>,
+    pub(crate) keys: Option<usize>,
+    pub(crate) churn_open: usize,
+    pub(crate) connects: u64,
+    pub(crate) failures: u64,
 }
 
 #[derive(Default)]
@@ -161,29 +161,29 @@ struct Counters {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ChurnResult {
-    pub loops: usize,
-    pub churn_s: f64,
-    pub connects: u64,
-    pub connects_per_s: f64,
-    pub failures: u64,
-    pub failure_kinds: BTreeMap<String, u64>,
-    pub endings: BTreeMap<&'static str, u64>,
+pub(crate) struct ChurnResult {
+    pub(crate) loops: usize,
+    pub(crate) churn_s: f64,
+    pub(crate) connects: u64,
+    pub(crate) connects_per_s: f64,
+    pub(crate) failures: u64,
+    pub(crate) failure_kinds: BTreeMap<String, u64>,
+    pub(crate) endings: BTreeMap<&'static str, u64>,
     /// Churning sessions the server closed while they were held.
-    pub closed_by_server: u64,
-    pub churn_connect_ms: Lat,
-    pub samples: Vec<Sample>,
-    pub baseline_rss_kib: BTreeMap<String, u64>,
-    pub final_rss_kib: BTreeMap<String, u64>,
-    pub peak_rss_kib: BTreeMap<String, u64>,
-    pub baseline_keys: Option<usize>,
-    pub peak_keys: Option<usize>,
-    pub final_keys: Option<usize>,
+    pub(crate) closed_by_server: u64,
+    pub(crate) churn_connect_ms: Lat,
+    pub(crate) samples: Vec<Sample>,
+    pub(crate) baseline_rss_kib: BTreeMap<String, u64>,
+    pub(crate) final_rss_kib: BTreeMap<String, u64>,
+    pub(crate) peak_rss_kib: BTreeMap<String, u64>,
+    pub(crate) baseline_keys: Option<usize>,
+    pub(crate) peak_keys: Option<usize>,
+    pub(crate) final_keys: Option<usize>,
     /// Up to 20 key names present at the end (when the count is above baseline).
-    pub final_key_sample: Vec<String>,
-    pub rss_ok: bool,
-    pub keys_ok: Option<bool>,
-    pub verdict: &'static str,
+    pub(crate) final_key_sample: Vec<String>,
+    pub(crate) rss_ok: bool,
+    pub(crate) keys_ok: Option<bool>,
+    pub(crate) verdict: &'static str,
 }
 
 struct Sampler {
@@ -277,7 +277,7 @@ async fn end_session(mut ws: Ws, how: Ending) {
     }
 }
 
-pub async fn run(args: ChurnArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: ChurnArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     check_secs(args.duration, "--duration", false)?;
     check_secs(args.sample_interval, "--sample-interval", false)?;

@@ -14,26 +14,26 @@ use crate::report::{row, Report};
 use crate::util::{check_secs, round3};
 
 #[derive(Debug, Clone, Args)]
-pub struct ConnectArgs {
+pub(crate) struct ConnectArgs {
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub(crate) client: ClientArgs,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 
     /// Seconds to keep the sessions open after the last one connected (then all close).
     #[arg(long, default_value_t = 0.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ConnectResult {
+pub(crate) struct ConnectResult {
     handshakes_per_s: f64,
     /// Server CPU seconds per 1,000 handshakes.
     server_cpu_per_1k_handshakes: Option<f64>,
 }
 
-pub async fn run(args: ConnectArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     check_secs(args.hold, "--hold", true)?;
     prepare_fd_limit(c.sessions)?;

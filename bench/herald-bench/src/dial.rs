@@ -23,60 +23,60 @@ use crate::wire::{handshake, session_url, Protocol, Ws};
 
 /// One bench process keeps at most this many sessions: the open-file hard limit is 20,000
 /// and the process needs some descriptors of its own. Run several processes for more.
-pub const MAX_SESSIONS_PER_PROCESS: usize = 18_000;
+pub(crate) const MAX_SESSIONS_PER_PROCESS: usize = 18_000;
 
 /// Options every scenario that opens sessions shares.
 #[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// Node WebSocket base URL (ws://host:port); repeat or comma-separate for several nodes.
     /// Sessions are spread round-robin. "/ws" (herald) or "/socket.io/" (socketio) is
     /// appended unless the URL has a path. Only loopback addresses are accepted.
     #[arg(long = "target", required = true, value_delimiter = ',', num_args = 1..)]
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
 
     /// Sessions to open (at most 18,000 per bench process).
     #[arg(long, default_value_t = 1000)]
-    pub sessions: usize,
+    pub(crate) sessions: usize,
 
     /// Wire protocol: herald, or Engine.IO v4 / Socket.IO v5 over WebSocket.
     #[arg(long, value_enum, default_value_t = Protocol::Herald)]
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
 
     /// HS256 secret to mint client JWTs with (sub = "bench-<i>", exp = now + 1 h, topics).
     #[arg(long, env = "HERALD_BENCH_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    pub(crate) secret: Option<String>,
 
     /// The node runs with --dev: the token is the user id itself (topics via ?topics=).
     /// Wins over --secret / HERALD_BENCH_SECRET.
     #[arg(long)]
-    pub dev: bool,
+    pub(crate) dev: bool,
 
     /// Source addresses to bind client sockets to, spread round-robin: a range
     /// (127.0.0.2-127.0.0.20), a list (a,b,c) or one address. Each source address has its
     /// own ~28k ephemeral ports per destination.
     #[arg(long)]
-    pub source_ips: Option<String>,
+    pub(crate) source_ips: Option<String>,
 
     /// Most handshakes in flight at once.
     #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
 
     /// Seconds one session may take from TCP connect to its welcome frame.
     #[arg(long, default_value_t = 30.0)]
-    pub connect_timeout: f64,
+    pub(crate) connect_timeout: f64,
 
     /// Read buffer of each client connection, in bytes (small keeps the bench process small).
     #[arg(long, default_value_t = 4096)]
-    pub client_read_buffer: usize,
+    pub(crate) client_read_buffer: usize,
 
     /// First user index: user ids are bench-<first-user + i>. Lets several bench processes
     /// against the same nodes use distinct users (process 2 of 2 x 8,000: --first-user 8000).
     #[arg(long, default_value_t = 0)]
-    pub first_user: usize,
+    pub(crate) first_user: usize,
 }
 
 /// Raises the soft open-file limit to the hard one and refuses session counts that cannot fit.
-pub fn prepare_fd_limit(sessions: usize) -> anyhow::Result<u64> {
+pub(crate) fn prepare_fd_limit(sessions: usize) -> anyhow::Result<u64> {
     if sessions > MAX_SESSIONS_PER_PROCESS {
         bail!(
             "{sessions} sessions is more than one bench process can hold ({MAX_SESSIONS_PER_PROCESS}; \
@@ -105,13 +105,13 @@ struct Claims<'a> {
 }
 
 /// Makes the token of a session.
-pub enum Tokens {
+pub(crate) enum Tokens {
     Jwt { key: EncodingKey, exp: u64 },
     Dev,
 }
 
 impl Tokens {
-    pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(args: &ClientArgs) -> anyhow::Result<Self> {
         match (&args.secret, args.dev) {
             (_, true) => Ok(Tokens::Dev),
             (Some(secret), false) => Ok(Tokens::Jwt {
@@ -122,7 +122,7 @@ impl Tokens {
         }
     }
 
-    pub fn token(&self, user: &str, topics: &[String]) -> anyhow::Result<String> {
+    pub(crate) fn token(&self, user: &str, topics: &[String]) -> anyhow::Result<String> {
         match self {
             Tokens::Jwt { key, exp } => {
                 let claims = Claims {
@@ -136,7 +136,7 @@ impl Tokens {
         }
     }
 
-    pub fn is_dev(&self) -> bool {
+    pub(crate) fn is_dev(&self) -> bool {
         matches!(self, Tokens::Dev)
     }
 }
@@ -145,16 +145,16 @@ impl Tokens {
 
 /// A node to connect to.
 #[derive(Debug, Clone)]
-pub struct Target {
-    pub label: String,
-    pub addr: SocketAddr,
+pub(crate) struct Target {
+    pub(crate) label: String,
+    pub(crate) addr: SocketAddr,
     /// ws://authority/path, without query.
-    pub ws_url: String,
+    pub(crate) ws_url: String,
     /// host:port, for HTTP requests to the same node.
-    pub authority: String,
+    pub(crate) authority: String,
 }
 
-pub async fn resolve_target(raw: &str, protocol: Protocol) -> anyhow::Result<Target> {
+pub(crate) async fn resolve_target(raw: &str, protocol: Protocol) -> anyhow::Result<Target> {
     let uri: http::Uri = raw
         .parse()
         .with_context(|| format!("invalid target URL {raw:?}"))?;
@@ -187,7 +187,7 @@ pub async fn resolve_target(raw: &str, protocol: Protocol) -> anyhow::Result<Tar
 }
 
 /// Parses "a-b" (an IPv4 range), "a,b,c" or one address.
-pub fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
+pub(crate) fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
     let spec = spec.trim();
     let ips: Vec<IpAddr> = if let Some((from, to)) = spec.split_once('-') {
         let from: std::net::Ipv4Addr = from
@@ -224,38 +224,38 @@ pub fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
 
 /// Who session `index` is and how it connects.
 #[derive(Debug, Clone)]
-pub struct DialSpec {
+pub(crate) struct DialSpec {
     /// Picks the target and source address (round-robin).
-    pub index: usize,
-    pub user: String,
-    pub topics: Vec<String>,
+    pub(crate) index: usize,
+    pub(crate) user: String,
+    pub(crate) topics: Vec<String>,
     /// herald `since=<inbox id>`.
-    pub since: Option<String>,
+    pub(crate) since: Option<String>,
     /// SO_RCVBUF set before connecting (a consumer that never reads).
-    pub rcvbuf: Option<u32>,
+    pub(crate) rcvbuf: Option<u32>,
 }
 
 /// Opens authenticated sessions: TCP from a chosen source address, the WebSocket handshake,
 /// then the protocol's welcome.
-pub struct Dialer {
-    pub protocol: Protocol,
-    pub targets: Vec<Target>,
-    pub source_ips: Vec<IpAddr>,
+pub(crate) struct Dialer {
+    pub(crate) protocol: Protocol,
+    pub(crate) targets: Vec<Target>,
+    pub(crate) source_ips: Vec<IpAddr>,
     tokens: Tokens,
-    pub first_user: usize,
+    pub(crate) first_user: usize,
     ws_config: WebSocketConfig,
     timeout: Duration,
 }
 
 /// A session that completed its handshake.
-pub struct Session {
-    pub ws: Ws,
-    pub target: usize,
-    pub index: usize,
+pub(crate) struct Session {
+    pub(crate) ws: Ws,
+    pub(crate) target: usize,
+    pub(crate) index: usize,
 }
 
 impl Dialer {
-    pub async fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+    pub(crate) async fn new(args: &ClientArgs) -> anyhow::Result<Self> {
         let mut targets = Vec::new();
         for raw in &args.targets {
             targets.push(resolve_target(raw, args.protocol).await?);
@@ -287,12 +287,12 @@ impl Dialer {
     }
 
     /// The user of session `i` of this process.
-    pub fn user(&self, i: usize) -> String {
+    pub(crate) fn user(&self, i: usize) -> String {
         format!("bench-{}", self.first_user + i)
     }
 
     /// The plain spec of session `i`: user bench-<first-user + i>, no topics.
-    pub fn spec(&self, i: usize) -> DialSpec {
+    pub(crate) fn spec(&self, i: usize) -> DialSpec {
         DialSpec {
             index: i,
             user: self.user(i),
@@ -302,7 +302,7 @@ impl Dialer {
         }
     }
 
-    pub fn target_of(&self, i: usize) -> usize {
+    pub(crate) fn target_of(&self, i: usize) -> usize {
         i % self.targets.len()
     }
 
@@ -317,7 +317,7 @@ impl Dialer {
     }
 
     /// Opens one session and completes its handshake. Errors are short, groupable texts.
-    pub async fn open(&self, spec: &DialSpec) -> Result<Session, String> {
+    pub(crate) async fn open(&self, spec: &DialSpec) -> Result<Session, String> {
         match tokio::time::timeout(self.timeout, self.open_inner(spec)).await {
             Ok(r) => r,
             Err(_) => Err(format!("timeout after {:?}", self.timeout)),
@@ -380,35 +380,35 @@ impl Dialer {
 
 /// What opening the sessions of a scenario gave.
 #[derive(Debug, Clone, Serialize)]
-pub struct ConnectStats {
-    pub requested: usize,
-    pub connected: usize,
-    pub failed: usize,
-    pub duration_s: f64,
-    pub sessions_per_s: f64,
+pub(crate) struct ConnectStats {
+    pub(crate) requested: usize,
+    pub(crate) connected: usize,
+    pub(crate) failed: usize,
+    pub(crate) duration_s: f64,
+    pub(crate) sessions_per_s: f64,
     /// Time from TCP connect to the welcome (herald) or the Socket.IO CONNECT answer, over
     /// the connected sessions, in ms.
-    pub handshake_ms: Lat,
+    pub(crate) handshake_ms: Lat,
     /// Failures grouped by cause.
-    pub errors: BTreeMap<String, usize>,
+    pub(crate) errors: BTreeMap<String, usize>,
     /// Connected sessions per target, in --target order.
-    pub per_target: Vec<usize>,
+    pub(crate) per_target: Vec<usize>,
     /// Session indexes that connected, ascending.
     #[serde(skip)]
-    pub connected_indexes: Vec<usize>,
+    pub(crate) connected_indexes: Vec<usize>,
 }
 
 /// Sessions held by [`open_sessions`]: each runs in its own task until its `hold` future
 /// ends.
-pub struct Held {
+pub(crate) struct Held {
     /// Held sessions whose `hold` future has ended since they connected.
-    pub ended: Arc<AtomicUsize>,
+    pub(crate) ended: Arc<AtomicUsize>,
 }
 
 /// Opens `count` sessions (specs from `spec(i)`) with at most `concurrency` handshakes in
 /// flight. Each connected session is handed to `hold`, which runs in the session's own task
 /// after the handshake permit is released.
-pub async fn open_sessions<S, F, Fut>(
+pub(crate) async fn open_sessions<S, F, Fut>(
     dialer: Arc<Dialer>,
     count: usize,
     concurrency: usize,
@@ -507,7 +507,7 @@ where
 }
 
 /// Writes the --ready-file: all sessions are settled (connected or failed).
-pub fn write_ready_file(
+pub(crate) fn write_ready_file(
     path: Option<&std::path::Path>,
     connect: &ConnectStats,
 ) -> anyhow::Result<()> {

@@ -21,97 +21,97 @@ use crate::util::{check_secs, mono_ns, round3, unix_secs};
 use crate::wire::{classify, payload, Incoming, Protocol};
 
 #[derive(Debug, Clone, Args)]
-pub struct DurableArgs {
+pub(crate) struct DurableArgs {
     /// --sessions live sessions (users bench-<first-user + i>) receive the messages of
     /// part (a), round-robin; 0 publishes to users without sessions.
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub(crate) client: ClientArgs,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 
     /// Redis the nodes use (the herald_notify function must be loaded: start a node first).
     #[arg(long, required = true)]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
 
     #[arg(long, default_value = "herald")]
-    pub prefix: String,
+    pub(crate) prefix: String,
 
     /// Messages per method in part (a).
     #[arg(long, default_value_t = 20_000)]
-    pub messages: u64,
+    pub(crate) messages: u64,
 
     /// Calls per second in part (a); 0 sends back to back (one call in flight).
     #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
 
     #[arg(long, default_value_t = 100)]
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
 
     /// Replays measured in part (b), each with a fresh user.
     #[arg(long, default_value_t = 20)]
-    pub replays: usize,
+    pub(crate) replays: usize,
 
     /// Pending durable messages per replay.
     #[arg(long, default_value_t = 100)]
-    pub replay_messages: u64,
+    pub(crate) replay_messages: u64,
 
     /// Reconnect without `since` (replay after the read cursor) instead of with
     /// `since=<id before the first>`.
     #[arg(long)]
-    pub replay_from_cursor: bool,
+    pub(crate) replay_from_cursor: bool,
 
     /// Seconds to wait for deliveries after each publishing phase.
     #[arg(long, default_value_t = 3.0)]
-    pub drain: f64,
+    pub(crate) drain: f64,
 
     /// Seconds between the last connect and part (a).
     #[arg(long, default_value_t = 1.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct MethodCost {
-    pub method: &'static str,
-    pub calls: u64,
-    pub errors: u64,
-    pub seconds: f64,
-    pub calls_per_s: f64,
+pub(crate) struct MethodCost {
+    pub(crate) method: &'static str,
+    pub(crate) calls: u64,
+    pub(crate) errors: u64,
+    pub(crate) seconds: f64,
+    pub(crate) calls_per_s: f64,
     /// Round trip of one call, producer side.
-    pub call_ms: Lat,
+    pub(crate) call_ms: Lat,
     /// Publish to receipt by a session.
-    pub end_to_end_ms: Lat,
-    pub redis_cpu_s: f64,
-    pub redis_cpu_s_per_10k: Option<f64>,
-    pub server_cpu_s: f64,
-    pub server_cpu_s_per_10k: Option<f64>,
-    pub cpu: PhaseCpu,
+    pub(crate) end_to_end_ms: Lat,
+    pub(crate) redis_cpu_s: f64,
+    pub(crate) redis_cpu_s_per_10k: Option<f64>,
+    pub(crate) server_cpu_s: f64,
+    pub(crate) server_cpu_s_per_10k: Option<f64>,
+    pub(crate) cpu: PhaseCpu,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ReplayResult {
-    pub replays: usize,
-    pub completed: usize,
-    pub messages_each: u64,
-    pub from_cursor: bool,
+pub(crate) struct ReplayResult {
+    pub(crate) replays: usize,
+    pub(crate) completed: usize,
+    pub(crate) messages_each: u64,
+    pub(crate) from_cursor: bool,
     /// Connect start to the welcome frame.
-    pub welcome_ms: Lat,
+    pub(crate) welcome_ms: Lat,
     /// Connect start to the last replayed message.
-    pub replay_ms: Lat,
+    pub(crate) replay_ms: Lat,
     /// Replays whose ids or count did not match what was published.
-    pub mismatches: usize,
-    pub errors: Vec<String>,
+    pub(crate) mismatches: usize,
+    pub(crate) errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct DurableResult {
-    pub publish: MethodCost,
-    pub fcall: MethodCost,
+pub(crate) struct DurableResult {
+    pub(crate) publish: MethodCost,
+    pub(crate) fcall: MethodCost,
     /// FCALL cost over PUBLISH cost.
-    pub redis_cpu_ratio: Option<f64>,
-    pub call_p50_ratio: Option<f64>,
-    pub tally: Tally,
-    pub replay: ReplayResult,
+    pub(crate) redis_cpu_ratio: Option<f64>,
+    pub(crate) call_p50_ratio: Option<f64>,
+    pub(crate) tally: Tally,
+    pub(crate) replay: ReplayResult,
 }
 
 /// Longest a publishing phase or the replay series may run, whatever the counts.
@@ -320,7 +320,7 @@ async fn replays(
     out
 }
 
-pub async fn run(args: DurableArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     if c.protocol != Protocol::Herald {
         bail!("durable measures herald's inbox: use --protocol herald");

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::dial::{open_sessions, prepare_fd_limit, write_ready_file, ClientArgs, Dialer};
 use crate::hist::Lat;
+use crate::node_http;
 use crate::probe::{
     redis_client, redis_conn, rss_map, scrape_counter, warn_if_noisy, Meter, ProbeArgs,
 };
@@ -23,68 +24,68 @@ use crate::report::{row, Report};
 use crate::util::check_secs;
 
 #[derive(Debug, Clone, Args)]
-pub struct FanoutArgs {
+pub(crate) struct FanoutArgs {
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub(crate) client: ClientArgs,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 
     #[command(flatten)]
-    pub producer: ProducerArgs,
+    pub(crate) producer: ProducerArgs,
 
     /// Seconds between the last connect and the start of a redis/http producer, so that
     /// handshake work stays out of the measured phase. With an external producer the
     /// measured phase starts when the ready file is written.
     #[arg(long, default_value_t = 1.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct TopicArgs {
+pub(crate) struct TopicArgs {
     #[command(flatten)]
-    pub base: FanoutArgs,
+    pub(crate) base: FanoutArgs,
 
     /// Topics: session i joins t<(first-user + i) % K> through its JWT `topics` claim
     /// (?topics= with --dev).
     #[arg(long, default_value_t = 10)]
-    pub topics: usize,
+    pub(crate) topics: usize,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct SlowArgs {
+pub(crate) struct SlowArgs {
     #[command(flatten)]
-    pub base: FanoutArgs,
+    pub(crate) base: FanoutArgs,
 
     /// Share of the sessions that never read (spread evenly over the session indexes).
     #[arg(long, default_value_t = 0.1)]
-    pub slow_share: f64,
+    pub(crate) slow_share: f64,
 
     /// Messages per second flooding the slow sessions' users (in turn), besides --rate to
     /// the healthy ones.
     #[arg(long, default_value_t = 2000.0)]
-    pub slow_rate: f64,
+    pub(crate) slow_rate: f64,
 
     /// Bytes of padding in each flood message.
     #[arg(long, default_value_t = 32_768)]
-    pub slow_payload_bytes: usize,
+    pub(crate) slow_payload_bytes: usize,
 
     /// SO_RCVBUF of the slow sessions' sockets (the kernel doubles it and enforces a minimum).
     #[arg(long, default_value_t = 4096)]
-    pub slow_rcvbuf: u32,
+    pub(crate) slow_rcvbuf: u32,
 
     /// Seconds to read the slow sessions at the end, to see how the node closed them.
     #[arg(long, default_value_t = 3.0)]
-    pub slow_probe: f64,
+    pub(crate) slow_probe: f64,
 
     /// Node /metrics URLs (http://127.0.0.1:<port>/metrics), repeatable: the delta of
     /// herald_slow_consumer_disconnects_total over the run is reported.
     #[arg(long = "metrics-url", value_delimiter = ',', num_args = 1..)]
-    pub metrics_urls: Vec<String>,
+    pub(crate) metrics_urls: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
-pub enum Mode {
+pub(crate) enum Mode {
     Fanout,
     Broadcast,
     Topic(usize),
@@ -92,7 +93,7 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone)]
-pub struct SlowOpts {
+pub(crate) struct SlowOpts {
     share: f64,
     rate: f64,
     payload_bytes: usize,
@@ -114,40 +115,40 @@ impl Mode {
 
 /// What happened to the slow sessions.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct SlowResult {
-    pub slow_sessions: usize,
+pub(crate) struct SlowResult {
+    pub(crate) slow_sessions: usize,
     /// How the slow sessions ended, as seen by reading them for --slow-probe s at the end:
     /// "close 4001", "eof", "reset", or "no close seen" (the node may have closed it, but
     /// the bytes queued before its FIN were not drained within the probe).
-    pub slow_endings: BTreeMap<String, usize>,
+    pub(crate) slow_endings: BTreeMap<String, usize>,
     /// Delta of herald_slow_consumer_disconnects_total over the run, summed over
     /// --metrics-url (None when not given or unreadable).
-    pub node_slow_consumer_disconnects: Option<f64>,
-    pub flood: Produced,
+    pub(crate) node_slow_consumer_disconnects: Option<f64>,
+    pub(crate) flood: Produced,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FanoutResult {
-    pub mode: &'static str,
-    pub producer: ProducerKind,
-    pub rate: f64,
-    pub duration_s: f64,
-    pub payload_bytes: usize,
-    pub topics: Option<usize>,
-    pub produced: Produced,
+pub(crate) struct FanoutResult {
+    pub(crate) mode: &'static str,
+    pub(crate) producer: ProducerKind,
+    pub(crate) rate: f64,
+    pub(crate) duration_s: f64,
+    pub(crate) payload_bytes: usize,
+    pub(crate) topics: Option<usize>,
+    pub(crate) produced: Produced,
     /// Over the measured (healthy) sessions.
-    pub tally: Tally,
-    pub slow: Option<SlowResult>,
+    pub(crate) tally: Tally,
+    pub(crate) slow: Option<SlowResult>,
 }
 
-pub async fn run_topic(args: TopicArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run_topic(args: TopicArgs) -> anyhow::Result<u8> {
     if args.topics == 0 {
         bail!("--topics must be at least 1");
     }
     run(Mode::Topic(args.topics), args.base).await
 }
 
-pub async fn run_slow(args: SlowArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run_slow(args: SlowArgs) -> anyhow::Result<u8> {
     if !(args.slow_share > 0.0 && args.slow_share < 1.0) {
         bail!("--slow-share must be between 0 and 1 (exclusive)");
     }
@@ -178,13 +179,13 @@ fn is_slow(i: usize, share: f64) -> bool {
     ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
 }
 
-async fn metrics_sum(urls: &[String]) -> Option<f64> {
+async fn metrics_sum(http: &reqwest::Client, urls: &[String]) -> Option<f64> {
     if urls.is_empty() {
         return None;
     }
     let mut sum = 0.0;
     for u in urls {
-        match scrape_counter(u, "herald_slow_consumer_disconnects_total").await {
+        match scrape_counter(http, u, "herald_slow_consumer_disconnects_total").await {
             Ok(v) => sum += v,
             Err(e) => {
                 eprintln!("herald-bench: cannot read {u}: {e:#}");
@@ -195,13 +196,15 @@ async fn metrics_sum(urls: &[String]) -> Option<f64> {
     Some(sum)
 }
 
-pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     let p = &args.producer;
     p.check()?;
     check_secs(args.hold, "--hold", true)?;
     prepare_fd_limit(c.sessions)?;
     let dialer = Arc::new(Dialer::new(c).await?);
+    // For --producer http and the slow scenario's /metrics reads.
+    let http = node_http::client()?;
     let redis = match (&p.producer, &p.redis_url) {
         (ProducerKind::Redis, Some(url)) => Some(redis_client(url)?),
         _ => None,
@@ -264,9 +267,9 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
                 let unread = slow_hold[s.index];
                 async move {
                     if unread {
-                        hold_unread(s, sh, probe_wait).await
+                        hold_unread(s, sh, probe_wait).await;
                     } else {
-                        receive(s, sh).await
+                        receive(s, sh).await;
                     }
                 }
             },
@@ -344,7 +347,7 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
     }
     let metrics_before = match &slow_opts {
-        Some(o) => metrics_sum(&o.metrics_urls).await,
+        Some(o) => metrics_sum(&http, &o.metrics_urls).await,
         None => None,
     };
 
@@ -366,16 +369,17 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
             }
         }
         ProducerKind::Http => {
-            let main = run_http(plan, &dialer.targets, p.api_key.clone(), p.http_connections);
+            let key = p.api_key.as_deref();
+            let main = run_http(plan, &http, &dialer.targets, key, p.http_connections);
             match flood_plan {
                 Some(fp) => {
                     let (a, b) = tokio::join!(
                         main,
-                        run_http(fp, &dialer.targets, p.api_key.clone(), p.http_connections)
+                        run_http(fp, &http, &dialer.targets, key, p.http_connections)
                     );
-                    (a, Some(b))
+                    (a?, Some(b?))
                 }
-                None => (main.await, None),
+                None => (main.await?, None),
             }
         }
         ProducerKind::External => {
@@ -397,7 +401,7 @@ pub async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     let cpu = meter.finish();
     let rss = rss_map(&args.probe.pids);
     let metrics_after = match &slow_opts {
-        Some(o) => metrics_sum(&o.metrics_urls).await,
+        Some(o) => metrics_sum(&http, &o.metrics_urls).await,
         None => None,
     };
 

@@ -10,25 +10,28 @@ use crate::util::round3;
 /// Highest latency recorded, in microseconds (one hour); larger values are clamped.
 const MAX_MICROS: u64 = 3_600_000_000;
 
-pub fn new_hist() -> Histogram<u64> {
-    let h = Histogram::new_with_bounds(1, MAX_MICROS, 3);
-    h.expect("valid histogram bounds") // safe: constant bounds: low >= 1, high >= 2 * low, 3 digits
+/// An empty histogram from 1 µs to [`MAX_MICROS`], 3 significant digits.
+// Cannot fail: new_with_bounds only errs when low < 1, high < 2 * low or sigfig > 5, and the
+// bounds here are constants that satisfy all three (the hist tests build one).
+#[allow(clippy::expect_used)]
+pub(crate) fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("constant, valid histogram bounds")
 }
 
 /// Percentiles of a latency distribution, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Lat {
-    pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
+pub(crate) struct Lat {
+    pub(crate) count: u64,
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+    pub(crate) mean: f64,
 }
 
 impl Lat {
-    pub fn of(h: &Histogram<u64>) -> Self {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
             return Lat::default();
         }
@@ -45,24 +48,24 @@ impl Lat {
     }
 
     /// "p50/p99/max" for tables.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         format!("{:.2}/{:.2}/{:.2}", self.p50, self.p99, self.max)
     }
 }
 
 /// A histogram many tasks record into: sharded so that concurrent sessions rarely contend.
-pub struct Recorder {
+pub(crate) struct Recorder {
     shards: Vec<Mutex<Histogram<u64>>>,
 }
 
 impl Recorder {
-    pub fn new(shards: usize) -> Self {
+    pub(crate) fn new(shards: usize) -> Self {
         Recorder {
             shards: (0..shards.max(1)).map(|_| Mutex::new(new_hist())).collect(),
         }
     }
 
-    pub fn record_micros(&self, shard: usize, micros: u64) {
+    pub(crate) fn record_micros(&self, shard: usize, micros: u64) {
         let mut h = self.shards[shard % self.shards.len()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -70,7 +73,7 @@ impl Recorder {
     }
 
     /// All shards merged; with `reset` the shards start empty again (phase boundaries).
-    pub fn merged(&self, reset: bool) -> Histogram<u64> {
+    pub(crate) fn merged(&self, reset: bool) -> Histogram<u64> {
         let mut out = new_hist();
         for s in &self.shards {
             let mut h = s.lock().unwrap_or_else(|e| e.into_inner());

@@ -14,22 +14,22 @@ use crate::report::{row, Report};
 use crate::util::{check_secs, round3};
 
 #[derive(Debug, Clone, Args)]
-pub struct IdleArgs {
+pub(crate) struct IdleArgs {
     #[command(flatten)]
-    pub client: ClientArgs,
+    pub(crate) client: ClientArgs,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 
     /// Seconds to hold the sessions after all are connected (node CPU is measured over it;
     /// longer than the node's ping interval so a ping round is included).
     #[arg(long, default_value_t = 30.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
 }
 
 /// Memory and CPU of one node over an idle run.
 #[derive(Debug, Clone, Serialize)]
-pub struct NodeIdle {
+pub(crate) struct NodeIdle {
     pid: u32,
     /// The target paired with this PID, when PIDs and targets pair up.
     target: Option<String>,
@@ -50,7 +50,7 @@ pub struct NodeIdle {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct IdleResult {
+pub(crate) struct IdleResult {
     hold_s: f64,
     /// Held sessions whose connection ended during the hold.
     ended_during_hold: usize,
@@ -59,7 +59,7 @@ pub struct IdleResult {
     bench_rss_kib: Option<u64>,
 }
 
-pub async fn run(args: IdleArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     check_secs(args.hold, "--hold", true)?;
     let fd_limit = prepare_fd_limit(c.sessions)?;

@@ -14,7 +14,11 @@
 //!
 //! Module map: [`dial`] opens sessions, [`wire`] is the protocol-specific part, [`recv`]
 //! tracks what sessions receive, [`producer`] publishes, [`probe`] reads /proc, Redis and
-//! metrics, [`report`] prints and serialises, [`hist`] holds latency histograms.
+//! metrics, [`node_http`] makes the HTTP requests to nodes (reqwest), [`report`] prints and
+//! serialises, [`hist`] holds latency histograms.
+
+// The bench's output is its summary tables on stdout (progress and errors go to stderr).
+#![allow(clippy::print_stdout)]
 
 mod churn;
 mod connect;
@@ -22,8 +26,8 @@ mod dial;
 mod durable;
 mod fanout;
 mod hist;
-mod http1;
 mod idle;
+mod node_http;
 mod probe;
 mod producer;
 mod recv;

@@ -11,51 +11,51 @@ use serde::Serialize;
 use crate::util::{require_loopback, round3};
 
 /// Linux reports CPU times in /proc in USER_HZ ticks, fixed at 100 by the ABI.
-pub const USER_HZ: f64 = 100.0;
+pub(crate) const USER_HZ: f64 = 100.0;
 
 /// Options for reading processes and writing results, shared by every scenario.
 #[derive(Debug, Clone, Args)]
-pub struct ProbeArgs {
+pub(crate) struct ProbeArgs {
     /// Server (node) PIDs to read RSS (/proc/<pid>/status VmRSS) and CPU time
     /// (/proc/<pid>/stat utime+stime) from, comma-separated. For `idle`, when as many PIDs
     /// as targets are given they pair up by position.
     #[arg(long = "pids", value_delimiter = ',', num_args = 1..)]
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
 
     /// PID of the redis-server, for its CPU time.
     #[arg(long)]
-    pub redis_pid: Option<u32>,
+    pub(crate) redis_pid: Option<u32>,
 
     /// Other PIDs whose CPU belongs to the experiment (other bench processes, an external
     /// producer): counted as known load, not as noise.
     #[arg(long = "known-pids", value_delimiter = ',', num_args = 1..)]
-    pub known_pids: Vec<u32>,
+    pub(crate) known_pids: Vec<u32>,
 
     /// Unexplained machine load, in cores, above which a run is flagged "noisy".
     #[arg(long, default_value_t = 0.3)]
-    pub noise_threshold: f64,
+    pub(crate) noise_threshold: f64,
 
     /// Also write the report as JSON to this file.
     #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    pub(crate) json: Option<std::path::PathBuf>,
 
     /// Write a small JSON file here once all sessions are settled (connected or failed), so
     /// a script (or an external producer) knows when to start.
     #[arg(long)]
-    pub ready_file: Option<std::path::PathBuf>,
+    pub(crate) ready_file: Option<std::path::PathBuf>,
 }
 
 /// One reading of a process.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct ProcSample {
-    pub rss_kib: u64,
-    pub rss_anon_kib: u64,
+pub(crate) struct ProcSample {
+    pub(crate) rss_kib: u64,
+    pub(crate) rss_anon_kib: u64,
     /// utime + stime, in seconds.
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
 }
 
 impl ProcSample {
-    pub fn read(pid: &str) -> anyhow::Result<Self> {
+    pub(crate) fn read(pid: &str) -> anyhow::Result<Self> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("cannot read /proc/{pid}/status"))?;
         let field = |name: &str| -> anyhow::Result<u64> {
@@ -82,7 +82,7 @@ impl ProcSample {
 }
 
 /// utime + stime of a process (all its threads), in ticks.
-pub fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     parse_stat_ticks(&stat).with_context(|| format!("bad /proc/{pid}/stat"))
@@ -105,13 +105,13 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
     parse_stat(stat).map(|(_, t)| t)
 }
 
-pub fn sample_all(pids: &[u32]) -> anyhow::Result<Vec<ProcSample>> {
+pub(crate) fn sample_all(pids: &[u32]) -> anyhow::Result<Vec<ProcSample>> {
     pids.iter()
         .map(|p| ProcSample::read(&p.to_string()))
         .collect()
 }
 
-pub fn rss_map(pids: &[u32]) -> BTreeMap<String, u64> {
+pub(crate) fn rss_map(pids: &[u32]) -> BTreeMap<String, u64> {
     pids.iter()
         .filter_map(|p| {
             ProcSample::read(&p.to_string())
@@ -124,14 +124,14 @@ pub fn rss_map(pids: &[u32]) -> BTreeMap<String, u64> {
 // ===== The machine =====
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub nproc: usize,
-    pub cpu_model: String,
-    pub kernel: String,
+pub(crate) struct Machine {
+    pub(crate) nproc: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) kernel: String,
 }
 
 impl Machine {
-    pub fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -220,7 +220,7 @@ enum Role {
 }
 
 /// Measures the CPU of the known processes and of the whole machine over one phase.
-pub struct Meter {
+pub(crate) struct Meter {
     known: Vec<Known>,
     start_ticks: Vec<Option<u64>>,
     start_sys: SysStat,
@@ -231,33 +231,33 @@ pub struct Meter {
 
 /// What a phase cost.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct PhaseCpu {
-    pub wall_s: f64,
+pub(crate) struct PhaseCpu {
+    pub(crate) wall_s: f64,
     /// CPU seconds per process, labelled `server:<pid>`, `redis:<pid>`, `bench:<pid>`,
     /// `other:<pid>`.
-    pub cpu_seconds: BTreeMap<String, f64>,
-    pub servers_s: f64,
-    pub redis_s: f64,
-    pub bench_s: f64,
+    pub(crate) cpu_seconds: BTreeMap<String, f64>,
+    pub(crate) servers_s: f64,
+    pub(crate) redis_s: f64,
+    pub(crate) bench_s: f64,
     /// user+nice+system over the phase, in cores.
-    pub machine_busy_cores: f64,
+    pub(crate) machine_busy_cores: f64,
     /// The known processes' CPU, in cores.
-    pub known_cores: f64,
+    pub(crate) known_cores: f64,
     /// ksoftirqd threads (network work our own traffic causes), in cores.
-    pub ksoftirqd_cores: f64,
+    pub(crate) ksoftirqd_cores: f64,
     /// irq+softirq time not attributed to any process, in cores (loopback networking).
-    pub irq_cores: f64,
-    pub steal_cores: f64,
+    pub(crate) irq_cores: f64,
+    pub(crate) steal_cores: f64,
     /// Busy time no known process explains, in cores.
-    pub unexplained_cores: f64,
+    pub(crate) unexplained_cores: f64,
     /// The largest unknown consumers over the phase: "name(pid)" -> cores.
-    pub top_unknown: Vec<(String, f64)>,
-    pub noisy: bool,
-    pub noisy_reasons: Vec<String>,
+    pub(crate) top_unknown: Vec<(String, f64)>,
+    pub(crate) noisy: bool,
+    pub(crate) noisy_reasons: Vec<String>,
 }
 
 impl Meter {
-    pub fn start(probe: &ProbeArgs) -> Self {
+    pub(crate) fn start(probe: &ProbeArgs) -> Self {
         let mut known: Vec<Known> = probe
             .pids
             .iter()
@@ -304,7 +304,7 @@ impl Meter {
         }
     }
 
-    pub fn finish(&self) -> PhaseCpu {
+    pub(crate) fn finish(&self) -> PhaseCpu {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-6);
         let sys = read_sys_stat();
         let all = scan_all();
@@ -387,7 +387,7 @@ impl Meter {
     }
 }
 
-pub fn warn_if_noisy(cpu: &PhaseCpu) {
+pub(crate) fn warn_if_noisy(cpu: &PhaseCpu) {
     for r in &cpu.noisy_reasons {
         eprintln!("herald-bench: WARNING: noisy run: {r}");
     }
@@ -396,7 +396,7 @@ pub fn warn_if_noisy(cpu: &PhaseCpu) {
 // ===== Redis =====
 
 /// Opens a Redis client for a URL on this machine only.
-pub fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
+pub(crate) fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
     let client = redis::Client::open(url).with_context(|| format!("bad --redis-url {url:?}"))?;
     match client.get_connection_info().addr() {
         redis::ConnectionAddr::Tcp(host, _) => {
@@ -415,7 +415,7 @@ pub fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
     Ok(client)
 }
 
-pub async fn redis_conn(
+pub(crate) async fn redis_conn(
     client: &redis::Client,
 ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let cfg = redis::AsyncConnectionConfig::new()
@@ -429,7 +429,7 @@ pub async fn redis_conn(
 
 /// Keys under `<prefix>:*`, counted with SCAN (COUNT 1000); duplicates SCAN may return are
 /// removed. Returns the count and up to `keep` names.
-pub async fn count_keys(
+pub(crate) async fn count_keys(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
     keep: usize,
@@ -463,14 +463,18 @@ pub async fn count_keys(
 // ===== Node metrics =====
 
 /// Sums a Prometheus counter (all label sets) from GET <url> (http://host:port/metrics).
-pub async fn scrape_counter(url: &str, name: &str) -> anyhow::Result<f64> {
+pub(crate) async fn scrape_counter(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+) -> anyhow::Result<f64> {
     let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     let authority = uri
         .authority()
         .with_context(|| format!("{url:?} has no host"))?
         .clone();
     let port = uri.port_u16().unwrap_or(80);
-    let addr = tokio::net::lookup_host((authority.host(), port))
+    let addr = tokio::net::lookup_host((authority.host().trim_matches(['[', ']']), port))
         .await
         .with_context(|| format!("cannot resolve {url:?}"))?
         .next()
@@ -480,15 +484,17 @@ pub async fn scrape_counter(url: &str, name: &str) -> anyhow::Result<f64> {
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/metrics");
-    let mut conn = crate::http1::HttpConn::new(addr, authority.as_str());
-    let resp = conn
-        .request("GET", path, None, b"")
+    let req = http.get(crate::node_http::url(addr, path)?).header(
+        reqwest::header::HOST,
+        crate::node_http::header(authority.as_str(), url)?,
+    );
+    let (status, body) = crate::node_http::exchange(req)
         .await
         .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
-    if resp.status != 200 {
-        bail!("GET {url}: HTTP {}", resp.status);
+    if status != 200 {
+        bail!("GET {url}: HTTP {status}");
     }
-    Ok(sum_counter(&String::from_utf8_lossy(&resp.body), name))
+    Ok(sum_counter(&String::from_utf8_lossy(&body), name))
 }
 
 fn sum_counter(text: &str, name: &str) -> f64 {

@@ -7,18 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{interval, MissedTickBehavior};
 
 use crate::dial::Target;
-use crate::http1::HttpConn;
+use crate::node_http;
 use crate::util::{mono_ns, round3, Rng};
 use crate::wire::payload;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ProducerKind {
+pub(crate) enum ProducerKind {
     /// PUBLISH on Redis from this process, on its own connection.
     Redis,
     /// POST /api/publish to the targets (round-robin over connections).
@@ -28,62 +29,63 @@ pub enum ProducerKind {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct ProducerArgs {
+pub(crate) struct ProducerArgs {
     /// Who publishes.
     #[arg(long, value_enum, default_value_t = ProducerKind::Redis)]
-    pub producer: ProducerKind,
+    pub(crate) producer: ProducerKind,
 
     /// Redis to publish on (and to count keys in): redis://127.0.0.1:<port>.
     #[arg(long)]
-    pub redis_url: Option<String>,
+    pub(crate) redis_url: Option<String>,
 
     /// herald's --prefix: channels are <prefix>:user:<uid>, <prefix>:broadcast,
     /// <prefix>:topic:<name>.
     #[arg(long, default_value = "herald")]
-    pub prefix: String,
+    pub(crate) prefix: String,
 
     /// API key for --producer http (Authorization: Bearer).
     #[arg(long, env = "HERALD_BENCH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub(crate) api_key: Option<String>,
 
     /// Messages per second, in total.
     #[arg(long, default_value_t = 1000.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
 
     /// Seconds to publish for.
     #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
+    pub(crate) duration: f64,
 
     /// Bytes of "x" in each payload's "pad" field.
     #[arg(long, default_value_t = 100)]
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
 
     /// --producer external: the JSON file the external producer writes when it is done:
     /// {"sent": n, "per_user": {"bench-0": <last seq>, ...}} (fanout),
     /// {"sent": n, "per_topic": {"t0": <last seq>, ...}} (topic) or {"sent": n} (broadcast).
     #[arg(long)]
-    pub expect_file: Option<PathBuf>,
+    pub(crate) expect_file: Option<PathBuf>,
 
     /// Seconds to wait for stragglers after the producer stops.
     #[arg(long, default_value_t = 3.0)]
-    pub drain: f64,
+    pub(crate) drain: f64,
 
     /// --producer external: seconds to wait for --expect-file after --duration.
     #[arg(long, default_value_t = 60.0)]
-    pub expect_timeout: f64,
+    pub(crate) expect_timeout: f64,
 
-    /// --producer http: connections publishing in parallel (messages to one target always
-    /// use the same connection, so their order is kept).
+    /// --producer http: publishes in flight at once, each on a kept-alive connection (at
+    /// most this many open). Messages to one target always go through the same sender, one
+    /// after the other, so their order is kept.
     #[arg(long, default_value_t = 16)]
-    pub http_connections: usize,
+    pub(crate) http_connections: usize,
 
     /// Most publishes sent in one pipelined batch (the producer ticks every millisecond).
     #[arg(long, default_value_t = 500)]
-    pub max_batch: usize,
+    pub(crate) max_batch: usize,
 }
 
 impl ProducerArgs {
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
         if self.producer != ProducerKind::External && !(self.rate.is_finite() && self.rate > 0.0) {
             bail!("--rate must be a positive number of messages per second");
         }
@@ -109,7 +111,7 @@ impl ProducerArgs {
 /// What a message is addressed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub(crate) enum Kind {
     User,
     Topic,
     Broadcast,
@@ -117,13 +119,13 @@ pub enum Kind {
 
 /// The targets of a run: message `key`s index `names` (user ids or topic names).
 #[derive(Debug, Clone)]
-pub struct Targets {
-    pub kind: Kind,
-    pub names: Vec<String>,
+pub(crate) struct Targets {
+    pub(crate) kind: Kind,
+    pub(crate) names: Vec<String>,
 }
 
 impl Targets {
-    pub fn channel(&self, prefix: &str, key: usize) -> String {
+    pub(crate) fn channel(&self, prefix: &str, key: usize) -> String {
         match self.kind {
             Kind::User => format!("{prefix}:user:{}", self.names[key]),
             Kind::Topic => format!("{prefix}:topic:{}", self.names[key]),
@@ -143,7 +145,7 @@ impl Targets {
 
 /// How each message's key is chosen.
 #[derive(Debug, Clone)]
-pub enum Pick {
+pub(crate) enum Pick {
     /// Uniformly among these keys.
     Random(Vec<usize>),
     /// In turn.
@@ -167,32 +169,32 @@ impl Pick {
 
 /// One paced stream of publishes.
 #[derive(Debug, Clone)]
-pub struct Plan {
-    pub rate: f64,
-    pub duration: f64,
-    pub pad: String,
-    pub pick: Pick,
-    pub targets: Targets,
-    pub max_batch: usize,
+pub(crate) struct Plan {
+    pub(crate) rate: f64,
+    pub(crate) duration: f64,
+    pub(crate) pad: String,
+    pub(crate) pick: Pick,
+    pub(crate) targets: Targets,
+    pub(crate) max_batch: usize,
 }
 
 /// What a producer did.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Produced {
-    pub planned: u64,
-    pub sent: u64,
-    pub failed: u64,
-    pub elapsed_s: f64,
-    pub achieved_rate: f64,
+pub(crate) struct Produced {
+    pub(crate) planned: u64,
+    pub(crate) sent: u64,
+    pub(crate) failed: u64,
+    pub(crate) elapsed_s: f64,
+    pub(crate) achieved_rate: f64,
     /// How far behind schedule the producer fell at worst, in ms.
-    pub max_lag_ms: f64,
-    pub errors: BTreeMap<String, u64>,
+    pub(crate) max_lag_ms: f64,
+    pub(crate) errors: BTreeMap<String, u64>,
     /// Last sequence number per key (the expectation of its receivers).
     #[serde(skip)]
-    pub last_seq: Vec<u64>,
+    pub(crate) last_seq: Vec<u64>,
     /// Sequence numbers whose publish failed, per key.
     #[serde(skip)]
-    pub failed_seqs: HashMap<usize, Vec<u64>>,
+    pub(crate) failed_seqs: HashMap<usize, Vec<u64>>,
 }
 
 impl Produced {
@@ -266,7 +268,7 @@ fn finish(mut p: Produced, pacer: &Pacer) -> Produced {
 }
 
 /// Publishes `plan` with PUBLISH on `conn`, pipelining each tick's messages.
-pub async fn run_redis(
+pub(crate) async fn run_redis(
     plan: Plan,
     prefix: String,
     mut conn: redis::aio::MultiplexedConnection,
@@ -319,14 +321,16 @@ pub async fn run_redis(
     finish(out, &pacer)
 }
 
-/// Publishes `plan` with POST /api/publish over `connections` keep-alive connections spread
-/// over `targets`. Messages for one key always take the same connection (order kept).
-pub async fn run_http(
+/// Publishes `plan` with POST /api/publish from `connections` workers spread over
+/// `targets`, on `http`'s keep-alive connections. Each worker has one request in flight, so
+/// at most `connections` are; messages for one key always take the same worker (order kept).
+pub(crate) async fn run_http(
     plan: Plan,
+    http: &reqwest::Client,
     targets: &[Target],
-    api_key: Option<String>,
+    api_key: Option<&str>,
     connections: usize,
-) -> Produced {
+) -> anyhow::Result<Produced> {
     let keys = plan.targets.names.len().max(1);
     let mut out = Produced {
         last_seq: vec![0; keys],
@@ -335,6 +339,28 @@ pub async fn run_http(
     let workers = connections.clamp(1, 256);
     let prefixes: std::sync::Arc<Vec<String>> =
         std::sync::Arc::new((0..keys).map(|k| plan.targets.http_prefix(k)).collect());
+    let auth = match api_key {
+        Some(k) => {
+            let mut v = node_http::header(&format!("Bearer {k}"), "--api-key")?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        None => None,
+    };
+    // Built once per target: each request clones them (a reference-count bump for the
+    // headers, one short string for the URL).
+    let endpoints = targets
+        .iter()
+        .map(|t| {
+            Ok((
+                node_http::url(t.addr, "/api/publish")?,
+                node_http::header(&t.authority, "the target's host")?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if endpoints.is_empty() {
+        bail!("--producer http needs a target");
+    }
     let mut senders = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
     // Jobs still queued when the pacer's own deadline passes are dropped (counted failed),
@@ -343,12 +369,13 @@ pub async fn run_http(
     for w in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(usize, u64)>(4096);
         senders.push(tx);
-        let target = &targets[w % targets.len()];
-        let mut conn = HttpConn::new(target.addr, &target.authority);
+        let (url, host) = endpoints[w % endpoints.len()].clone();
+        let http = http.clone();
         let prefixes = prefixes.clone();
         let pad = plan.pad.clone();
-        let key = api_key.clone();
+        let auth = auth.clone();
         handles.push(tokio::spawn(async move {
+            let json = HeaderValue::from_static("application/json");
             let mut got = Produced::default();
             while let Some((k, seq)) = rx.recv().await {
                 if Instant::now() > deadline {
@@ -358,12 +385,16 @@ pub async fn run_http(
                 let mut body = prefixes[k].clone();
                 body.push_str(&payload(seq, mono_ns(), &pad));
                 body.push('}');
-                match conn
-                    .request("POST", "/api/publish", key.as_deref(), body.as_bytes())
-                    .await
-                {
-                    Ok(r) if r.status == 200 => got.sent += 1,
-                    Ok(r) => got.fail(k, seq, format!("http: HTTP {}", r.status)),
+                let mut req = http
+                    .post(url.clone())
+                    .header(HOST, host.clone())
+                    .header(CONTENT_TYPE, json.clone());
+                if let Some(a) = &auth {
+                    req = req.header(AUTHORIZATION, a.clone());
+                }
+                match node_http::exchange(req.body(body)).await {
+                    Ok((200, _)) => got.sent += 1,
+                    Ok((status, _)) => got.fail(k, seq, format!("http: HTTP {status}")),
                     Err(e) => got.fail(k, seq, format!("http: {e}")),
                 }
             }
@@ -403,21 +434,24 @@ pub async fn run_http(
             }
         }
     }
-    finish(out, &pacer)
+    Ok(finish(out, &pacer))
 }
 
 /// What an external producer reports when it is done.
 #[derive(Debug, Clone, Deserialize)]
-pub struct ExternalExpect {
-    pub sent: u64,
+pub(crate) struct ExternalExpect {
+    pub(crate) sent: u64,
     #[serde(default)]
-    pub per_user: Option<HashMap<String, u64>>,
+    pub(crate) per_user: Option<HashMap<String, u64>>,
     #[serde(default)]
-    pub per_topic: Option<HashMap<String, u64>>,
+    pub(crate) per_topic: Option<HashMap<String, u64>>,
 }
 
 /// Waits up to `timeout` for the external producer's file, then reads it.
-pub async fn read_expect_file(path: &PathBuf, timeout: f64) -> anyhow::Result<ExternalExpect> {
+pub(crate) async fn read_expect_file(
+    path: &PathBuf,
+    timeout: f64,
+) -> anyhow::Result<ExternalExpect> {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
     while !path.exists() {
         if Instant::now() > deadline {
@@ -447,7 +481,11 @@ pub async fn read_expect_file(path: &PathBuf, timeout: f64) -> anyhow::Result<Ex
 }
 
 /// Expectations turned into the `Produced` shape: last sequence number per key.
-pub fn produced_from_external(e: &ExternalExpect, targets: &Targets, elapsed_s: f64) -> Produced {
+pub(crate) fn produced_from_external(
+    e: &ExternalExpect,
+    targets: &Targets,
+    elapsed_s: f64,
+) -> Produced {
     let last_seq = match targets.kind {
         Kind::Broadcast => vec![e.sent],
         Kind::User | Kind::Topic => {

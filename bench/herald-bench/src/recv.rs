@@ -22,24 +22,24 @@ const MAX_HOLES: usize = 10_000;
 
 /// Sequence numbers seen by one session, from one producer sequence (starting at 1).
 #[derive(Debug, Clone, Default)]
-pub struct SeqTracker {
+pub(crate) struct SeqTracker {
     /// Highest sequence number seen.
-    pub max_seen: u64,
+    pub(crate) max_seen: u64,
     /// Missing ranges below `max_seen` (inclusive, ascending, disjoint).
     holes: Vec<(u64, u64)>,
     /// Missing numbers that did not fit in `holes`.
     overflow_missing: u64,
     /// Distinct payloads received.
-    pub unique: u64,
-    pub duplicated: u64,
+    pub(crate) unique: u64,
+    pub(crate) duplicated: u64,
     /// Arrived after a higher sequence number.
-    pub out_of_order: u64,
+    pub(crate) out_of_order: u64,
     /// seq 0 or otherwise unusable.
-    pub invalid: u64,
+    pub(crate) invalid: u64,
 }
 
 impl SeqTracker {
-    pub fn observe(&mut self, seq: u64) {
+    pub(crate) fn observe(&mut self, seq: u64) {
         if seq == 0 {
             self.invalid += 1;
             return;
@@ -81,7 +81,7 @@ impl SeqTracker {
 
     /// Numbers up to `expected_last` never received, ignoring `forgiven` (publishes that
     /// failed at the producer, so never reached the server).
-    pub fn lost(&self, expected_last: u64, forgiven: &[u64]) -> u64 {
+    pub(crate) fn lost(&self, expected_last: u64, forgiven: &[u64]) -> u64 {
         let mut lost = self.overflow_missing
             + self.holes.iter().map(|(a, b)| b - a + 1).sum::<u64>()
             + expected_last.saturating_sub(self.max_seen);
@@ -103,40 +103,40 @@ impl SeqTracker {
     }
 
     /// Received numbers above what the producer says it sent.
-    pub fn beyond(&self, expected_last: u64) -> u64 {
+    pub(crate) fn beyond(&self, expected_last: u64) -> u64 {
         self.max_seen.saturating_sub(expected_last)
     }
 }
 
 /// What one session saw, handed back when it stops.
 #[derive(Debug, Clone, Default)]
-pub struct SessionOutcome {
-    pub index: usize,
-    pub seq: SeqTracker,
+pub(crate) struct SessionOutcome {
+    pub(crate) index: usize,
+    pub(crate) seq: SeqTracker,
     /// How the session ended before it was told to stop: "close 4001", "eof", "error: ..".
-    pub ended: Option<String>,
-    pub foreign: u64,
-    pub gaps: u64,
+    pub(crate) ended: Option<String>,
+    pub(crate) foreign: u64,
+    pub(crate) gaps: u64,
 }
 
 /// Shared by every receiving session of a scenario.
-pub struct RecvShared {
-    pub protocol: Protocol,
-    pub latency: Recorder,
-    pub stop: CancellationToken,
-    pub out: mpsc::UnboundedSender<SessionOutcome>,
+pub(crate) struct RecvShared {
+    pub(crate) protocol: Protocol,
+    pub(crate) latency: Recorder,
+    pub(crate) stop: CancellationToken,
+    pub(crate) out: mpsc::UnboundedSender<SessionOutcome>,
     /// Count messages that carry a durable inbox id. Only the durable scenario publishes
     /// such messages; elsewhere they are replays of an earlier run's inbox entries (a user
     /// id reused against the same Redis) and are counted as foreign, not as deliveries.
-    pub accept_durable: bool,
+    pub(crate) accept_durable: bool,
 }
 
 impl RecvShared {
-    pub fn new(protocol: Protocol) -> (Arc<Self>, mpsc::UnboundedReceiver<SessionOutcome>) {
+    pub(crate) fn new(protocol: Protocol) -> (Arc<Self>, mpsc::UnboundedReceiver<SessionOutcome>) {
         Self::with_durable(protocol, false)
     }
 
-    pub fn with_durable(
+    pub(crate) fn with_durable(
         protocol: Protocol,
         accept_durable: bool,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<SessionOutcome>) {
@@ -174,7 +174,7 @@ fn close_text(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>)
 
 /// Reads a session until `stop`, recording every bench payload; answers Engine.IO pings
 /// (tungstenite answers WebSocket pings itself while reading).
-pub async fn receive(mut session: Session, shared: Arc<RecvShared>) {
+pub(crate) async fn receive(mut session: Session, shared: Arc<RecvShared>) {
     let mut o = SessionOutcome {
         index: session.index,
         ..SessionOutcome::default()
@@ -223,7 +223,7 @@ pub async fn receive(mut session: Session, shared: Arc<RecvShared>) {
 
 /// A consumer that never reads (its socket has a tiny SO_RCVBUF): holds the connection
 /// until `stop`, then reads for up to `probe` to learn whether and how the node closed it.
-pub async fn hold_unread(mut session: Session, shared: Arc<RecvShared>, probe: Duration) {
+pub(crate) async fn hold_unread(mut session: Session, shared: Arc<RecvShared>, probe: Duration) {
     shared.stop.cancelled().await;
     let mut o = SessionOutcome {
         index: session.index,
@@ -246,7 +246,7 @@ pub async fn hold_unread(mut session: Session, shared: Arc<RecvShared>, probe: D
 }
 
 /// Waits for `n` outcomes (bounded by `wait`), indexed by session index.
-pub async fn collect(
+pub(crate) async fn collect(
     rx: &mut mpsc::UnboundedReceiver<SessionOutcome>,
     n: usize,
     wait: Duration,
@@ -266,27 +266,27 @@ pub async fn collect(
 
 /// Delivery totals over a set of sessions.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Tally {
-    pub sessions: usize,
-    pub delivered: u64,
-    pub expected: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub out_of_order: u64,
+pub(crate) struct Tally {
+    pub(crate) sessions: usize,
+    pub(crate) delivered: u64,
+    pub(crate) expected: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) out_of_order: u64,
     /// Sequence numbers above what the producer reported sending.
-    pub beyond_expected: u64,
-    pub invalid: u64,
+    pub(crate) beyond_expected: u64,
+    pub(crate) invalid: u64,
     /// Frames with a message that was not a bench payload.
-    pub foreign: u64,
-    pub gaps: u64,
+    pub(crate) foreign: u64,
+    pub(crate) gaps: u64,
     /// Sessions that ended before the run did, by how.
-    pub ended_early: BTreeMap<String, usize>,
+    pub(crate) ended_early: BTreeMap<String, usize>,
     /// Sessions that lost at least one message.
-    pub sessions_with_loss: usize,
+    pub(crate) sessions_with_loss: usize,
 }
 
 impl Tally {
-    pub fn add(&mut self, o: &SessionOutcome, expected_last: u64, forgiven: &[u64]) {
+    pub(crate) fn add(&mut self, o: &SessionOutcome, expected_last: u64, forgiven: &[u64]) {
         let forgiven_n = forgiven.iter().filter(|&&f| f <= expected_last).count() as u64;
         self.sessions += 1;
         self.delivered += o.seq.unique;

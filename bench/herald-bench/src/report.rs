@@ -14,47 +14,47 @@ use crate::util::{round3, unix_secs, utc_string};
 use crate::wire::Protocol;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report<D: Serialize> {
-    pub scenario: &'static str,
-    pub protocol: Protocol,
-    pub unix_time: u64,
-    pub utc: String,
-    pub machine: Machine,
-    pub targets: Vec<String>,
-    pub source_ips: usize,
-    pub concurrency: usize,
+pub(crate) struct Report<D: Serialize> {
+    pub(crate) scenario: &'static str,
+    pub(crate) protocol: Protocol,
+    pub(crate) unix_time: u64,
+    pub(crate) utc: String,
+    pub(crate) machine: Machine,
+    pub(crate) targets: Vec<String>,
+    pub(crate) source_ips: usize,
+    pub(crate) concurrency: usize,
     /// Sessions requested.
-    pub sessions: usize,
-    pub connected: usize,
-    pub failed: usize,
+    pub(crate) sessions: usize,
+    pub(crate) connected: usize,
+    pub(crate) failed: usize,
     /// Distinct bench payloads received (over the measured sessions).
-    pub delivered: u64,
-    pub expected: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub out_of_order: u64,
+    pub(crate) delivered: u64,
+    pub(crate) expected: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) out_of_order: u64,
     /// `delivered` divided by the producer's active time.
-    pub delivered_per_s: f64,
+    pub(crate) delivered_per_s: f64,
     /// End-to-end latency (delivery scenarios), or the scenario's main latency.
-    pub latency_ms: Lat,
+    pub(crate) latency_ms: Lat,
     /// CPU seconds per process over the measured phase (`server:<pid>`, `redis:<pid>`,
     /// `bench:<pid>`, `other:<pid>`).
-    pub cpu_seconds: BTreeMap<String, f64>,
+    pub(crate) cpu_seconds: BTreeMap<String, f64>,
     /// Servers' (--pids) CPU seconds per 100,000 delivered messages.
-    pub cpu_per_100k_delivered_server: Option<f64>,
-    pub cpu_per_100k_delivered_redis: Option<f64>,
-    pub cpu_per_100k_delivered_bench: Option<f64>,
+    pub(crate) cpu_per_100k_delivered_server: Option<f64>,
+    pub(crate) cpu_per_100k_delivered_redis: Option<f64>,
+    pub(crate) cpu_per_100k_delivered_bench: Option<f64>,
     /// The machine did other work during the measured phase (see `cpu.noisy_reasons`).
-    pub noisy: bool,
-    pub cpu: PhaseCpu,
+    pub(crate) noisy: bool,
+    pub(crate) cpu: PhaseCpu,
     /// Server RSS at the end of the measured phase.
-    pub rss_kib: BTreeMap<String, u64>,
-    pub connect: ConnectStats,
-    pub result: D,
+    pub(crate) rss_kib: BTreeMap<String, u64>,
+    pub(crate) connect: ConnectStats,
+    pub(crate) result: D,
 }
 
 impl<D: Serialize> Report<D> {
-    pub fn new(
+    pub(crate) fn new(
         scenario: &'static str,
         dialer: &Dialer,
         concurrency: usize,
@@ -94,7 +94,7 @@ impl<D: Serialize> Report<D> {
     }
 
     /// Fills the delivery fields from a tally over `active_s` seconds of production.
-    pub fn set_tally(&mut self, t: &Tally, active_s: f64) {
+    pub(crate) fn set_tally(&mut self, t: &Tally, active_s: f64) {
         self.delivered = t.delivered;
         self.expected = t.expected;
         self.lost = t.lost;
@@ -104,7 +104,7 @@ impl<D: Serialize> Report<D> {
     }
 
     /// Fills the CPU fields from a measured phase (after the delivery fields).
-    pub fn set_cpu(&mut self, cpu: PhaseCpu) {
+    pub(crate) fn set_cpu(&mut self, cpu: PhaseCpu) {
         let per =
             |s: f64| (self.delivered > 0).then(|| round3(s * 100_000.0 / self.delivered as f64));
         self.cpu_per_100k_delivered_server = per(cpu.servers_s);
@@ -115,7 +115,7 @@ impl<D: Serialize> Report<D> {
         self.cpu = cpu;
     }
 
-    pub fn write_json(&self, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    pub(crate) fn write_json(&self, path: Option<&std::path::Path>) -> anyhow::Result<()> {
         let Some(path) = path else {
             return Ok(());
         };
@@ -127,7 +127,7 @@ impl<D: Serialize> Report<D> {
     }
 
     /// The header and the lines every scenario shares.
-    pub fn print_head(&self) {
+    pub(crate) fn print_head(&self) {
         println!();
         println!(
             "== herald-bench {} ({}, {}) ==",
@@ -161,7 +161,7 @@ impl<D: Serialize> Report<D> {
     }
 
     /// Delivery lines (fanout-like scenarios).
-    pub fn print_delivery(&self) {
+    pub(crate) fn print_delivery(&self) {
         row(
             "delivered / expected",
             format!("{} / {}", self.delivered, self.expected),
@@ -185,7 +185,7 @@ impl<D: Serialize> Report<D> {
     }
 
     /// CPU lines.
-    pub fn print_cpu(&self) {
+    pub(crate) fn print_cpu(&self) {
         row("measured phase (s)", format!("{:.1}", self.cpu.wall_s));
         for (label, s) in &self.cpu_seconds {
             row(
@@ -221,6 +221,6 @@ impl<D: Serialize> Report<D> {
 }
 
 /// One "name   value" line of a summary table.
-pub fn row(name: &str, value: impl std::fmt::Display) {
+pub(crate) fn row(name: &str, value: impl std::fmt::Display) {
     println!("{name:<34} {value}");
 }

@@ -7,31 +7,24 @@ use anyhow::bail;
 
 /// CLOCK_MONOTONIC in nanoseconds. The clock is system-wide on Linux, so a timestamp taken
 /// here can be compared with one taken by another process on the same machine (Node.js
-/// `process.hrtime.bigint()` reads the same clock).
-#[allow(unsafe_code)]
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec and CLOCK_MONOTONIC exists on every Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64)
+/// `process.hrtime.bigint()` reads the same clock). rustix reads it through the vDSO, like
+/// libc, without `unsafe` here.
+pub(crate) fn mono_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
         .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
-pub fn unix_secs() -> u64 {
+pub(crate) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-pub fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     if !v.is_finite() {
         return 0.0;
     }
@@ -39,7 +32,7 @@ pub fn round3(v: f64) -> f64 {
 }
 
 /// "YYYY-MM-DDTHH:MM:SSZ" for a Unix time (civil-from-days, proleptic Gregorian).
-pub fn utc_string(secs: u64) -> String {
+pub(crate) fn utc_string(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -61,18 +54,18 @@ pub fn utc_string(secs: u64) -> String {
 
 /// splitmix64: good enough to pick random targets, and needs no dependency.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
-    pub fn seeded() -> Self {
+    pub(crate) fn seeded() -> Self {
         Rng::new(mono_ns() ^ u64::from(std::process::id()).rotate_left(32))
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -81,7 +74,7 @@ impl Rng {
     }
 
     /// Uniform in 0..n (n > 0); the modulo bias is irrelevant for n far below 2^64.
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             return 0;
         }
@@ -91,7 +84,7 @@ impl Rng {
 
 /// The bench only ever sends traffic to this machine: refuses anything outside 127.0.0.0/8
 /// and ::1.
-pub fn require_loopback(ip: IpAddr, what: &str) -> anyhow::Result<()> {
+pub(crate) fn require_loopback(ip: IpAddr, what: &str) -> anyhow::Result<()> {
     if ip.is_loopback() {
         Ok(())
     } else {
@@ -100,7 +93,7 @@ pub fn require_loopback(ip: IpAddr, what: &str) -> anyhow::Result<()> {
 }
 
 /// Checks a positive, finite number of seconds.
-pub fn check_secs(v: f64, flag: &str, allow_zero: bool) -> anyhow::Result<()> {
+pub(crate) fn check_secs(v: f64, flag: &str, allow_zero: bool) -> anyhow::Result<()> {
     let ok = v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0));
     if !ok {
         bail!(
@@ -131,6 +124,14 @@ mod tests {
         let a = mono_ns();
         let b = mono_ns();
         assert!(a > 0 && b >= a);
+    }
+
+    #[test]
+    fn monotonic_clock_counts_nanoseconds() {
+        let a = mono_ns();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let d = mono_ns() - a;
+        assert!((20_000_000..2_000_000_000).contains(&d), "{d} ns");
     }
 
     #[test]

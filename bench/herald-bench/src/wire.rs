@@ -11,7 +11,7 @@ use tokio_tungstenite::WebSocketStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// herald: GET /ws?token=..., welcome frame, {"type":"message",...,"data":{...}}.
     Herald,
     /// Engine.IO v4 / Socket.IO v5 over WebSocket: GET /socket.io/?EIO=4&transport=websocket
@@ -21,7 +21,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Protocol::Herald => "herald",
             Protocol::Socketio => "socketio",
@@ -29,7 +29,7 @@ impl Protocol {
     }
 
     /// Path used when a target URL has none.
-    pub fn default_path(self) -> &'static str {
+    pub(crate) fn default_path(self) -> &'static str {
         match self {
             Protocol::Herald => "/ws",
             Protocol::Socketio => "/socket.io/",
@@ -39,7 +39,7 @@ impl Protocol {
 
 /// Builds the WebSocket URL of one session. `token` must already be URL-safe (a JWT is; a
 /// --dev user id of the bench's own making is too).
-pub fn session_url(
+pub(crate) fn session_url(
     protocol: Protocol,
     base: &str,
     token: &str,
@@ -61,12 +61,12 @@ pub fn session_url(
     url
 }
 
-pub type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Completes the application-level handshake after the WebSocket opened: herald's welcome
 /// frame, or Socket.IO's open packet, CONNECT and its answer. Errors are short, groupable
 /// texts.
-pub async fn handshake(ws: &mut Ws, protocol: Protocol) -> Result<(), String> {
+pub(crate) async fn handshake(ws: &mut Ws, protocol: Protocol) -> Result<(), String> {
     match protocol {
         Protocol::Herald => match ws.next().await {
             Some(Ok(Message::Text(text))) => {
@@ -150,7 +150,7 @@ struct HeraldFrame<'a> {
 
 /// One text frame, classified.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// A bench payload: its sequence number, its send timestamp (CLOCK_MONOTONIC ns) and,
     /// for durable herald messages, the inbox id.
     Data {
@@ -168,7 +168,7 @@ pub enum Incoming {
     Other,
 }
 
-pub fn classify(protocol: Protocol, text: &str) -> Incoming {
+pub(crate) fn classify(protocol: Protocol, text: &str) -> Incoming {
     match protocol {
         Protocol::Herald => {
             let Ok(f) = serde_json::from_str::<HeraldFrame>(text) else {
@@ -217,7 +217,7 @@ pub fn classify(protocol: Protocol, text: &str) -> Incoming {
 
 /// The payload every producer of the bench sends (and an external producer must send):
 /// `{"seq":<n>,"ts":<CLOCK_MONOTONIC ns>,"pad":"xxx..."}`.
-pub fn payload(seq: u64, ts: u64, pad: &str) -> String {
+pub(crate) fn payload(seq: u64, ts: u64, pad: &str) -> String {
     format!(r#"{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}"#)
 }
 
