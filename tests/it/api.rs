@@ -1,11 +1,9 @@
 //! The producer HTTP API: authentication, input validation, size limits, error bodies, and
 //! the operational endpoints.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 async fn node(redis: &RedisServer, prefix: &str, extra: &[(&str, &str)]) -> Herald {

@@ -2,11 +2,9 @@
 //! upgrade request, fragmented messages, the closing handshake, and RFC 6455 violations
 //! that herald's own frame reader must refuse with 1002.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,7 +33,7 @@ async fn raw_open(node: &Herald, user: &str, extra: &[u8]) -> (TcpStream, Vec<u8
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
-    let mut s = TcpStream::connect(&addr).await.expect("connect"); // safe: test
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
     let mut req = format!(
         "GET /ws?token={} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -43,12 +41,12 @@ async fn raw_open(node: &Herald, user: &str, extra: &[u8]) -> (TcpStream, Vec<u8
     )
     .into_bytes();
     req.extend_from_slice(extra);
-    s.write_all(&req).await.expect("write upgrade"); // safe: test
+    s.write_all(&req).await.expect("write upgrade");
     let mut buf = Vec::new();
     let head_end = tokio::time::timeout(WAIT, async {
         loop {
             let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.expect("read head"); // safe: test
+            let n = s.read(&mut chunk).await.expect("read head");
             assert!(n > 0, "connection closed during the handshake");
             buf.extend_from_slice(&chunk[..n]);
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -57,7 +55,7 @@ async fn raw_open(node: &Herald, user: &str, extra: &[u8]) -> (TcpStream, Vec<u8
         }
     })
     .await
-    .expect("101 response"); // safe: test
+    .expect("101 response");
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     (s, buf[head_end..].to_vec())
@@ -100,9 +98,9 @@ async fn read_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<(u8, Vec
 }
 
 async fn read_json(s: &mut TcpStream, pending: &mut Vec<u8>) -> Value {
-    let (op, p) = read_frame(s, pending).await.expect("a frame"); // safe: test
+    let (op, p) = read_frame(s, pending).await.expect("a frame");
     assert_eq!(op, 0x1, "text frame expected, got opcode {op}");
-    serde_json::from_slice(&p).expect("json text frame") // safe: test
+    serde_json::from_slice(&p).expect("json text frame")
 }
 
 async fn expect_close_code(s: &mut TcpStream, pending: &mut Vec<u8>) -> u16 {
@@ -150,8 +148,8 @@ async fn frames_in_the_upgrade_packet_and_fragmented_messages_are_read() {
 
     // A frame trickled in one byte per write still arrives whole.
     for b in frame(0x1, true, br#"{"type":"ping"}"#) {
-        s.write_all(&[b]).await.expect("write byte"); // safe: test
-        s.flush().await.expect("flush"); // safe: test
+        s.write_all(&[b]).await.expect("write byte");
+        s.flush().await.expect("flush");
     }
     assert_eq!(
         read_json(&mut s, &mut pending).await,
@@ -167,7 +165,7 @@ async fn frames_in_the_upgrade_packet_and_fragmented_messages_are_read() {
     );
     let mut close = 4321u16.to_be_bytes().to_vec();
     close.extend_from_slice(b"bye");
-    s.write_all(&frame(0x8, true, &close)).await.expect("close"); // safe: test
+    s.write_all(&frame(0x8, true, &close)).await.expect("close");
     assert_eq!(expect_close_code(&mut s, &mut pending).await, 4321);
     expect_eof(&mut s, &mut pending).await;
     eventually(WAIT, "client close counted", || async {
@@ -209,7 +207,7 @@ async fn rfc_violations_close_with_1002_and_the_node_stays_ready() {
             "welcome",
             "{what}"
         );
-        s.write_all(&bytes).await.expect("write bad frame"); // safe: test
+        s.write_all(&bytes).await.expect("write bad frame");
         assert_eq!(
             expect_close_code(&mut s, &mut pending).await,
             1002,

@@ -1,11 +1,9 @@
 //! Multi-node delivery through a real redis-server: user, broadcast and topic channels,
 //! from the HTTP API and from raw Redis PUBLISH.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,7 +329,7 @@ async fn a_node_subscribes_to_a_user_channel_only_while_it_holds_a_session_of_th
                 &format!("{want} node(s) subscribed to {chan}"),
                 || async { (redis.numsub(chan) == want).then_some(()) },
             )
-            .await
+            .await;
         }
     };
     assert!(redis.pubsub_channels("cl-sub:user:*").is_empty());

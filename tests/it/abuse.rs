@@ -2,13 +2,11 @@
 //! and hostile input. Bounds here are generous on purpose: precise numbers come from the
 //! benchmarks, these tests prove that state does not pile up and nothing panics.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};

@@ -1,10 +1,9 @@
 //! A TCP proxy owned by a test, put between a node and Redis to simulate partitions: it can
-//! forward, blackhole (keep connections open but forward nothing, like a dead link), or
-//! cut (reset every connection and refuse new ones).
-#![allow(dead_code)]
+//! forward, blackhole the pub/sub connection (keep it open but forward nothing, like a dead
+//! link), or cut (reset every connection and refuse new ones).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,16 +12,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 const FORWARD: u8 = 0;
-const BLACKHOLE: u8 = 1;
-const CUT: u8 = 2;
-const BLACKHOLE_PUBSUB: u8 = 3;
+const CUT: u8 = 1;
+const BLACKHOLE_PUBSUB: u8 = 2;
 
 /// The proxy; dropping it stops it and closes every connection.
 pub struct Proxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
     generation: watch::Sender<u64>,
-    connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,8 +30,7 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let mode = Arc::new(AtomicU8::new(FORWARD));
         let (generation, gen_rx) = watch::channel(0u64);
-        let connections = Arc::new(AtomicU64::new(0));
-        let (m, c) = (mode.clone(), connections.clone());
+        let m = mode.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -47,7 +43,6 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                c.fetch_add(1, Ordering::SeqCst);
                 let m = m.clone();
                 let gen_rx = gen_rx.clone();
                 tokio::spawn(async move {
@@ -62,18 +57,12 @@ impl Proxy {
             port,
             mode,
             generation,
-            connections,
             task,
         }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Stops forwarding bytes but keeps every connection open (a silent dead link).
-    pub fn blackhole(&self) {
-        self.mode.store(BLACKHOLE, Ordering::SeqCst);
     }
 
     /// Stops forwarding only on connections that issued SUBSCRIBE (the node's pub/sub
@@ -92,11 +81,6 @@ impl Proxy {
     /// Forwards again (new connections work; blackholed ones resume).
     pub fn heal(&self) {
         self.mode.store(FORWARD, Ordering::SeqCst);
-    }
-
-    /// Connections accepted and forwarded so far.
-    pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
     }
 }
 
