@@ -23,9 +23,9 @@ pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;
 pub use self::redis::RedisServer;
 pub use self::ws::{
-    assert_silent, close_client, connect, connect_small_rcvbuf, connect_url, expect_close, open,
-    open_bearer, recv_json, recv_message, refused_status, refused_status_bearer, send_text, Client,
-    Ended, RawFrame, RawWs, Ws,
+    assert_silent, client_frame, close_client, connect, connect_small_rcvbuf, connect_url,
+    expect_close, open, open_bearer, recv_json, recv_message, refused_status,
+    refused_status_bearer, send_text, Client, Ended, RawFrame, RawWs, Ws,
 };
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";

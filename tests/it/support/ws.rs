@@ -1,5 +1,7 @@
 //! WebSocket clients: tungstenite for ordinary sessions ([`connect`], [`Client`]), and
-//! [`RawWs`], a raw-TCP client that never answers a ping.
+//! [`RawWs`], a raw-TCP client that sends exactly the bytes a test writes and never answers
+//! a ping. [`client_frame`] is the suite's one masked-frame encoder and
+//! [`parse_server_frame`] its one server-frame parser.
 
 use std::time::Duration;
 
@@ -196,14 +198,41 @@ pub async fn close_client(mut ws: Ws) {
 
 // ===== raw WebSocket over TCP =====
 
-/// A hand-rolled WebSocket client: it sends exactly what the test writes and never answers
-/// a ping, unlike tungstenite.
-pub struct RawWs {
-    pub stream: TcpStream,
-    buf: Vec<u8>,
+/// The masking key of every client frame sent by [`RawWs`] (any key is valid).
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// The RFC 6455 sample key and the accept value a server must answer it with.
+const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// One masked client frame: `opcode` with the FIN bit if `fin`, any payload length.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![opcode | if fin { 0x80 } else { 0 }];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    out
 }
 
-/// A frame read by [`RawWs`].
+/// A frame as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFrame {
+    pub opcode: u8,
+    /// Whether the mask bit was set (a server must never set it); the payload is unmasked.
+    pub masked: bool,
+    pub payload: Vec<u8>,
+}
+
+/// A server frame by kind, as [`RawWs::next_frame`] returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawFrame {
     Text(String),
@@ -213,29 +242,104 @@ pub enum RawFrame {
     Other(u8),
 }
 
+impl From<ServerFrame> for RawFrame {
+    fn from(f: ServerFrame) -> Self {
+        let p = f.payload;
+        match f.opcode {
+            0x1 => RawFrame::Text(String::from_utf8_lossy(&p).to_string()),
+            0x8 => RawFrame::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]))),
+            0x9 => RawFrame::Ping,
+            0xA => RawFrame::Pong,
+            other => RawFrame::Other(other),
+        }
+    }
+}
+
+/// Parses one whole frame from the front of `buf`; returns it and the bytes it used, or
+/// `None` while the frame is incomplete.
+fn parse_server_frame(buf: &[u8]) -> Option<(ServerFrame, usize)> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    let (len, mut pos) = match b1 & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+            4,
+        ),
+        127 => {
+            let b: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
+            (usize::try_from(u64::from_be_bytes(b)).ok()?, 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    let masked = b1 & 0x80 != 0;
+    let mask: Option<[u8; 4]> = if masked {
+        let m = buf.get(pos..pos + 4)?.try_into().ok()?;
+        pos += 4;
+        Some(m)
+    } else {
+        None
+    };
+    let end = pos.checked_add(len)?;
+    let mut payload = buf.get(pos..end)?.to_vec();
+    if let Some(m) = mask {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b ^= m[i % 4]);
+    }
+    let frame = ServerFrame {
+        opcode: b0 & 0x0f,
+        masked,
+        payload,
+    };
+    Some((frame, end))
+}
+
+/// A hand-rolled WebSocket client over TCP: it sends exactly what the test writes (frames
+/// from [`client_frame`], or any bytes) and never answers a ping, unlike tungstenite.
+pub struct RawWs {
+    stream: TcpStream,
+    /// Bytes read but not yet parsed.
+    buf: Vec<u8>,
+}
+
 impl RawWs {
-    /// Performs the upgrade by hand; panics unless the server answers 101.
+    /// Performs the upgrade for `token`; panics unless the server answers 101 with the
+    /// right Sec-WebSocket-Accept within [`WAIT`].
     pub async fn connect(node: &Herald, token: &str) -> RawWs {
-        let mut stream = TcpStream::connect(("127.0.0.1", node.port))
-            .await
-            .expect("tcp connect");
-        let req = format!(
+        Self::connect_with(node, token, &[], WAIT).await
+    }
+
+    /// Like [`RawWs::connect`], with `extra` bytes sent in the same write as the upgrade
+    /// request, and `timeout` for the whole handshake. Bytes the server sent right after
+    /// its 101 response are kept for [`RawWs::read_frame`].
+    pub async fn connect_with(
+        node: &Herald,
+        token: &str,
+        extra: &[u8],
+        timeout: Duration,
+    ) -> RawWs {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut stream =
+            tokio::time::timeout_at(deadline, TcpStream::connect(("127.0.0.1", node.port)))
+                .await
+                .expect("tcp connect in time")
+                .expect("tcp connect");
+        let mut req = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: Upgrade\r\n\
              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+             Sec-WebSocket-Key: {SAMPLE_KEY}\r\n\r\n",
             node.port
-        );
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .expect("send upgrade");
+        )
+        .into_bytes();
+        req.extend_from_slice(extra);
+        stream.write_all(&req).await.expect("send upgrade");
         let mut buf = Vec::new();
         let end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
             let mut chunk = [0u8; 1024];
-            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
                 .await
                 .expect("upgrade response in time")
                 .expect("read upgrade response");
@@ -248,7 +352,7 @@ impl RawWs {
             "expected 101 Switching Protocols, got: {head}"
         );
         assert!(
-            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            head.contains(SAMPLE_ACCEPT),
             "wrong Sec-WebSocket-Accept in: {head}"
         );
         RawWs {
@@ -257,31 +361,24 @@ impl RawWs {
         }
     }
 
-    /// Sends one masked client frame.
+    /// Writes `bytes` as they are (a frame, part of one, or garbage).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send bytes");
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// Sends one masked client frame with the FIN bit.
     pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        let mut out = vec![0x80 | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= u16::MAX as usize {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&out).await.expect("send frame");
+        self.send_raw(&client_frame(opcode, true, payload)).await;
     }
 
     pub async fn send_text(&mut self, text: &str) {
         self.send_frame(0x1, text.as_bytes()).await;
     }
 
-    /// Next frame; `Ok(None)` when the connection ended, `Err(())` on timeout.
-    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<RawFrame>, ()> {
+    /// Next server frame as sent; `Ok(None)` when the connection ended, `Err(())` on
+    /// timeout.
+    pub async fn read_frame(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, ()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some((frame, used)) = parse_server_frame(&self.buf) {
@@ -296,34 +393,10 @@ impl RawWs {
             }
         }
     }
-}
 
-/// Parses one unmasked server frame from the front of `buf`.
-fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
-    if buf.len() < 2 {
-        return None;
+    /// Next server frame by kind; `Ok(None)` when the connection ended, `Err(())` on
+    /// timeout.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<RawFrame>, ()> {
+        Ok(self.read_frame(timeout).await?.map(RawFrame::from))
     }
-    let opcode = buf[0] & 0x0f;
-    let (len, mut pos) = match buf[1] & 0x7f {
-        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
-        127 => {
-            let b: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
-            (u64::from_be_bytes(b) as usize, 10)
-        }
-        n => (n as usize, 2),
-    };
-    if buf[1] & 0x80 != 0 {
-        pos += 4; // a server must not mask, but skip a mask key if one is there
-    }
-    let payload = buf.get(pos..pos + len)?;
-    let frame = match opcode {
-        0x1 => RawFrame::Text(String::from_utf8_lossy(payload).to_string()),
-        0x8 => RawFrame::Close(
-            (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
-        ),
-        0x9 => RawFrame::Ping,
-        0xA => RawFrame::Pong,
-        other => RawFrame::Other(other),
-    };
-    Some((frame, pos + len))
 }
