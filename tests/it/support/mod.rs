@@ -1,12 +1,13 @@
 //! Test harness shared by every module of the `it` binary: a private redis-server per test
 //! on a free loopback port ([`RedisServer`]), real `herald` processes ([`Herald`]), JWT
 //! minting, WebSocket clients (tungstenite and raw TCP), a fault-injecting TCP proxy, nginx,
-//! and polling helpers. Nothing here touches a Redis it did not
+//! a Prometheus text parser, and polling helpers. Nothing here touches a Redis it did not
 //! start, and nothing waits with a fixed sleep for a condition: [`eventually`] polls it
 //! against a deadline.
 
 mod nginx;
 mod node;
+pub mod prom;
 mod proxy;
 mod redis;
 mod ws;

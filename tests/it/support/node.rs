@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::redis::RedisServer;
-use super::{eventually, free_port, log_dir, API_KEY, JWT_SECRET, WAIT};
+use super::{eventually, free_port, log_dir, prom, API_KEY, JWT_SECRET, WAIT};
 
 /// Options for one herald process.
 #[derive(Clone)]
@@ -293,16 +293,18 @@ impl Herald {
         ids
     }
 
-    /// The value of a Prometheus sample whose line starts with `prefix` (summed).
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = match self.http.get(self.url("/metrics")).send().await {
+    /// The text of GET /metrics, or "" if the request fails.
+    pub async fn metrics_text(&self) -> String {
+        match self.http.get(self.url("/metrics")).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
-        };
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        }
+    }
+
+    /// The value of `selector` in this node's /metrics, by the rule of [`prom::sum`]: the
+    /// sum of the samples it selects, 0 if none (or if /metrics cannot be read).
+    pub async fn metric(&self, selector: &str) -> f64 {
+        prom::sum(&self.metrics_text().await, selector)
     }
 }
 
