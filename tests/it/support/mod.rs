@@ -4,6 +4,16 @@
 //! a Prometheus text parser, and polling helpers. Nothing here touches a Redis it did not
 //! start, and nothing waits with a fixed sleep for a condition: [`eventually`] polls it
 //! against a deadline.
+//!
+//! # Concurrency
+//!
+//! Every integration test is in this one binary, so libtest runs tests of different modules
+//! side by side (`--test-threads`, the number of CPUs by default). Tests share nothing: each
+//! starts its own redis-server on its own port with its own key prefix, its own herald
+//! processes (log files named by port), its own proxy and nginx run directory. That is why
+//! there is no serial group or global lock, and a new test must keep it so: own every
+//! process and port it uses, bound every load loop, and wait for conditions with
+//! [`eventually`] and a deadline.
 
 mod nginx;
 mod node;
