@@ -2,11 +2,9 @@
 //! reconnect without gap or duplicate, gap frames, acknowledgements, replay limits, and the
 //! same behaviour standalone.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 async fn publish_durable(node: &Herald, user: &str, data: Value) -> String {

@@ -2,13 +2,11 @@
 //! and hostile input. Bounds here are generous on purpose: precise numbers come from the
 //! benchmarks, these tests prove that state does not pile up and nothing panics.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -59,28 +57,6 @@ impl Drop for RssPeak {
     }
 }
 
-/// A client whose kernel receive buffer is tiny, so a server flood backs up into the
-/// server's queues instead of into this process's socket.
-async fn connect_tiny_rcvbuf(node: &Herald, user: &str) -> Ws {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = sock
-        .connect(([127, 0, 0, 1], node.port).into())
-        .await
-        .expect("connect");
-    let req = node
-        .ws_url(&format!("?token={}", token(user, &[])))
-        .into_client_request()
-        .expect("request");
-    let (mut ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
-        .await
-        .expect("handshake");
-    let welcome = recv_json(&mut ws, WAIT).await.expect("welcome");
-    assert_eq!(welcome["type"], "welcome");
-    ws
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flooded_slow_consumers_are_cut_with_bounded_memory_and_others_unaffected() {
     const SLOW: usize = 20;
@@ -99,7 +75,7 @@ async fn flooded_slow_consumers_are_cut_with_bounded_memory_and_others_unaffecte
     // Slow clients: connected with a tiny receive buffer, welcomed, then never read again.
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        slow.push(connect_tiny_rcvbuf(&a, &format!("slow-{i}")).await);
+        slow.push(connect_small_rcvbuf(&a, &format!("slow-{i}")).await.ws);
     }
     let mut fast = connect(&a, "fast", &[]).await;
     let before = rss_bytes(pid);

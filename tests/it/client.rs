@@ -2,11 +2,9 @@
 //! understands, the close codes for misbehaving clients (oversize, binary, slow, idle), and
 //! the connection limit.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,14 +24,14 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
     let redis = RedisServer::start();
     let n = node(&redis, "cl-auth", |o| o).await;
     let now = now_secs();
-    let expired = token_with(json!({"sub": "42", "exp": now - 3600}), JWT_SECRET);
+    let expired = token_with(&json!({"sub": "42", "exp": now - 3600}), JWT_SECRET);
     let wrong_secret = token_with(
-        json!({"sub": "42", "exp": now + 3600}),
+        &json!({"sub": "42", "exp": now + 3600}),
         "some-other-secret-0123456789",
     );
-    let no_exp = token_with(json!({"sub": "42"}), JWT_SECRET);
-    let no_sub = token_with(json!({"exp": now + 3600}), JWT_SECRET);
-    let bad_sub = token_with(json!({"sub": "a b", "exp": now + 3600}), JWT_SECRET);
+    let no_exp = token_with(&json!({"sub": "42"}), JWT_SECRET);
+    let no_sub = token_with(&json!({"exp": now + 3600}), JWT_SECRET);
+    let bad_sub = token_with(&json!({"sub": "a b", "exp": now + 3600}), JWT_SECRET);
 
     assert_eq!(refused_status(&n.ws_url("")).await, 401, "no token at all");
     assert_eq!(

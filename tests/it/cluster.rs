@@ -1,11 +1,9 @@
 //! Multi-node delivery through a real redis-server: user, broadcast and topic channels,
 //! from the HTTP API and from raw Redis PUBLISH.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

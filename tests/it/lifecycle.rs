@@ -2,11 +2,9 @@
 //! node cleans up after itself, a frozen node comes back, and a node survives Redis losing
 //! everything.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 async fn spawn_ready(opts: NodeOpts) -> Herald {

@@ -2,12 +2,10 @@
 //! `offline` (with a reason) when the last is gone, grace for reloads, and crash-correct
 //! `expired` events produced exactly once by whichever live node notices.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 /// Every event in `<prefix>:events`, as (type, user, reason) in stream order.

@@ -1,11 +1,9 @@
 //! A node without Redis (in-memory broker and presence), --dev mode, and the refusal to
 //! start without secrets.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,15 +2,10 @@
 //! buffer overflow, silent subscription loss, partitions, Redis outages. Each test name says
 //! what it proves.
 
-mod common;
-#[path = "support/proxy.rs"]
-mod proxy;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
-use proxy::Proxy;
+use crate::support::*;
 use serde_json::json;
 
 /// Presence TTL used here: short, so expiry is observable, long enough for a loaded machine.

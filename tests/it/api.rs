@@ -1,11 +1,9 @@
 //! The producer HTTP API: authentication, input validation, size limits, error bodies, and
 //! the operational endpoints.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 async fn node(redis: &RedisServer, prefix: &str, extra: &[(&str, &str)]) -> Herald {
@@ -288,12 +286,12 @@ async fn health_readiness_and_metrics_endpoints_report_the_node() {
     n.publish(json!({"user": "1", "data": 1})).await;
     recv_message(&mut c.ws, WAIT).await.expect("message");
     eventually(WAIT, "metrics reflect the session and message", || async {
-        let ok = n.metric("herald_ready ").await == 1.0
-            && n.metric("herald_pubsub_connected ").await == 1.0
-            && n.metric("herald_connections ").await == 1.0
-            && n.metric("herald_sessions_opened_total ").await == 1.0
-            && n.metric("herald_messages_out_total ").await >= 1.0
-            && n.metric("herald_api_requests_total{").await >= 1.0;
+        let ok = n.metric("herald_ready").await == 1.0
+            && n.metric("herald_pubsub_connected").await == 1.0
+            && n.metric("herald_connections").await == 1.0
+            && n.metric("herald_sessions_opened_total").await == 1.0
+            && n.metric("herald_messages_out_total").await >= 1.0
+            && n.metric("herald_api_requests_total").await >= 1.0;
         ok.then_some(())
     })
     .await;
@@ -307,7 +305,7 @@ async fn health_readiness_and_metrics_endpoints_report_the_node() {
         .await
         .expect("metrics text");
     assert!(
-        text.contains("herald_messages_in_total{source=\"redis\"}"),
+        prom::has(&text, "herald_messages_in_total{source=\"redis\"}"),
         "{text}"
     );
 }

@@ -1,10 +1,9 @@
 //! A TCP proxy owned by a test, put between a node and Redis to simulate partitions: it can
-//! forward, blackhole (keep connections open but forward nothing, like a dead link), or
-//! cut (reset every connection and refuse new ones).
-#![allow(dead_code)]
+//! forward, blackhole the pub/sub connection (keep it open but forward nothing, like a dead
+//! link), or cut (reset every connection and refuse new ones).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,28 +12,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 const FORWARD: u8 = 0;
-const BLACKHOLE: u8 = 1;
-const CUT: u8 = 2;
-const BLACKHOLE_PUBSUB: u8 = 3;
+const CUT: u8 = 1;
+const BLACKHOLE_PUBSUB: u8 = 2;
 
 /// The proxy; dropping it stops it and closes every connection.
-pub(crate) struct Proxy {
+pub struct Proxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
     generation: watch::Sender<u64>,
-    connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream`.
-    pub(crate) async fn start(upstream: SocketAddr) -> Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("proxy addr").port();
         let mode = Arc::new(AtomicU8::new(FORWARD));
         let (generation, gen_rx) = watch::channel(0u64);
-        let connections = Arc::new(AtomicU64::new(0));
-        let (m, c) = (mode.clone(), connections.clone());
+        let m = mode.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -47,7 +43,6 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                c.fetch_add(1, Ordering::SeqCst);
                 let m = m.clone();
                 let gen_rx = gen_rx.clone();
                 tokio::spawn(async move {
@@ -62,41 +57,30 @@ impl Proxy {
             port,
             mode,
             generation,
-            connections,
             task,
         }
     }
 
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Stops forwarding bytes but keeps every connection open (a silent dead link).
-    pub(crate) fn blackhole(&self) {
-        self.mode.store(BLACKHOLE, Ordering::SeqCst);
     }
 
     /// Stops forwarding only on connections that issued SUBSCRIBE (the node's pub/sub
     /// connection), leaving command connections working: publishes succeed, nothing is
     /// delivered. The failure the canary exists for.
-    pub(crate) fn blackhole_pubsub(&self) {
+    pub fn blackhole_pubsub(&self) {
         self.mode.store(BLACKHOLE_PUBSUB, Ordering::SeqCst);
     }
 
     /// Resets every open connection and refuses new ones.
-    pub(crate) fn cut(&self) {
+    pub fn cut(&self) {
         self.mode.store(CUT, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
     }
 
     /// Forwards again (new connections work; blackholed ones resume).
-    pub(crate) fn heal(&self) {
+    pub fn heal(&self) {
         self.mode.store(FORWARD, Ordering::SeqCst);
-    }
-
-    /// Connections accepted and forwarded so far.
-    pub(crate) fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
     }
 }
 
