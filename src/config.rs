@@ -106,7 +106,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_TCP_SEND_BUFFER")]
     pub tcp_send_buffer: Option<usize>,
 
-    /// Durable inbox: entries kept per user (approximately; Redis trims whole nodes).
+    /// Durable inbox: entries kept per user.
     #[arg(long, env = "HERALD_INBOX_MAX_LEN", default_value_t = 1000)]
     pub inbox_max_len: u64,
 

@@ -20,7 +20,8 @@ pub(crate) mod close {
     pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     /// The client sent a frame larger than --max-message-bytes.
     pub(crate) const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The node is draining (restart or scale-down); reconnect at once with jitter.
+    /// The node is draining (restart or scale-down), or could not catch the session up
+    /// after an interruption (`resync`); reconnect at once with jitter, with `since`.
     pub(crate) const SERVICE_RESTART: u16 = 1012;
     /// Nothing (no frame, no pong) arrived within --idle-timeout; reconnect.
     pub(crate) const IDLE_TIMEOUT: u16 = 4000;
@@ -40,6 +41,9 @@ pub(crate) enum CloseReason {
     Protocol,
     TooBig,
     Draining,
+    /// The session could not be caught up after its node's subscription broke: the client
+    /// must reconnect (with `since`) to replay what it missed.
+    Resync,
     IdleTimeout,
     SlowConsumer,
     Kicked,
@@ -53,7 +57,7 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => close::INVALID_PAYLOAD,
             CloseReason::Protocol => close::PROTOCOL_ERROR,
             CloseReason::TooBig => close::MESSAGE_TOO_BIG,
-            CloseReason::Draining => close::SERVICE_RESTART,
+            CloseReason::Draining | CloseReason::Resync => close::SERVICE_RESTART,
             CloseReason::IdleTimeout => close::IDLE_TIMEOUT,
             CloseReason::SlowConsumer => close::SLOW_CONSUMER,
             CloseReason::Kicked => close::KICKED,
@@ -70,6 +74,7 @@ impl CloseReason {
             CloseReason::Protocol => "protocol_error",
             CloseReason::TooBig => "message_too_big",
             CloseReason::Draining => "draining",
+            CloseReason::Resync => "resync",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Kicked => "kicked",

@@ -29,6 +29,18 @@ impl RedisError {
     pub(crate) fn is_function_missing(&self) -> bool {
         matches!(self, RedisError::Redis(e) if e.to_string().contains("Function not found"))
     }
+
+    /// True when the connection, not the command, failed (or none could be had): pooled
+    /// connections may be broken.
+    pub(crate) fn is_connection_error(&self) -> bool {
+        match self {
+            RedisError::Pool(_) | RedisError::Timeout => true,
+            RedisError::Redis(e) => {
+                e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+            }
+            RedisError::Reply(_) => false,
+        }
+    }
 }
 
 /// Upper bound on any single Redis operation, so a hung Redis never stalls a session, a

@@ -113,6 +113,11 @@ impl Keys {
         format!("{}:gone:{}", self.prefix, user)
     }
 
+    /// STRING: the newest inbox id the length or age cap removed.
+    pub(crate) fn trimmed_key(&self, user: &str) -> String {
+        format!("{}:trimmed:{}", self.prefix, user)
+    }
+
     /// The prefix the Functions library checks inbox keys against.
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix

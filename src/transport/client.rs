@@ -196,6 +196,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::outbox::Released;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -264,6 +265,91 @@ mod tests {
         let texts: Vec<&[u8]> = frames.iter().map(|(_, p)| p.as_slice()).collect();
         assert_eq!(texts, vec![&b"welcome"[..], b"live-2", b"direct"]);
         assert_eq!(ctl.queued_bytes(), 0);
+    }
+
+    fn durable(text: &str, id: &str) -> Outgoing {
+        Outgoing::text(text.into(), Some(id.parse().unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_goes_after_the_backlog_and_before_parked_live_messages() {
+        let (ctl, mut client) = released_with_small_send_buffer().await;
+        let limits = OutboxLimits {
+            messages: 1000,
+            bytes: 64 << 20,
+        };
+        // A backlog that the kernel did not take yet: it was sent before the break.
+        let big = "b".repeat(100_000);
+        assert_eq!(ctl.offer(&durable(&big, "3-0"), limits), Offered::Queued);
+        // The subscription broke; what arrives on the new one is parked.
+        ctl.hold_for_catch_up();
+        let request = ctl.catch_up_start().unwrap();
+        assert_eq!(request.after, Some("3-0".parse().unwrap()));
+        assert_eq!(
+            ctl.offer(&durable("live-5", "5-0"), limits),
+            Offered::Queued
+        );
+        assert_eq!(
+            ctl.offer(&durable("live-7", "7-0"), limits),
+            Offered::Queued
+        );
+        assert_eq!(
+            ctl.offer(&Outgoing::text("plain".into(), None), limits),
+            Offered::Queued
+        );
+        // The catch-up sends what the inbox holds after 3-0: 4, 5 and 6.
+        let catch_up = {
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                for (t, id) in [
+                    ("caught-4", "4-0"),
+                    ("caught-5", "5-0"),
+                    ("caught-6", "6-0"),
+                ] {
+                    ctl.send_held(&durable(t, id), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                }
+                ctl.finish_catch_up(request)
+            })
+        };
+        let first = read_frames(&mut client, 4).await;
+        assert_eq!(first[0].1.len(), 100_000, "the backlog goes first");
+        let texts: Vec<&[u8]> = first[1..].iter().map(|(_, p)| p.as_slice()).collect();
+        assert_eq!(texts, vec![&b"caught-4"[..], b"caught-5", b"caught-6"]);
+        assert_eq!(catch_up.await.unwrap(), Released::Backlog);
+        // The parked live copy of 5 is a duplicate; 7 and the plain message follow.
+        std::future::poll_fn(|cx| ctl.poll_flush(cx)).await.unwrap();
+        let rest = read_frames(&mut client, 2).await;
+        let texts: Vec<&[u8]> = rest.iter().map(|(_, p)| p.as_slice()).collect();
+        assert_eq!(texts, vec![&b"live-7"[..], b"plain"]);
+        // And a late live copy of anything sent is dropped.
+        assert_eq!(
+            ctl.offer(&durable("late-6", "6-0"), limits),
+            Offered::Skipped
+        );
+        assert_eq!(ctl.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_asked_for_during_another_runs_again() {
+        let (sock, _client) = pair().await;
+        let ctl = Client::held(sock);
+        ctl.finish_greeting(None);
+        ctl.hold_for_catch_up();
+        let first = ctl.catch_up_start().unwrap();
+        ctl.hold_for_catch_up();
+        assert_eq!(ctl.finish_catch_up(first), Released::StillHeld);
+        let second = ctl.catch_up_start().unwrap();
+        assert_eq!(ctl.finish_catch_up(second), Released::Idle);
+        assert!(ctl.catch_up_start().is_none());
+        // While greeting, a catch-up waits for the greeting's end.
+        let (sock, _client) = pair().await;
+        let greeting = Client::held(sock);
+        greeting.hold_for_catch_up();
+        assert!(greeting.catch_up_start().is_none());
+        assert_eq!(greeting.finish_greeting(None), Released::StillHeld);
+        assert!(greeting.catch_up_start().is_some());
     }
 
     #[tokio::test]

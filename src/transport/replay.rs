@@ -113,13 +113,12 @@ pub(crate) async fn greet(
     limits: ReplayLimits,
 ) -> Result<Option<StreamId>, CloseReason> {
     let first = REPLAY_PAGE.min(limits.max_entries);
-    let opening = match inbox.open(user, since, since.is_none(), true, first).await {
-        Ok(o) => Some(o),
-        Err(e) => {
-            inbox_failed("inbox_replay", &*e);
-            None
-        }
-    };
+    // Without the inbox the session still goes live: it is parked for a catch-up as soon as
+    // the node's subscription is rebuilt, which replays what this could not.
+    let opening = retried("inbox_replay", || {
+        inbox.open(user, since, since.is_none(), true, first)
+    })
+    .await;
     let unread = opening.as_ref().and_then(|o| o.unread);
     send_text(client, welcome(unread), limits.write_timeout).await?;
     let Some(opening) = opening else {
@@ -135,7 +134,9 @@ pub(crate) async fn greet(
 /// after the last durable id the session was sent (and after the user's read cursor), in
 /// order, then releases the live deliveries parked meanwhile, dropping their copies of what
 /// was sent. Repeats while further catch-ups were asked for. Returns how many entries were
-/// sent; a failed inbox read releases the session with what it has.
+/// sent. When the inbox cannot be read (after a few tries) the session cannot be made whole
+/// here, so it ends with [`CloseReason::Resync`]: the client reconnects and replays from
+/// its `since`, losing nothing.
 pub(crate) async fn catch_up(
     client: &Client,
     inbox: &dyn InboxPort,
@@ -145,10 +146,14 @@ pub(crate) async fn catch_up(
     let mut total = 0;
     while let Some(request) = client.catch_up_start() {
         let first = REPLAY_PAGE.min(limits.max_entries);
-        match inbox.open(user, request.after, true, false, first).await {
-            Ok(opening) => total += deliver(client, inbox, user, opening, limits).await?,
-            Err(e) => inbox_failed("inbox_catch_up", &*e),
-        }
+        let opened = retried("inbox_catch_up", || {
+            inbox.open(user, request.after, true, false, first)
+        })
+        .await;
+        let Some(opening) = opened else {
+            return Err(CloseReason::Resync);
+        };
+        total += deliver(client, inbox, user, opening, limits).await?;
         if client.finish_catch_up(request) != Released::StillHeld {
             break;
         }
@@ -157,9 +162,33 @@ pub(crate) async fn catch_up(
     Ok(total)
 }
 
+/// Pauses between tries of an inbox read: a command connection broken by the same network
+/// event as the subscription fails once and is replaced, so a second try usually works.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+
+/// Runs an inbox read, trying again after each of [`RETRY_PAUSES`]; `None` when every try
+/// failed (each failure is logged and counted under `op`).
+async fn retried<'a, T>(
+    op: &'static str,
+    mut read: impl FnMut() -> BoxFuture<'a, Result<T, PortError>>,
+) -> Option<T> {
+    for pause in RETRY_PAUSES.iter().map(Some).chain([None]) {
+        match read().await {
+            Ok(v) => return Some(v),
+            Err(e) => inbox_failed(op, &*e),
+        }
+        if let Some(p) = pause {
+            tokio::time::sleep(*p).await;
+        }
+    }
+    None
+}
+
 /// Sends an opened replay: a `trimmed` gap first when entries were lost, then the entries
 /// page by page up to the limit, then a `replay_limit` gap if more are pending. Returns how
 /// many messages were sent (oversize entries count towards the limit but are skipped).
+/// A page that cannot be read after retries ends the session with
+/// [`CloseReason::Resync`]: going live with part of a replay would hide the rest.
 async fn deliver(
     client: &Client,
     inbox: &dyn InboxPort,
@@ -206,12 +235,9 @@ async fn deliver(
         };
         // One entry more than the limit allows tells whether a gap frame is due.
         let want = REPLAY_PAGE.min(limit - sent + 1);
-        page = match inbox.page(user, after, want).await {
-            Ok(p) => p,
-            Err(e) => {
-                inbox_failed("inbox_replay", &*e);
-                return Ok(delivered);
-            }
+        page = match retried("inbox_replay", || inbox.page(user, after, want)).await {
+            Some(p) => p,
+            None => return Err(CloseReason::Resync),
         };
     }
 }

@@ -2,7 +2,6 @@
 //! buffer overflow, silent subscription loss, partitions, Redis outages. Each test name says
 //! what it proves.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -15,10 +14,6 @@ const SLACK: Duration = Duration::from_secs(4);
 
 fn heartbeat() -> Duration {
     TTL / 3
-}
-
-fn redis_addr(r: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], r.port))
 }
 
 async fn online_count(node: &Herald, user: &str) -> usize {
@@ -142,7 +137,7 @@ async fn pubsub_output_buffer_overflow_is_detected_and_resubscribed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_pubsub_loss_is_caught_by_the_canary() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(redis_addr(&redis)).await;
+    let proxy = Proxy::start(redis.addr()).await;
     let mut opts = NodeOpts::cluster(&redis, "sl", "a");
     opts.redis_url = Some(proxy.url());
     let a = Herald::spawn(opts).await;
@@ -184,7 +179,7 @@ async fn silent_pubsub_loss_is_caught_by_the_canary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_node_keeps_sockets_and_reasserts_after_heal() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(redis_addr(&redis)).await;
+    let proxy = Proxy::start(redis.addr()).await;
     let mut opts = NodeOpts::cluster(&redis, "pt", "a");
     opts.redis_url = Some(proxy.url());
     let a = Herald::spawn(opts).await;

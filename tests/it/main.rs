@@ -27,6 +27,7 @@ mod cluster;
 mod events;
 mod faults;
 mod inbox;
+mod inbox_ops;
 mod lb;
 mod lifecycle;
 mod standalone;

@@ -175,6 +175,9 @@ impl RedisBroker {
             // Whatever was published while the subscription was down is in the inboxes,
             // not in this connection: park every session's live deliveries before the new
             // subscription delivers anything, and let the node catch each one up.
+            // The same network event may have broken the pooled command connections: drop
+            // the idle ones so the catch-up reads and presence re-assertion connect afresh.
+            self.pool.reset();
             let held = s.router.hold_all_for_catch_up();
             s.subscribed.send_modify(|g| *g = g.wrapping_add(1));
             health.canary_reset();

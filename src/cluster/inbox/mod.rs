@@ -100,7 +100,7 @@ pub(crate) fn open_envelope(raw: &[u8]) -> Option<Envelope<'_>> {
 /// them).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InboxPolicy {
-    /// Entries kept per user (approximately; Redis trims whole stream nodes).
+    /// Entries kept per user.
     pub(crate) max_len: u64,
     /// How long entries, the cursor and withdrawn-entry marks are kept.
     pub(crate) retention: Duration,

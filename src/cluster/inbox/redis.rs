@@ -80,13 +80,19 @@ impl RedisInbox {
             }
             Ok::<T, RedisError>(cmd.query_async(&mut *c).await?)
         };
-        match call().await {
+        let result = match call().await {
             Err(e) if e.is_function_missing() => {
                 self.load().await?;
                 call().await
             }
             other => other,
+        };
+        if result.as_ref().is_err_and(RedisError::is_connection_error) {
+            // A broken pooled connection is handed out again until the pool's next check:
+            // drop the idle ones so that a retry connects afresh.
+            self.pool.reset();
         }
+        result
     }
 
     pub(crate) async fn notify(
@@ -126,6 +132,7 @@ impl RedisInbox {
             self.keys.inbox_key(user),
             self.keys.cursor_key(user),
             self.keys.gone_key(user),
+            self.keys.trimmed_key(user),
         ];
         let flag = |b: bool| if b { &b"1"[..] } else { &b"0"[..] };
         let raw: Vec<Value> = self

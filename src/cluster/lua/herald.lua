@@ -10,6 +10,8 @@
 --   <p>:cursor:<uid>    STRING, the last acknowledged id
 --   <p>:gone:<uid>      ZSET of withdrawn ids (retracted, or replaced by a collapse key),
 --                       score = their ms; replay and reads skip them
+--   <p>:trimmed:<uid>   STRING, the newest id the length or age cap removed: a replay from
+--                       before it is incomplete
 --   <p>:collapse:<n>:<uid>:<key>  STRING, the id that last used a collapse key
 --   <p>:idem:<n>:<uid>:<key>      STRING, the id an idempotency key produced
 --   (<n> is the byte length of <uid>, so that a user id holding ':' cannot collide with
@@ -182,30 +184,41 @@ local function count_after(inbox, gone, after, now)
   return n
 end
 
--- Whether entries after `since` were trimmed away by the length or age cap. Withdrawn
--- entries stay in the stream (as tombstones in <gone>) precisely so that the stream's
--- max-deleted-entry-id (Redis 7) counts trimming only.
-local function trimmed_after(inbox, since, now)
+-- Whether entries after `since` were removed by the length or age cap (herald_notify
+-- records the newest id it trimmed; withdrawn entries stay in the stream as tombstones, so
+-- nothing else removes entries).
+local function trimmed_after(inbox, trimmed_key, since, now)
   if redis.call('EXISTS', inbox) == 0 then
     -- Everything expired: a gap if `since` is older than the retention.
     return id_ms(since) + RETENTION < now
   end
-  local info = redis.call('XINFO', 'STREAM', inbox)
-  local max_deleted, len, added, first = nil, nil, nil, nil
-  for i = 1, #info, 2 do
-    local f = info[i]
-    if f == 'max-deleted-entry-id' then max_deleted = info[i + 1]
-    elseif f == 'length' then len = info[i + 1]
-    elseif f == 'entries-added' then added = info[i + 1]
-    elseif f == 'first-entry' then first = info[i + 1] end
+  local newest_trimmed = redis.call('GET', trimmed_key)
+  return newest_trimmed ~= false and id_cmp(newest_trimmed, since) > 0
+end
+
+-- Applies the length and age caps exactly and records the newest id they removed.
+local function trim(inbox, uid, now)
+  local removed = nil
+  local over = redis.call('XLEN', inbox) - MAXLEN
+  if over > 0 then
+    local victims = redis.call('XRANGE', inbox, '-', '+', 'COUNT', over)
+    removed = victims[#victims][1]
+    redis.call('XTRIM', inbox, 'MAXLEN', MAXLEN)
   end
-  if max_deleted then
-    return id_cmp(max_deleted, since) > 0
+  local min_id = ms_text(now - RETENTION) .. '-0'
+  local aged = redis.call('XREVRANGE', inbox, '(' .. min_id, '-', 'COUNT', 1)[1]
+  if aged then
+    if not removed or id_cmp(aged[1], removed) > 0 then removed = aged[1] end
+    redis.call('XTRIM', inbox, 'MINID', min_id)
   end
-  -- Redis 6.2 has no max-deleted-entry-id: before the first retained entry, entries may
-  -- have been trimmed unless nothing ever was.
-  if len and added and added <= len then return false end
-  return first ~= nil and type(first) == 'table' and id_cmp(first[1], since) > 0
+  local trimmed_key = key('trimmed', uid)
+  if removed then
+    local before = redis.call('GET', trimmed_key)
+    if not before or id_cmp(removed, before) > 0 then
+      redis.call('SET', trimmed_key, removed, 'PX', RETENTION)
+    end
+  end
+  if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, RETENTION) end
 end
 
 local function publish_meta(uid, meta, payload)
@@ -288,8 +301,8 @@ local function notify(keys, args)
     table.insert(fields, 'x')
     table.insert(fields, ms_text(now + ttl * 1000))
   end
-  local id = redis.call('XADD', inbox, 'MAXLEN', '~', MAXLEN, '*', unpack(fields))
-  redis.call('XTRIM', inbox, 'MINID', '~', ms_text(now - RETENTION))
+  local id = redis.call('XADD', inbox, '*', unpack(fields))
+  trim(inbox, uid, now)
   redis.call('PEXPIRE', inbox, RETENTION)
   -- Tombstones older than every retained entry mean nothing any more.
   local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1]
@@ -305,12 +318,12 @@ local function notify(keys, args)
 end
 
 -- herald_open: where a replay starts, and its first page.
--- KEYS[1] inbox  KEYS[2] cursor  KEYS[3] gone
+-- KEYS[1] inbox  KEYS[2] cursor  KEYS[3] gone  KEYS[4] trimmed
 -- ARGV[1] after ('' = none)  ARGV[2] after the cursor too (0/1)  ARGV[3] count unread (0/1)
 -- ARGV[4] page size
 -- Returns {start or '', trimmed (0/1), unread (-1 when not counted), next, id1, data1, ...}.
 local function open(keys, args)
-  local inbox, cursor_key, gone = keys[1], keys[2], keys[3]
+  local inbox, cursor_key, gone, trimmed_key = keys[1], keys[2], keys[3], keys[4]
   local after, with_cursor, with_unread = args[1], args[2] == '1', args[3] == '1'
   local count = tonumber(args[4])
   if (after ~= '' and not valid_id(after)) or not count or count < 1 then
@@ -323,7 +336,7 @@ local function open(keys, args)
     start = cursor
   end
   local trimmed = 0
-  if start ~= '' and trimmed_after(inbox, start, now) then trimmed = 1 end
+  if start ~= '' and trimmed_after(inbox, trimmed_key, start, now) then trimmed = 1 end
   local unread = -1
   if with_unread then unread = count_after(inbox, gone, cursor, now) end
   local out = {start, trimmed, unread}

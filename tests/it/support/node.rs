@@ -231,6 +231,19 @@ impl Herald {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// DELETE with the API key; returns (status, JSON body or Null).
+    pub async fn api_delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("api delete");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// POST /api/publish; requires a 200.
     pub async fn publish(&self, body: Value) {
         let (status, resp) = self.api_post("/api/publish", &body).await;
