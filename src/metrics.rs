@@ -52,6 +52,9 @@ pub(crate) const CANARY_TIMEOUTS: &str = "herald_pubsub_canary_timeouts_total";
 pub(crate) const PRESENCE_REASSERTS: &str = "herald_presence_reasserts_total";
 /// Counter: `offline` events this node's reaper emitted.
 pub(crate) const OFFLINE_EVENTS_REAPED: &str = "herald_offline_events_reaped_total";
+/// Counter: times this node found the herald Functions library loaded with other settings
+/// than its own (and replaced it).
+pub(crate) const FUNCTION_CONFLICTS: &str = "herald_function_conflicts_total";
 /// Histogram: seconds a presence heartbeat took.
 pub(crate) const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
 

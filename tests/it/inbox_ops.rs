@@ -432,3 +432,23 @@ async fn a_standalone_node_has_the_same_inbox_operations() {
     assert_eq!(inbox["cursor"], id.as_str());
     assert_eq!(inbox["unread"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_other_inbox_settings_on_one_redis_are_reported() {
+    let redis = RedisServer::start();
+    let a = Herald::spawn(NodeOpts::cluster(&redis, "cf", "a")).await;
+    a.wait_ready().await;
+    assert_eq!(a.metric("herald_function_conflicts_total").await, 0.0);
+    let b = Herald::spawn(NodeOpts::cluster(&redis, "cf", "b").arg("--inbox-max-len", "7")).await;
+    b.wait_ready().await;
+    eventually(WAIT, "b reports the library a loaded", || async {
+        (b.metric("herald_function_conflicts_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let config: Vec<redis::Value> = redis.cmd(&["FCALL", "herald_config", "0"]).unwrap();
+    assert_eq!(
+        config[2],
+        redis::Value::Int(7),
+        "the last loader's settings are in force"
+    );
+}

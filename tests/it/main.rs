@@ -30,5 +30,6 @@ mod inbox;
 mod inbox_ops;
 mod lb;
 mod lifecycle;
+mod redis_access;
 mod standalone;
 mod wire;

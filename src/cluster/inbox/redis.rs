@@ -8,11 +8,15 @@ use super::{InboxPolicy, NotifyOptions};
 use crate::cluster::error::RedisError;
 use crate::cluster::keys::Keys;
 use crate::cluster::pool::Pool;
+use crate::metrics as m;
 use crate::protocol::{InboxEntry, StreamId};
 use crate::transport::replay::{Acked, Opening, Page};
 
 /// The Functions library source, with its settings as placeholders.
 const LIBRARY: &str = include_str!("../lua/herald.lua");
+
+/// The library's `VERSION`: bumped whenever its functions change.
+const LIBRARY_VERSION: i64 = 2;
 
 /// Most entries scanned to count a user's unread messages (the welcome's `unread`).
 pub(crate) const UNREAD_CAP: usize = 1000;
@@ -34,26 +38,62 @@ pub(crate) fn function_library(prefix: &str, policy: &InboxPolicy) -> String {
         .replace("__UNREAD_CAP__", &UNREAD_CAP.to_string())
 }
 
+/// What `herald_config` returns: the settings a loaded library was built with.
+type LoadedConfig = (i64, String, i64, i64, i64, i64);
+
 /// Redis inbox.
 #[derive(Clone)]
 pub(crate) struct RedisInbox {
     pool: Pool,
     keys: Keys,
     library: std::sync::Arc<str>,
+    /// This node's settings as `herald_config` reports them.
+    config: std::sync::Arc<LoadedConfig>,
 }
 
 impl RedisInbox {
     pub(crate) fn new(pool: Pool, keys: Keys, policy: InboxPolicy) -> Self {
         let library = function_library(keys.prefix(), &policy).into();
+        let config = (
+            LIBRARY_VERSION,
+            keys.prefix().to_string(),
+            policy.max_len as i64,
+            policy.retention.as_millis() as i64,
+            policy.max_bytes as i64,
+            policy.idempotency_window.as_millis() as i64,
+        );
         RedisInbox {
             pool,
             keys,
             library,
+            config: std::sync::Arc::new(config),
         }
     }
 
+    /// Loads the library with this node's settings. If Redis holds one built with other
+    /// settings (another deployment sharing this Redis, or nodes of one deployment started
+    /// with different flags), says so loudly first: whichever loads last wins, and the
+    /// others' producers then see their keys refused.
     pub(crate) async fn load(&self) -> Result<(), RedisError> {
         let mut c = self.pool.get().await?;
+        let loaded: Result<LoadedConfig, _> = redis::cmd("FCALL")
+            .arg("herald_config")
+            .arg(0)
+            .query_async(&mut *c)
+            .await;
+        if let Ok(loaded) = loaded {
+            if loaded != *self.config {
+                tracing::error!(
+                    loaded = ?loaded,
+                    ours = ?*self.config,
+                    "the herald Functions library in Redis was loaded with other settings \
+                     (version, prefix, inbox max len, retention ms, max bytes, idempotency \
+                     window ms); replacing it: every node of a deployment must run with the \
+                     same settings, and one Redis serves one deployment"
+                );
+                metrics::counter!(m::FUNCTION_CONFLICTS).increment(1);
+            }
+        }
         let _: String = redis::cmd("FUNCTION")
             .arg("LOAD")
             .arg("REPLACE")
@@ -286,6 +326,7 @@ mod tests {
         assert!(lib.contains("local IDEM_WINDOW = 60000"));
         assert!(lib.contains("register_function('herald_notify'"));
         assert!(!lib.contains("__"), "every placeholder is replaced");
+        assert!(lib.contains(&format!("local VERSION = {LIBRARY_VERSION}\n")));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod node;
 pub mod prom;
 mod proxy;
 mod redis;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -33,6 +34,7 @@ pub use self::nginx::{nginx_bin, Nginx};
 pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;
 pub use self::redis::RedisServer;
+pub use self::tls::TestCa;
 pub use self::ws::{
     assert_silent, client_frame, close_client, connect, connect_small_rcvbuf, connect_url,
     expect_close, open, open_bearer, recv_json, recv_message, refused_status,

@@ -19,6 +19,8 @@ pub struct NodeOpts {
     pub presence_ttl: String,
     pub dev: bool,
     pub extra: Vec<String>,
+    /// Environment variables for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeOpts {
@@ -30,6 +32,7 @@ impl NodeOpts {
             presence_ttl: "3".into(),
             dev: false,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -41,7 +44,13 @@ impl NodeOpts {
             presence_ttl: "3".into(),
             dev: false,
             extra: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     pub fn arg(mut self, name: &str, value: &str) -> Self {
@@ -80,6 +89,7 @@ impl Herald {
             .env_remove("HERALD_REDIS_URL")
             .env_remove("HERALD_JWT_SECRET")
             .env_remove("HERALD_API_KEY")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(logfile);
         if let Some(url) = &opts.redis_url {

@@ -10,6 +10,11 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// The default user's password, when the server requires one.
+    password: Option<String>,
+    /// TLS only (no plain port): the harness then checks it is up with a TCP connect and
+    /// cannot run commands on it.
+    tls: bool,
 }
 
 impl RedisServer {
@@ -23,6 +28,45 @@ impl RedisServer {
             port: free_port(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            password: None,
+            tls: false,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts a server whose default user needs `password` (the harness's own commands
+    /// authenticate with it).
+    pub fn start_with_password(password: &str) -> Self {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            extra: vec!["--requirepass".into(), password.into()],
+            password: Some(password.into()),
+            tls: false,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts a server that speaks TLS only, with `cert`/`key` (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let port = free_port();
+        let mut r = RedisServer {
+            port,
+            child: None,
+            extra: vec![
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            password: None,
+            tls: true,
         };
         r.spawn();
         r
@@ -30,8 +74,9 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let plain_port = if self.tls { 0 } else { self.port };
         let child = Command::new(bin)
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &plain_port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no", "--loglevel", "warning"])
             .args(&self.extra)
@@ -41,7 +86,7 @@ impl RedisServer {
             .expect("redis-server must be installed (see README)");
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
-        while self.ping().is_err() {
+        while !self.up() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start on {}",
@@ -51,8 +96,27 @@ impl RedisServer {
         }
     }
 
+    /// The URL a node (or the harness) connects with: `rediss://` for a TLS server, with
+    /// the password when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        match &self.password {
+            Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{}/", self.port),
+            None => format!("{scheme}://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// The same server for another user (an ACL user the test created).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}/", self.port)
+    }
+
+    fn up(&self) -> bool {
+        if self.tls {
+            std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok()
+        } else {
+            self.ping().is_ok()
+        }
     }
 
     /// The loopback address it listens on (for a proxy in front of it).
@@ -61,8 +125,28 @@ impl RedisServer {
     }
 
     fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        assert!(
+            !self.tls,
+            "the harness runs no commands on a TLS-only server"
+        );
         let client = redis::Client::open(self.url())?;
         client.get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    /// Runs one command as another user.
+    pub fn cmd_as<T: redis::FromRedisValue>(
+        &self,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let client = redis::Client::open(self.url_as(user, password))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut conn)
     }
 
     fn ping(&self) -> redis::RedisResult<String> {
