@@ -10,6 +10,8 @@ mod inbox;
 mod ops;
 mod presence;
 mod publish;
+#[cfg(test)]
+mod tests;
 mod upgrade;
 
 use std::convert::Infallible;

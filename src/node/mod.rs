@@ -4,6 +4,8 @@
 
 mod session;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use session::SessionRequest;
 
@@ -216,6 +218,21 @@ impl Node {
         self.engines.reset_connections();
         tracing::warn!(error = %e, op, "API request failed on Redis");
         metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
+    }
+
+    /// Parks every session for a catch-up, as the broker does after a rebuilt subscription.
+    #[cfg(test)]
+    pub(crate) fn hub_hold_all_for_test(&self) -> usize {
+        let mut clients = Vec::new();
+        self.hub.all_sessions(&mut clients);
+        clients.iter().for_each(|c| c.hold_for_catch_up());
+        clients.len()
+    }
+
+    /// One catch-up pass over every session, as the catch-up task runs it.
+    #[cfg(test)]
+    pub(crate) async fn catch_up_all_for_test(&self) {
+        tasks::catch_up_pass(self).await;
     }
 
     /// Reserves a session slot, or `None` when the node is at `--max-connections`.

@@ -136,35 +136,40 @@ pub(super) async fn reaper_loop(node: Arc<Node>) {
 /// caught up at a steady pace while the subscriber goes on reading. A rebuild during a pass
 /// starts another pass once this one is done.
 pub(super) async fn catch_up_loop(node: Arc<Node>, mut subscribed: watch::Receiver<u64>) {
-    let limits = node.replay_limits();
-    let mut clients = Vec::new();
     loop {
         tokio::select! {
             _ = node.stop_background.cancelled() => return,
             changed = subscribed.changed() => if changed.is_err() { return },
         }
-        let started = Instant::now();
-        node.hub.all_sessions_with_users(&mut clients);
-        let inbox = &*node.engines.inbox;
-        let sessions = clients.len();
-        futures_util::stream::iter(clients.drain(..))
-            .for_each_concurrent(CATCH_UP_CONCURRENCY, |(client, user)| async move {
-                if client.catch_up_start().is_none() {
-                    // Greeting (it catches up when its replay ends) or closing.
-                    return;
-                }
-                if let Err(reason) = replay::catch_up(&client, inbox, &user, limits).await {
-                    client.close(reason);
-                }
-                metrics::counter!(m::CATCH_UP_SESSIONS).increment(1);
-            })
-            .await;
-        let took = started.elapsed();
-        metrics::histogram!(m::CATCH_UP_SECONDS).record(took.as_secs_f64());
-        tracing::info!(
-            sessions,
-            took_ms = took.as_millis() as u64,
-            "live sessions caught up after the subscription was rebuilt"
-        );
+        catch_up_pass(&node).await;
     }
+}
+
+/// One pass: every session waiting for a catch-up gets it.
+pub(super) async fn catch_up_pass(node: &Node) {
+    let limits = node.replay_limits();
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    node.hub.all_sessions_with_users(&mut clients);
+    let inbox = &*node.engines.inbox;
+    let sessions = clients.len();
+    futures_util::stream::iter(clients)
+        .for_each_concurrent(CATCH_UP_CONCURRENCY, |(client, user)| async move {
+            if client.catch_up_start().is_none() {
+                // Greeting (it catches up when its replay ends) or closing.
+                return;
+            }
+            if let Err(reason) = replay::catch_up(&client, inbox, &user, limits).await {
+                client.close(reason);
+            }
+            metrics::counter!(m::CATCH_UP_SESSIONS).increment(1);
+        })
+        .await;
+    let took = started.elapsed();
+    metrics::histogram!(m::CATCH_UP_SECONDS).record(took.as_secs_f64());
+    tracing::info!(
+        sessions,
+        took_ms = took.as_millis() as u64,
+        "live sessions caught up after the subscription was rebuilt"
+    );
 }
