@@ -39,8 +39,8 @@ RUN_DIR=${RUN_DIR:-$ROOT/target/local-cluster}
 PROFILE=${PROFILE:-debug}
 DEV=${DEV:-0}
 NODE_ARGS=${NODE_ARGS:-}
-export HERALD_JWT_SECRET=${HERALD_JWT_SECRET:-change-me-please-0123456789}
-export HERALD_API_KEY=${HERALD_API_KEY:-change-me-please-0123456789}
+export HERALD_JWT_SECRET=${HERALD_JWT_SECRET:-change-me-please-0123456789abcdef}
+export HERALD_API_KEY=${HERALD_API_KEY:-change-me-please-0123456789abcdef}
 # herald's drain grace (default 30s) plus a margin, before a node is killed on stop.
 STOP_WAIT=${STOP_WAIT:-35}
 

@@ -1,6 +1,7 @@
 //! Command-line and environment configuration, and the checks that refuse an unsafe start.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -19,13 +20,60 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// HS256 secret used to verify client JWTs. Required unless --dev.
+    /// HMAC secret (HS256/384/512, at least 32 bytes) that verifies client JWTs. A secret,
+    /// or a public key, is required unless --dev.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// File holding the JWT secret (trailing newline ignored), instead of --jwt-secret, so
+    /// the secret stays off the command line.
+    #[arg(long, env = "HERALD_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// The previous JWT secret, still accepted while clients' tokens roll over to the new
+    /// one (rotation without dropping sessions).
+    #[arg(long, env = "HERALD_JWT_SECRET_PREVIOUS", hide_env_values = true)]
+    pub jwt_secret_previous: Option<String>,
+
+    /// File holding the previous JWT secret.
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET_PREVIOUS_FILE",
+        conflicts_with = "jwt_secret_previous"
+    )]
+    pub jwt_secret_previous_file: Option<PathBuf>,
+
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) that verifies JWTs an identity
+    /// provider signs (RS*, PS*, ES*, EdDSA). May be given several times (key rotation);
+    /// the env twin takes a comma-separated list.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
+
+    /// Tokens must carry this `aud` (otherwise `aud` is not checked).
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Tokens must carry this `iss`.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Tokens whose `exp` lies further ahead than this are refused (a leaked token must not
+    /// be good for years).
+    #[arg(long, env = "HERALD_JWT_MAX_LIFETIME", default_value = "30d", value_parser = parse_duration)]
+    pub jwt_max_lifetime: Duration,
+
+    /// A session ends (close 4003) this long after its token's `exp` unless the client sent
+    /// a fresh token in-band (`{"type":"refresh"}`).
+    #[arg(long, env = "HERALD_TOKEN_GRACE", default_value = "10", value_parser = parse_duration)]
+    pub token_grace: Duration,
 
     /// Bearer key for the HTTP API. Required unless --dev.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// File holding the API key, instead of --api-key.
+    #[arg(long, env = "HERALD_API_KEY_FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
 
     /// Presence time-to-live. Sessions and the node itself expire this long after the last
     /// heartbeat; heartbeats run every third of it. Bare numbers are seconds; "500ms",
@@ -160,15 +208,17 @@ pub struct Config {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(
-        "no --jwt-secret (HERALD_JWT_SECRET) given: set one, or pass --dev for local development"
+        "no --jwt-secret (HERALD_JWT_SECRET) or --jwt-public-key-file given: set one, or pass --dev for local development"
     )]
     MissingJwtSecret,
     #[error("no --api-key (HERALD_API_KEY) given: set one, or pass --dev for local development")]
     MissingApiKey,
-    #[error("--jwt-secret must be at least 16 bytes")]
-    WeakJwtSecret,
+    #[error("{0} must be at least 32 bytes (RFC 7518: an HMAC key as long as its hash)")]
+    WeakJwtSecret(&'static str),
     #[error("--api-key must be at least 16 bytes")]
     WeakApiKey,
+    #[error("cannot read {0}: {1}")]
+    SecretFile(String, String),
     #[error("--presence-ttl must be at least 1s")]
     TtlTooShort,
     #[error("--idle-timeout must be longer than --ping-interval")]
@@ -180,11 +230,17 @@ pub enum ConfigError {
 impl Config {
     /// Checks combinations that clap cannot express. Called before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, secret) in [
+            ("--jwt-secret", &self.jwt_secret),
+            ("--jwt-secret-previous", &self.jwt_secret_previous),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.len() < 32) {
+                return Err(ConfigError::WeakJwtSecret(name));
+            }
+        }
         if !self.dev {
-            match &self.jwt_secret {
-                None => return Err(ConfigError::MissingJwtSecret),
-                Some(s) if s.len() < 16 => return Err(ConfigError::WeakJwtSecret),
-                Some(_) => {}
+            if self.jwt_secret.is_none() && self.jwt_public_key_file.is_empty() {
+                return Err(ConfigError::MissingJwtSecret);
             }
             match &self.api_key {
                 None => return Err(ConfigError::MissingApiKey),
@@ -216,6 +272,26 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
             }
+        }
+        Ok(())
+    }
+
+    /// Replaces every `--*-file` secret with the file's content (without a trailing
+    /// newline), so the rest of the node sees only values. Called before [`validate`].
+    pub fn load_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn read(path: &Path) -> Result<String, ConfigError> {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| ConfigError::SecretFile(path.display().to_string(), e.to_string()))
+        }
+        if let Some(p) = self.jwt_secret_file.take() {
+            self.jwt_secret = Some(read(&p)?);
+        }
+        if let Some(p) = self.jwt_secret_previous_file.take() {
+            self.jwt_secret_previous = Some(read(&p)?);
+        }
+        if let Some(p) = self.api_key_file.take() {
+            self.api_key = Some(read(&p)?);
         }
         Ok(())
     }
@@ -303,21 +379,68 @@ mod tests {
         assert!(parse_duration("NaN").is_err());
     }
 
+    const SECRET32: &str = "0123456789abcdef0123456789abcdef";
+
     #[test]
     fn production_mode_refuses_to_start_without_secrets() {
         assert_eq!(base(&[]).validate(), Err(ConfigError::MissingJwtSecret));
-        let c = base(&["--jwt-secret", "0123456789abcdef"]);
+        let c = base(&["--jwt-secret", SECRET32]);
         assert_eq!(c.validate(), Err(ConfigError::MissingApiKey));
-        let c = base(&["--jwt-secret", "short", "--api-key", "0123456789abcdef"]);
-        assert_eq!(c.validate(), Err(ConfigError::WeakJwtSecret));
         let c = base(&[
             "--jwt-secret",
             "0123456789abcdef",
             "--api-key",
             "0123456789abcdef",
         ]);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::WeakJwtSecret("--jwt-secret"))
+        );
+        let c = base(&["--jwt-secret", SECRET32, "--api-key", "0123456789abcdef"]);
+        assert_eq!(c.validate(), Ok(()));
+        let c = base(&[
+            "--jwt-secret",
+            SECRET32,
+            "--jwt-secret-previous",
+            "short",
+            "--api-key",
+            "0123456789abcdef",
+        ]);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::WeakJwtSecret("--jwt-secret-previous"))
+        );
+        let c = base(&[
+            "--jwt-public-key-file",
+            "/k.pem",
+            "--api-key",
+            "0123456789abcdef",
+        ]);
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(base(&["--dev"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn secrets_are_read_from_files() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("jwt");
+        std::fs::write(&file, format!("{SECRET32}\n")).unwrap();
+        let mut c = base(&[
+            "--jwt-secret-file",
+            file.to_str().unwrap(),
+            "--api-key",
+            "0123456789abcdef",
+        ]);
+        c.load_secret_files().unwrap();
+        assert_eq!(c.jwt_secret.as_deref(), Some(SECRET32));
+        assert_eq!(c.validate(), Ok(()));
+        let mut missing = base(&["--api-key-file", "/nonexistent/herald-key"]);
+        assert!(matches!(
+            missing.load_secret_files(),
+            Err(ConfigError::SecretFile(_, _))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

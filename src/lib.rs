@@ -4,9 +4,10 @@
 //! Four folders follow the data: `cluster` (Redis: broker, presence, inbox) hands
 //! publications to `delivery` (hub and fan-out), which writes them through `transport`
 //! (sockets, outbox, session loop); `api` is the HTTP surface. `node` wires them together.
-//! Shared ground below all four: `protocol`, `health`, `metrics`, `clock`, `config`.
+//! Shared ground below all four: `protocol`, `auth`, `health`, `metrics`, `clock`, `config`.
 
 mod api;
+mod auth;
 mod clock;
 mod cluster;
 pub mod config;

@@ -10,9 +10,9 @@ use tracing_subscriber::EnvFilter;
 use herald::{Config, Node};
 
 fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     init_tracing(&config.log_format);
-    if let Err(e) = config.validate() {
+    if let Err(e) = config.load_secret_files().and_then(|()| config.validate()) {
         eprintln!("herald: refusing to start: {e}");
         tracing::error!("refusing to start: {e}");
         return std::process::ExitCode::from(2);

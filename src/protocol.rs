@@ -27,6 +27,9 @@ pub(crate) mod close {
     pub(crate) const IDLE_TIMEOUT: u16 = 4000;
     /// The client read too slowly and its outbound queue filled; reconnect with backoff.
     pub(crate) const SLOW_CONSUMER: u16 = 4001;
+    /// The session's token expired (and no fresh one was sent in-band): get a new token
+    /// and reconnect.
+    pub(crate) const TOKEN_EXPIRED: u16 = 4003;
     /// Disconnected by the API (`POST /api/disconnect/<uid>`); do not reconnect automatically.
     pub(crate) const KICKED: u16 = 4002;
 }
@@ -47,6 +50,7 @@ pub(crate) enum CloseReason {
     IdleTimeout,
     SlowConsumer,
     Kicked,
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -61,6 +65,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => close::IDLE_TIMEOUT,
             CloseReason::SlowConsumer => close::SLOW_CONSUMER,
             CloseReason::Kicked => close::KICKED,
+            CloseReason::TokenExpired => close::TOKEN_EXPIRED,
         }
     }
 
@@ -78,6 +83,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Kicked => "kicked",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -94,6 +100,8 @@ pub(crate) enum ClientFrame {
     Ping,
     /// `{"type":"ack","id":"<stream id>"}`: moves the user's inbox read cursor.
     Ack(StreamId),
+    /// `{"type":"refresh","token":"<JWT>"}`: a fresh token for the same user.
+    Refresh(String),
     /// Anything else: answered with an error frame, the session stays open.
     Unknown(&'static str),
 }
@@ -104,6 +112,8 @@ struct TypedFrame<'a> {
     kind: std::borrow::Cow<'a, str>,
     #[serde(borrow, default)]
     id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Parses one text frame from a client. Never fails: unknown input is reported as such.
@@ -117,6 +127,10 @@ pub(crate) fn parse_client_frame(text: &str) -> ClientFrame {
         Ok(f) if f.kind == "ack" => match f.id.as_deref().map(str::parse) {
             Some(Ok(id)) => ClientFrame::Ack(id),
             _ => ClientFrame::Unknown("bad_id"),
+        },
+        Ok(f) if f.kind == "refresh" => match f.token {
+            Some(t) if !t.is_empty() => ClientFrame::Refresh(t.into_owned()),
+            _ => ClientFrame::Unknown("bad_token"),
         },
         Ok(_) => ClientFrame::Unknown("unknown_type"),
         Err(_) => ClientFrame::Unknown("malformed"),
@@ -136,10 +150,22 @@ pub(crate) enum ServerFrame<'a> {
         /// be read).
         #[serde(skip_serializing_if = "Option::is_none")]
         unread: Option<u64>,
+        /// When the session's token expires (Unix seconds; absent in --dev): refresh it
+        /// before then.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     Pong,
     Error {
         error: &'a str,
+        /// Why, for errors that have several causes (a refused refresh).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// A `refresh` was accepted: the session now ends at this token's `exp` (plus grace).
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     /// Durable messages were lost to the client: `trimmed` (entries after `since` were
     /// dropped by the inbox caps; sent before the replay) or `replay_limit` (more were
@@ -243,10 +269,37 @@ pub(crate) struct InboxEntry {
     pub(crate) data: Vec<u8>,
 }
 
-/// User ids and topic names travel inside channel names and keys. They may be any
-/// printable text except whitespace and control characters, up to 256 bytes.
+/// User ids and topic names travel inside channel names, keys, logs and events. They may be
+/// any text of 1-256 bytes without white-space, control or invisible characters (the
+/// Functions library applies the same rule to inbox keys: keep `lua/herald.lua` in step).
 pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 256 && s.chars().all(|c| !c.is_control() && !c.is_whitespace())
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && !invisible(c))
+}
+
+/// Format characters that render as nothing but change what a reader sees: zero-width
+/// spaces and joiners, bidirectional embeddings, overrides and isolates (U+202E turns
+/// `resu` into `user` on screen), the byte-order mark, invisible fillers and tags.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 #[cfg(test)]
@@ -280,6 +333,17 @@ mod tests {
         assert!(!valid_name("a b"));
         assert!(!valid_name("a\nb"));
         assert!(!valid_name(&"x".repeat(257)));
+        for c in [
+            '\u{202E}',
+            '\u{200B}',
+            '\u{FEFF}',
+            '\u{2066}',
+            '\u{00AD}',
+            '\u{E0041}',
+        ] {
+            assert!(!valid_name(&format!("a{c}b")), "U+{:04X}", c as u32);
+        }
+        assert!(valid_name("José-Ñandú"));
     }
 
     #[test]
@@ -311,6 +375,14 @@ mod tests {
             ClientFrame::Unknown("bad_id")
         );
         assert_eq!(parse_client_frame(""), ClientFrame::Unknown("malformed"));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"refresh","token":"a.b.c"}"#),
+            ClientFrame::Refresh("a.b.c".into())
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"refresh"}"#),
+            ClientFrame::Unknown("bad_token")
+        );
     }
 
     #[test]
@@ -337,6 +409,7 @@ mod tests {
             user: "u",
             node: "n",
             unread: Some(3),
+            exp: None,
         }
         .to_text();
         assert_eq!(
@@ -348,11 +421,12 @@ mod tests {
             user: "u",
             node: "n",
             unread: None,
+            exp: Some(99),
         }
         .to_text();
         assert_eq!(
             t,
-            r#"{"type":"welcome","session":"s","user":"u","node":"n"}"#
+            r#"{"type":"welcome","session":"s","user":"u","node":"n","exp":99}"#
         );
         assert_eq!(
             ServerFrame::Read { id: "1-0" }.to_text(),

@@ -4,7 +4,6 @@
 //! Handlers talk to the node only through its facade ([`Node`]'s `pub(crate)` methods); the
 //! bodies they read and write are all in [`bodies`].
 
-mod auth;
 mod bodies;
 mod inbox;
 mod ops;
@@ -23,8 +22,8 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use self::auth::{api_key_ok, Authenticator};
 use self::bodies::ErrorBody;
+use crate::auth::{api_key_ok, Authenticator};
 use crate::cluster::RedisError;
 use crate::metrics as m;
 use crate::node::Node;
@@ -33,21 +32,16 @@ use crate::protocol::valid_name;
 /// What every handler shares: the node and the credentials it checks.
 pub(crate) struct Api {
     node: Arc<Node>,
-    auth: Authenticator,
+    auth: Arc<Authenticator>,
     /// `None` (only possible with `--dev`): every API request is accepted.
     api_key: Option<String>,
 }
 
 /// All routes of a node.
 pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
-    let config = node.config();
-    let auth = match &config.jwt_secret {
-        Some(secret) if !config.dev => Authenticator::jwt(secret, config.max_topics),
-        _ => Authenticator::dev(config.max_topics),
-    };
     let api = Arc::new(Api {
-        api_key: config.api_key.clone(),
-        auth,
+        api_key: node.config().api_key.clone(),
+        auth: node.authenticator().clone(),
         node,
     });
     upgrade::route(api.clone())

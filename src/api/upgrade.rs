@@ -13,6 +13,7 @@ use warp::Filter;
 
 use super::bodies::WsQuery;
 use super::{error, with_api, Api};
+use crate::auth::bearer;
 use crate::metrics as m;
 use crate::node::SessionRequest;
 use crate::protocol::StreamId;
@@ -66,13 +67,7 @@ fn upgrade(
         );
     }
     let query: WsQuery = serde_urlencoded::from_str(&query).unwrap_or_default();
-    let token = query.token.or_else(|| {
-        headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_string)
-    });
+    let token = client_token(&headers, query.token.as_deref());
     // Authentication comes before the upgrade checks so a bad token is always a 401.
     let who = match api
         .auth
@@ -119,6 +114,7 @@ fn upgrade(
     let request = SessionRequest {
         user: who.user,
         topics: who.topics,
+        exp: who.exp,
         since,
     };
     api.node.spawn_session(on_upgrade, request, admission);
@@ -132,4 +128,15 @@ fn upgrade(
         h.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
     res
+}
+
+/// The client's token: an `Authorization: Bearer` header wins over the `token` query
+/// parameter (headers stay out of access logs), and an empty parameter counts as none.
+pub(super) fn client_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .or(query.filter(|t| !t.is_empty()))
+        .map(str::to_string)
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::auth::{Authenticator, JwtSettings, KeyError};
 use crate::cluster::broker::{Router, SubscriberSettings};
 use crate::cluster::inbox::NotifyOptions;
 use crate::cluster::keys::Keys;
@@ -29,12 +30,29 @@ use crate::health::{Health, ReadyStatus};
 use crate::metrics as m;
 use crate::protocol::{CloseReason, StreamId};
 use crate::transport::replay::{Acked, Opening, ReplayLimits};
+use crate::transport::session::SessionEnv;
 use crate::transport::Client;
 
-/// Why a node could not be built.
+/// Why a node could not be built (only `main` sees it, to print and exit).
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct NodeError(#[from] BuildError);
+pub enum NodeError {
+    #[error("cannot set up Redis: {0}")]
+    Engines(Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot use a JWT key: {0}")]
+    Key(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<BuildError> for NodeError {
+    fn from(e: BuildError) -> Self {
+        NodeError::Engines(Box::new(e))
+    }
+}
+
+impl From<KeyError> for NodeError {
+    fn from(e: KeyError) -> Self {
+        NodeError::Key(Box::new(e))
+    }
+}
 
 /// A running node.
 pub struct Node {
@@ -44,6 +62,10 @@ pub struct Node {
     engines: Engines,
     health: Arc<Health>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Verifies client tokens, at connect and when a session refreshes its token.
+    auth: Arc<Authenticator>,
+    /// What every session shares.
+    session_env: Arc<SessionEnv>,
     /// One permit per session; `--max-connections` of them.
     admission: Arc<Semaphore>,
     sessions: TaskTracker,
@@ -76,6 +98,15 @@ impl Node {
         ));
         let engines = Engines::build(&config, &node_id, &keys)?;
         engines.attach(fanout.clone());
+        let auth = Arc::new(authenticator(&config)?);
+        let session_env = Arc::new(SessionEnv {
+            outbox: config.outbox_limits(),
+            max_message: config.max_message_bytes,
+            read_chunk: config.ws_read_buffer,
+            ack_timeout: config.write_timeout,
+            inbox: engines.inbox.clone(),
+            auth: auth.clone(),
+        });
 
         let node = Arc::new(Node {
             node_id,
@@ -83,6 +114,8 @@ impl Node {
             engines,
             health: health.clone(),
             metrics,
+            auth,
+            session_env,
             admission: Arc::new(Semaphore::new(config.max_connections)),
             sessions: TaskTracker::new(),
             background: TaskTracker::new(),
@@ -125,6 +158,11 @@ impl Node {
 
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Verifies client tokens.
+    pub(crate) fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.auth
     }
 
     /// Readiness as `/readyz` reports it.
@@ -297,4 +335,30 @@ impl Node {
         .await;
         tracing::info!("drained");
     }
+}
+
+/// The token verifier `config` asks for: the user id itself in --dev, else JWTs with the
+/// configured secrets and public keys.
+fn authenticator(config: &Config) -> Result<Authenticator, NodeError> {
+    if config.dev && config.jwt_secret.is_none() && config.jwt_public_key_file.is_empty() {
+        return Ok(Authenticator::dev(config.max_topics));
+    }
+    let mut public_keys = Vec::new();
+    for path in &config.jwt_public_key_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| NodeError::Key(format!("cannot read {}: {e}", path.display()).into()))?;
+        public_keys.push((path.display().to_string(), pem));
+    }
+    Ok(Authenticator::jwt(&JwtSettings {
+        secrets: [&config.jwt_secret, &config.jwt_secret_previous]
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_bytes().to_vec())
+            .collect(),
+        public_keys,
+        audience: config.jwt_audience.clone(),
+        issuer: config.jwt_issuer.clone(),
+        max_lifetime: config.jwt_max_lifetime,
+        max_topics: config.max_topics,
+    })?)
 }

@@ -29,6 +29,8 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct SessionRequest {
     pub(crate) user: String,
     pub(crate) topics: Vec<String>,
+    /// The token's expiry (Unix seconds; `None` in --dev).
+    pub(crate) exp: Option<u64>,
     /// Replay durable messages after this id instead of after the read cursor.
     pub(crate) since: Option<StreamId>,
 }
@@ -80,7 +82,7 @@ impl Node {
             topics: request.topics.into_iter().map(Arc::<str>::from).collect(),
             connected_at: unix_ms(),
         };
-        let client = Arc::new(Client::held(sock.clone()));
+        let client = Arc::new(Client::held(sock.clone(), request.exp));
         let reg = self.hub.register(info.clone(), client.clone());
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -99,6 +101,7 @@ impl Node {
                 user: &info.user,
                 node: &self.node_id,
                 unread,
+                exp: request.exp,
             }
             .to_text()
         };
@@ -126,11 +129,7 @@ impl Node {
                 client: client.clone(),
                 session: info.id,
                 user: info.user.clone(),
-                outbox: self.config.outbox_limits(),
-                max_message: self.config.max_message_bytes,
-                read_chunk: self.config.ws_read_buffer,
-                ack_timeout: self.config.write_timeout,
-                inbox: self.engines.inbox.clone(),
+                env: self.session_env.clone(),
             },
             info,
         });

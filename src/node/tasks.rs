@@ -9,9 +9,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::{sleep, Instant, MissedTickBehavior};
 
 use super::Node;
-use crate::clock::mono_ms;
+use crate::clock::{mono_ms, unix_ms};
 use crate::metrics as m;
-use crate::transport::{replay, LivenessSettings};
+use crate::transport::{replay, LivenessSettings, Now};
 
 /// Sessions caught up at once after a broken subscription: bounds the Redis reads in
 /// flight (and the node memory they hold) however many sessions there are.
@@ -29,6 +29,7 @@ pub(super) async fn sweep_loop(node: Arc<Node>) {
         ping_interval: node.config.ping_interval,
         idle_timeout: node.config.idle_timeout,
         write_timeout: node.config.write_timeout,
+        token_grace: node.config.token_grace,
     };
     let limits = node.config.outbox_limits();
     let mut tick = tokio::time::interval(live.sweep_period());
@@ -40,7 +41,10 @@ pub(super) async fn sweep_loop(node: Arc<Node>) {
             _ = tick.tick() => {}
         }
         node.hub.all_sessions(&mut clients);
-        let now = mono_ms();
+        let now = Now {
+            mono_ms: mono_ms(),
+            unix_s: unix_ms() / 1000,
+        };
         for client in clients.drain(..) {
             client.sweep(now, &live, limits);
         }

@@ -12,7 +12,7 @@ use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 
 use super::codec::Kind;
-use super::liveness::{Liveness, LivenessSettings, Verdict};
+use super::liveness::{Liveness, LivenessSettings, Now, Verdict};
 use super::outbox::{CatchUp, Outbox, OutboxLimits, Outgoing, Pushed, Released};
 use crate::clock::mono_ms;
 use crate::protocol::{CloseReason, StreamId};
@@ -44,13 +44,19 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    /// A client on `sock` whose deliveries queue until [`release`](Self::release).
-    pub(crate) fn held(sock: Arc<TcpStream>) -> Self {
+    /// A client on `sock` whose deliveries are parked until its greeting is over, with a
+    /// token that expires at `token_exp` (Unix seconds).
+    pub(crate) fn held(sock: Arc<TcpStream>, token_exp: Option<u64>) -> Self {
         Client {
             outbox: Outbox::held(sock),
-            liveness: Liveness::new(mono_ms()),
+            liveness: Liveness::new(mono_ms(), token_exp),
             ..Client::default()
         }
+    }
+
+    /// The client sent a fresh token; the session now ends at its expiry.
+    pub(crate) fn refreshed(&self, token_exp: Option<u64>) {
+        self.liveness.refreshed(token_exp);
     }
 
     /// Asks the session to close with `reason`. The first reason wins.
@@ -173,7 +179,7 @@ impl Client {
     }
 
     /// The sweeper's visit: closes an idle or stalled session, or sends a ping when due.
-    pub(crate) fn sweep(&self, now: u64, live: &LivenessSettings, limits: OutboxLimits) {
+    pub(crate) fn sweep(&self, now: Now, live: &LivenessSettings, limits: OutboxLimits) {
         if self.is_closed() {
             return;
         }
@@ -214,7 +220,7 @@ mod tests {
         socket2::SockRef::from(&*sock)
             .set_send_buffer_size(4096)
             .unwrap();
-        let ctl = Arc::new(Client::held(sock));
+        let ctl = Arc::new(Client::held(sock, None));
         ctl.finish_greeting(None);
         (ctl, client)
     }
@@ -245,7 +251,7 @@ mod tests {
     #[tokio::test]
     async fn held_sessions_queue_until_released_and_drop_replayed_copies() {
         let (sock, mut client) = pair().await;
-        let ctl = Client::held(sock);
+        let ctl = Client::held(sock, None);
         let early = Outgoing::text("live-1".into(), Some("5-0".parse().unwrap()));
         let later = Outgoing::text("live-2".into(), Some("9-0".parse().unwrap()));
         assert_eq!(ctl.offer(&early, LIMITS), Offered::Queued);
@@ -334,7 +340,7 @@ mod tests {
     #[tokio::test]
     async fn a_catch_up_asked_for_during_another_runs_again() {
         let (sock, _client) = pair().await;
-        let ctl = Client::held(sock);
+        let ctl = Client::held(sock, None);
         ctl.finish_greeting(None);
         ctl.hold_for_catch_up();
         let first = ctl.catch_up_start().unwrap();
@@ -345,7 +351,7 @@ mod tests {
         assert!(ctl.catch_up_start().is_none());
         // While greeting, a catch-up waits for the greeting's end.
         let (sock, _client) = pair().await;
-        let greeting = Client::held(sock);
+        let greeting = Client::held(sock, None);
         greeting.hold_for_catch_up();
         assert!(greeting.catch_up_start().is_none());
         assert_eq!(greeting.finish_greeting(None), Released::StillHeld);
@@ -403,32 +409,54 @@ mod tests {
     #[tokio::test]
     async fn sweep_pings_then_closes_idle_and_stalled_sessions() {
         let (sock, mut client) = pair().await;
-        let ctl = Client::held(sock);
+        let ctl = Client::held(sock, None);
         ctl.finish_greeting(None);
         let live = LivenessSettings {
             ping_interval: Duration::from_millis(100),
             idle_timeout: Duration::from_millis(300),
             write_timeout: Duration::from_millis(200),
+            token_grace: Duration::from_secs(10),
+        };
+        let at = |mono_ms| Now {
+            mono_ms,
+            unix_s: 1_000,
         };
         let t0 = mono_ms();
-        ctl.sweep(t0, &live, LIMITS);
+        ctl.sweep(at(t0), &live, LIMITS);
         assert!(!ctl.is_closed());
-        ctl.sweep(t0 + 150, &live, LIMITS);
+        ctl.sweep(at(t0 + 150), &live, LIMITS);
         assert_eq!(read_frames(&mut client, 1).await, vec![(0x9, vec![])]);
-        ctl.sweep(t0 + 400, &live, LIMITS);
+        ctl.sweep(at(t0 + 400), &live, LIMITS);
         assert_eq!(ctl.reason(), Some(CloseReason::IdleTimeout));
 
         let (stalled, _client) = released_with_small_send_buffer().await;
         let big = Outgoing::text("s".repeat(64 * 1024), None);
         while stalled.offer(&big, LIMITS) == Offered::Written {}
         assert!(!stalled.is_closed());
-        stalled.sweep(mono_ms() + 100, &live, LIMITS);
+        stalled.sweep(at(mono_ms() + 100), &live, LIMITS);
         assert!(
             !stalled.is_closed(),
             "stalled for less than the write timeout"
         );
-        stalled.sweep(mono_ms() + 250, &live, LIMITS);
+        stalled.sweep(at(mono_ms() + 250), &live, LIMITS);
         assert_eq!(stalled.reason(), Some(CloseReason::SlowConsumer));
+
+        // A token expiry ends the session after the grace, unless it was refreshed.
+        let (sock, _c) = pair().await;
+        let expiring = Client::held(sock, Some(2_000));
+        expiring.finish_greeting(None);
+        let now = mono_ms();
+        let wall = |unix_s| Now {
+            mono_ms: now,
+            unix_s,
+        };
+        expiring.sweep(wall(2_009), &live, LIMITS);
+        assert!(!expiring.is_closed(), "within the grace");
+        expiring.refreshed(Some(3_000));
+        expiring.sweep(wall(2_011), &live, LIMITS);
+        assert!(!expiring.is_closed(), "refreshed");
+        expiring.sweep(wall(3_010), &live, LIMITS);
+        assert_eq!(expiring.reason(), Some(CloseReason::TokenExpired));
     }
 
     #[tokio::test]

@@ -16,6 +16,17 @@ pub(crate) struct LivenessSettings {
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// How long a session outlives its token's `exp` without a refresh.
+    pub(crate) token_grace: Duration,
+}
+
+/// One sweep's clocks, read once for every session it visits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    /// [`crate::clock::mono_ms`].
+    pub(crate) mono_ms: u64,
+    /// Unix seconds (token expiries are wall-clock times).
+    pub(crate) unix_s: u64,
 }
 
 impl LivenessSettings {
@@ -43,20 +54,31 @@ pub(crate) enum Verdict {
     Close(CloseReason),
 }
 
-/// One session's liveness clocks, in [`crate::clock::mono_ms`] milliseconds.
+/// One session's liveness clocks, in [`crate::clock::mono_ms`] milliseconds, and its
+/// token's expiry.
 #[derive(Debug, Default)]
 pub(crate) struct Liveness {
     last_heard: AtomicU64,
     last_ping: AtomicU64,
+    /// Unix seconds; 0 when the token does not expire (--dev).
+    token_exp: AtomicU64,
 }
 
 impl Liveness {
-    /// A session that was just heard from and pinged at `now`.
-    pub(crate) fn new(now: u64) -> Self {
+    /// A session that was just heard from and pinged at `now`, whose token expires at
+    /// `token_exp` (Unix seconds).
+    pub(crate) fn new(now: u64, token_exp: Option<u64>) -> Self {
         Liveness {
             last_heard: AtomicU64::new(now),
             last_ping: AtomicU64::new(now),
+            token_exp: AtomicU64::new(token_exp.unwrap_or(0)),
         }
+    }
+
+    /// A fresh token was accepted.
+    pub(crate) fn refreshed(&self, token_exp: Option<u64>) {
+        self.token_exp
+            .store(token_exp.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Records that the client sent something.
@@ -68,10 +90,15 @@ impl Liveness {
     /// if it has one. A due ping is recorded as sent.
     pub(crate) fn judge(
         &self,
-        now: u64,
+        now: Now,
         s: &LivenessSettings,
         stalled_since: Option<u64>,
     ) -> Verdict {
+        let exp = self.token_exp.load(Ordering::Relaxed);
+        if exp != 0 && now.unix_s >= exp.saturating_add(s.token_grace.as_secs()) {
+            return Verdict::Close(CloseReason::TokenExpired);
+        }
+        let now = now.mono_ms;
         let ms = |d: Duration| d.as_millis() as u64;
         if stalled_since.is_some_and(|t| now.saturating_sub(t) >= ms(s.write_timeout)) {
             return Verdict::Close(CloseReason::SlowConsumer);

@@ -15,5 +15,5 @@ pub(crate) mod replay;
 pub(crate) mod session;
 
 pub(crate) use client::{Client, Offered};
-pub(crate) use liveness::LivenessSettings;
+pub(crate) use liveness::{LivenessSettings, Now};
 pub(crate) use outbox::{OutboxLimits, Outgoing};

@@ -21,6 +21,7 @@ use super::client::Client;
 use super::codec::{self, FrameReader, Incoming, Kind};
 use super::outbox::{OutboxLimits, Outgoing};
 use super::replay::InboxPort;
+use crate::auth::Authenticator;
 use crate::metrics as m;
 use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
 
@@ -42,6 +43,13 @@ pub(crate) struct SessionParts {
     /// are told and this one is not).
     pub(crate) session: uuid::Uuid,
     pub(crate) user: Arc<str>,
+    /// What every session of the node shares.
+    pub(crate) env: Arc<SessionEnv>,
+}
+
+/// Settings and handles every session of a node shares (one allocation per node, not a
+/// copy per session).
+pub(crate) struct SessionEnv {
     pub(crate) outbox: OutboxLimits,
     /// Largest client message accepted.
     pub(crate) max_message: usize,
@@ -51,6 +59,8 @@ pub(crate) struct SessionParts {
     pub(crate) ack_timeout: Duration,
     /// Where acknowledgements go (the user's inbox read cursor).
     pub(crate) inbox: Arc<dyn InboxPort>,
+    /// Verifies the tokens a client sends to refresh its session.
+    pub(crate) auth: Arc<Authenticator>,
 }
 
 type Pending = Option<Pin<Box<dyn Future<Output = ()> + Send>>>;
@@ -128,8 +138,8 @@ fn poll_session(
         reads += 1;
         let read = SCRATCH.with(|s| {
             let mut buf = s.borrow_mut();
-            if buf.len() != parts.read_chunk {
-                buf.resize(parts.read_chunk, 0);
+            if buf.len() != parts.env.read_chunk {
+                buf.resize(parts.env.read_chunk, 0);
             }
             match parts.sock.try_read(&mut buf) {
                 Ok(0) => Err(CloseReason::ConnectionLost),
@@ -161,7 +171,7 @@ fn handle(
 ) -> Option<CloseReason> {
     let ctl = &parts.client;
     let mut end = None;
-    let fed = reader.feed(data, parts.max_message, |frame| match frame {
+    let fed = reader.feed(data, parts.env.max_message, |frame| match frame {
         Incoming::Text(text) => match parse_client_frame(text) {
             ClientFrame::LegacyHeartbeat => {
                 metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
@@ -171,15 +181,15 @@ fn handle(
                 metrics::counter!(m::CLIENT_FRAMES, "kind" => "ping").increment(1);
                 ctl.offer(
                     &Outgoing::text(ServerFrame::Pong.to_text(), None),
-                    parts.outbox,
+                    parts.env.outbox,
                 );
                 true
             }
             ClientFrame::Ack(id) => {
                 metrics::counter!(m::CLIENT_FRAMES, "kind" => "ack").increment(1);
                 let ctl = ctl.clone();
-                let (limits, wait) = (parts.outbox, parts.ack_timeout);
-                let (inbox, user) = (parts.inbox.clone(), parts.user.clone());
+                let (limits, wait) = (parts.env.outbox, parts.env.ack_timeout);
+                let (inbox, user) = (parts.env.inbox.clone(), parts.user.clone());
                 let session = parts.session.to_string();
                 *pending = Some(Box::pin(async move {
                     let stored = matches!(
@@ -189,6 +199,7 @@ fn handle(
                     if !stored {
                         let text = ServerFrame::Error {
                             error: "ack_failed",
+                            reason: None,
                         }
                         .to_text();
                         ctl.offer(&Outgoing::text(text, None), limits);
@@ -197,10 +208,30 @@ fn handle(
                 // Stop here; the rest is read once the cursor is stored, in order.
                 false
             }
+            ClientFrame::Refresh(token) => {
+                metrics::counter!(m::CLIENT_FRAMES, "kind" => "refresh").increment(1);
+                let text = match parts.env.auth.verify_refresh(&token, &parts.user) {
+                    Ok(exp) => {
+                        ctl.refreshed(exp);
+                        ServerFrame::Refreshed { exp }.to_text()
+                    }
+                    Err(e) => ServerFrame::Error {
+                        error: "refresh_failed",
+                        reason: Some(e.label()),
+                    }
+                    .to_text(),
+                };
+                ctl.offer(&Outgoing::text(text, None), parts.env.outbox);
+                true
+            }
             ClientFrame::Unknown(kind) => {
                 metrics::counter!(m::CLIENT_FRAMES, "kind" => kind).increment(1);
-                let text = ServerFrame::Error { error: kind }.to_text();
-                ctl.offer(&Outgoing::text(text, None), parts.outbox);
+                let text = ServerFrame::Error {
+                    error: kind,
+                    reason: None,
+                }
+                .to_text();
+                ctl.offer(&Outgoing::text(text, None), parts.env.outbox);
                 true
             }
         },
@@ -212,7 +243,7 @@ fn handle(
         Incoming::Ping(payload) => {
             ctl.offer(
                 &Outgoing::control(Kind::Pong, payload.to_vec()),
-                parts.outbox,
+                parts.env.outbox,
             );
             true
         }

@@ -227,6 +227,9 @@ async fn herald_notify_refuses_what_no_node_would_deliver() {
         "nv:inbox:tab\there",
         "nv:inbox:nbsp\u{a0}x",
         "nv:inbox:line\u{2028}sep",
+        "nv:inbox:rtl\u{202e}x",
+        "nv:inbox:zw\u{200b}x",
+        "nv:inbox:bom\u{feff}x",
         "nv:user:u",
     ] {
         assert!(

@@ -32,4 +32,5 @@ mod lb;
 mod lifecycle;
 mod redis_access;
 mod standalone;
+mod tokens;
 mod wire;

@@ -160,10 +160,17 @@ async fn without_dev_or_secrets_the_binary_exits_with_code_2_and_says_why() {
     assert_eq!(code, Some(2), "stderr: {err}");
     assert!(err.contains("--api-key"), "stderr: {err}");
 
-    let (code, err) = run_herald(&["--jwt-secret", "short", "--api-key", API_KEY]).await;
+    // HS256 keys need 32 bytes (RFC 7518); 26 is refused.
+    let (code, err) = run_herald(&[
+        "--jwt-secret",
+        "only-26-bytes-0123456789ab",
+        "--api-key",
+        API_KEY,
+    ])
+    .await;
     assert_eq!(code, Some(2), "stderr: {err}");
     assert!(
-        err.contains("--jwt-secret") && err.contains("16"),
+        err.contains("--jwt-secret") && err.contains("32"),
         "stderr: {err}"
     );
 

@@ -80,15 +80,19 @@ local function valid_id(s)
     and string.match(s, '^0%d') == nil and string.match(s, '%-0%d') == nil
 end
 
--- The rule of src/protocol.rs `valid_name`: 1-256 bytes of UTF-8 without control or
--- white-space characters (Unicode Cc and White_Space).
-local SPACE = {
+-- The rule of src/protocol.rs `valid_name`: 1-256 bytes of UTF-8 without control,
+-- white-space (Unicode Cc and White_Space) or invisible characters (`invisible` there).
+local SINGLE = {
   [0x85] = true, [0xA0] = true, [0x1680] = true, [0x2028] = true, [0x2029] = true,
   [0x202F] = true, [0x205F] = true, [0x3000] = true,
+  [0xAD] = true, [0x61C] = true, [0x115F] = true, [0x1160] = true, [0x180E] = true,
+  [0x3164] = true, [0xFEFF] = true, [0xFFA0] = true,
 }
 local function bad_char(c)
-  return c <= 0x20 or (c >= 0x7F and c <= 0x9F) or SPACE[c]
-    or (c >= 0x2000 and c <= 0x200A)
+  return c <= 0x20 or (c >= 0x7F and c <= 0x9F) or SINGLE[c]
+    or (c >= 0x2000 and c <= 0x200F) or (c >= 0x202A and c <= 0x202E)
+    or (c >= 0x2060 and c <= 0x206F) or (c >= 0xFFF9 and c <= 0xFFFB)
+    or (c >= 0x1D173 and c <= 0x1D17A) or (c >= 0xE0000 and c <= 0xE007F)
 end
 
 local function valid_name(s)

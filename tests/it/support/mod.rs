@@ -37,11 +37,11 @@ pub use self::redis::RedisServer;
 pub use self::tls::TestCa;
 pub use self::ws::{
     assert_silent, client_frame, close_client, connect, connect_small_rcvbuf, connect_url,
-    expect_close, open, open_bearer, recv_json, recv_message, refused_status,
-    refused_status_bearer, send_text, Client, Ended, RawFrame, RawWs, Ws,
+    expect_close, open, open_bearer, open_with_authorization, recv_json, recv_message,
+    refused_status, refused_status_bearer, send_text, Client, Ended, RawFrame, RawWs, Ws,
 };
 
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdefghij";
 pub const API_KEY: &str = "test-api-key-0123456789";
 
 /// Generous deadline for conditions on a loaded 2-core machine.

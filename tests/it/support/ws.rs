@@ -74,10 +74,15 @@ pub async fn open(url: &str) -> Result<Ws, WsError> {
 
 /// Opens a WebSocket to `url` sending `Authorization: Bearer <token>`.
 pub async fn open_bearer(url: &str, token: &str) -> Result<Ws, WsError> {
+    open_with_authorization(url, &format!("Bearer {token}")).await
+}
+
+/// Opens a WebSocket to `url` with this `Authorization` header value.
+pub async fn open_with_authorization(url: &str, authorization: &str) -> Result<Ws, WsError> {
     let mut req = url.into_client_request()?;
     req.headers_mut().insert(
         "authorization",
-        format!("Bearer {token}").parse().expect("header value"),
+        authorization.parse().expect("header value"),
     );
     let (ws, _) = tokio::time::timeout(
         WAIT,
