@@ -108,7 +108,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_DEV", default_value_t = false)]
     pub dev: bool,
 
-    /// Interval between server WebSocket pings.
+    /// What SSE clients are told to wait before reconnecting (the stream's `retry:`).
+    #[arg(long, env = "HERALD_SSE_RETRY", default_value = "3", value_parser = parse_duration)]
+    pub sse_retry: Duration,
+
+    /// Interval between server WebSocket pings (and SSE keep-alive comments).
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25", value_parser = parse_duration)]
     pub ping_interval: Duration,
 

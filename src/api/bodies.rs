@@ -224,7 +224,16 @@ pub(crate) struct AckBody {
     pub(crate) id: String,
 }
 
-/// Answer of `POST /api/inbox/<uid>/ack`.
+/// Body of `POST /ack` (an SSE client's acknowledgement).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientAckBody {
+    pub(crate) id: String,
+    /// The session that read it (from its welcome): it gets no `read` event.
+    pub(crate) session: Option<String>,
+}
+
+/// Answer of `POST /api/inbox/<uid>/ack` and `POST /ack`.
 #[derive(Debug, Serialize)]
 pub(crate) struct AckResponse {
     pub(crate) ok: bool,

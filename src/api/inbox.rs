@@ -97,7 +97,7 @@ async fn ack(raw_user: &str, body: &[u8], api: &Api) -> Response {
         Ok(Ok(id)) => id,
         _ => return bad_request(r#"body must be {"id":"<inbox id>"}"#),
     };
-    match api.node.inbox_ack(&user, id).await {
+    match api.node.inbox_ack(&user, id, None).await {
         Ok(acked) => json(
             StatusCode::OK,
             &AckResponse {

@@ -45,6 +45,10 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
         node,
     });
     upgrade::route(api.clone())
+        .or(upgrade::sse_route(api.clone()))
+        .unify()
+        .or(upgrade::ack_route(api.clone()))
+        .unify()
         .or(api_routes(api.clone()))
         .unify()
         .or(ops::routes(api))

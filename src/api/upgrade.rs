@@ -1,6 +1,8 @@
-//! `GET /ws`: authenticates the token, checks the upgrade request and hands the connection
-//! to the node. Done by hand so each connection gets a small read buffer (warp's `ws()`
-//! allocates 128 KiB per socket and cannot be told otherwise).
+//! Where sessions start: `GET /ws` authenticates the token, checks the upgrade request and
+//! hands the connection to the node (done by hand so each connection gets a small read
+//! buffer: warp's `ws()` allocates 128 KiB per socket and cannot be told otherwise), and
+//! `GET /sse` starts the same session over a server-sent event stream, with `POST /ack`
+//! for its acknowledgements.
 
 use std::sync::Arc;
 
@@ -11,12 +13,16 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::bodies::WsQuery;
-use super::{error, with_api, Api};
+use bytes::Bytes;
+use warp::Reply;
+
+use super::bodies::{AckResponse, ClientAckBody, WsQuery};
+use super::{bad_request, count, error, json, unavailable, with_api, Api};
 use crate::auth::bearer;
 use crate::metrics as m;
-use crate::node::SessionRequest;
+use crate::node::{Admission, SessionRequest};
 use crate::protocol::StreamId;
+use crate::transport::listener::ConnAbort;
 
 pub(super) fn route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path("ws")
@@ -59,36 +65,10 @@ fn upgrade(
             "use GET",
         );
     }
-    if api.node.is_draining() {
-        return reject(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "node is draining; connect to another",
-        );
-    }
-    let query: WsQuery = serde_urlencoded::from_str(&query).unwrap_or_default();
-    let token = client_token(&headers, query.token.as_deref());
     // Authentication comes before the upgrade checks so a bad token is always a 401.
-    let who = match api
-        .auth
-        .verify(token.as_deref().unwrap_or(""), query.topics.as_deref())
-    {
-        Ok(who) => who,
-        Err(e) => {
-            metrics::counter!(m::UPGRADES_REJECTED, "reason" => e.label()).increment(1);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
-        }
-    };
-    let since = match query.since.as_deref().map(str::parse::<StreamId>) {
-        None => None,
-        Some(Ok(id)) => Some(id),
-        Some(Err(_)) => {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                "bad_since",
-                "since must be an inbox id such as 1732530000000-0",
-            )
-        }
+    let request = match start(&api, &headers, &query, None) {
+        Ok(r) => r,
+        Err(res) => return *res,
     };
     let key = headers.get("sec-websocket-key").cloned();
     let is_ws = header_has(&headers, CONNECTION, "upgrade")
@@ -101,21 +81,9 @@ fn upgrade(
             "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
         );
     };
-    let Some(admission) = api.node.admit() else {
-        let mut res = reject(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "capacity",
-            "node is at --max-connections",
-        );
-        res.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("5"));
-        return res;
-    };
-    let request = SessionRequest {
-        user: who.user,
-        topics: who.topics,
-        exp: who.exp,
-        since,
+    let admission = match admit(&api) {
+        Ok(a) => a,
+        Err(res) => return *res,
     };
     api.node.spawn_session(on_upgrade, request, admission);
 
@@ -139,4 +107,147 @@ pub(super) fn client_token(headers: &HeaderMap, query: Option<&str>) -> Option<S
         .and_then(bearer)
         .or(query.filter(|t| !t.is_empty()))
         .map(str::to_string)
+}
+
+/// What starting any session checks: the node is not draining, the token is valid, `since`
+/// (or, for SSE, the `Last-Event-ID` the browser resends) is an inbox id.
+fn start(
+    api: &Api,
+    headers: &HeaderMap,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> Result<SessionRequest, Box<Response>> {
+    if api.node.is_draining() {
+        return Err(Box::new(reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is draining; connect to another",
+        )));
+    }
+    let query: WsQuery = serde_urlencoded::from_str(query).unwrap_or_default();
+    let token = client_token(headers, query.token.as_deref());
+    let who = api
+        .auth
+        .verify(token.as_deref().unwrap_or(""), query.topics.as_deref())
+        .map_err(|e| {
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => e.label()).increment(1);
+            Box::new(error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+        })?;
+    let since = match last_event_id
+        .filter(|id| !id.is_empty())
+        .or(query.since.as_deref())
+        .map(str::parse::<StreamId>)
+    {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return Err(Box::new(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_since",
+                "since (or Last-Event-ID) must be an inbox id such as 1732530000000-0",
+            )))
+        }
+    };
+    Ok(SessionRequest {
+        user: who.user,
+        topics: who.topics,
+        exp: who.exp,
+        since,
+    })
+}
+
+/// A session slot, or the 503 that says the node is full.
+fn admit(api: &Api) -> Result<Admission, Box<Response>> {
+    api.node.admit().ok_or_else(|| {
+        let mut res = reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "node is at --max-connections",
+        );
+        res.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("5"));
+        Box::new(res)
+    })
+}
+
+/// `GET /sse`: the session as a server-sent event stream.
+pub(super) fn sse_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path("sse")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::ext::optional::<ConnAbort>())
+        .and(with_api(api))
+        .map(
+            |headers: HeaderMap, query: String, conn: Option<ConnAbort>, api: Arc<Api>| {
+                let last = headers
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let request = match start(&api, &headers, &query, last.as_deref()) {
+                    Ok(r) => r,
+                    Err(res) => return *res,
+                };
+                let admission = match admit(&api) {
+                    Ok(a) => a,
+                    Err(res) => return *res,
+                };
+                let stream = api.node.spawn_sse_session(request, admission, conn);
+                let mut res = warp::sse::reply(stream).into_response();
+                // nginx buffers proxied responses unless told otherwise; events must flow.
+                res.headers_mut()
+                    .insert("x-accel-buffering", HeaderValue::from_static("no"));
+                res
+            },
+        )
+        .boxed()
+}
+
+/// `POST /ack`: an SSE client's acknowledgement, with the user's own token.
+pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path("ack")
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::bytes())
+        .and(with_api(api))
+        .then(
+            |headers: HeaderMap, query: String, body: Bytes, api: Arc<Api>| async move {
+                count("ack", client_ack(&headers, &query, &body, &api).await)
+            },
+        )
+        .boxed()
+}
+
+async fn client_ack(headers: &HeaderMap, query: &str, body: &[u8], api: &Api) -> Response {
+    let query: WsQuery = serde_urlencoded::from_str(query).unwrap_or_default();
+    let token = client_token(headers, query.token.as_deref());
+    let who = match api.auth.verify(token.as_deref().unwrap_or(""), None) {
+        Ok(who) => who,
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    };
+    let Ok(ack) = serde_json::from_slice::<ClientAckBody>(body) else {
+        return bad_request(r#"body must be {"id":"<inbox id>"[,"session":"<session id>"]}"#);
+    };
+    let Ok(id) = ack.id.parse::<StreamId>() else {
+        return bad_request("id must be an inbox id such as 1732530000000-0");
+    };
+    match api
+        .node
+        .inbox_ack(&who.user, id, ack.session.as_deref())
+        .await
+    {
+        Ok(acked) => json(
+            StatusCode::OK,
+            &AckResponse {
+                ok: true,
+                moved: acked.moved,
+                cursor: acked.cursor.map(|c| c.to_string()),
+            },
+        ),
+        Err(e) => unavailable(api, "client_ack", &e),
+    }
 }

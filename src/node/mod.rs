@@ -231,8 +231,14 @@ impl Node {
 
     /// Moves the user's read cursor forward (at most to the newest entry) and tells the
     /// user's sessions on every node.
-    pub(crate) async fn inbox_ack(&self, user: &str, id: StreamId) -> Result<Acked, RedisError> {
-        self.engines.inbox.ack(user, id, None).await
+    /// `session` is the one that read it (an SSE client's ack names it): it is not told.
+    pub(crate) async fn inbox_ack(
+        &self,
+        user: &str,
+        id: StreamId,
+        session: Option<&str>,
+    ) -> Result<Acked, RedisError> {
+        self.engines.inbox.ack(user, id, session).await
     }
 
     /// Withdraws an inbox entry and tells the user's sessions; false when there is none.

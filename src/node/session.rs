@@ -1,6 +1,6 @@
-//! One session's life around its socket loop: take the socket from hyper, register in the
-//! hub, record presence, greet and replay, run the loop, then unregister and remove the
-//! presence record.
+//! One session's life, WebSocket or SSE: take the socket from hyper (WebSocket), register
+//! in the hub, record presence, greet and replay, run the loop (or let the SSE response
+//! body run), then unregister and remove the presence record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +16,17 @@ use crate::delivery::SessionInfo;
 use crate::metrics as m;
 use crate::protocol::{CloseReason, ServerFrame, StreamId};
 use crate::transport::codec::FrameReader;
+use crate::transport::listener::ConnAbort;
 use crate::transport::outbox::Released;
 use crate::transport::replay;
 use crate::transport::session::{self as session_loop, SessionParts};
+use crate::transport::sse::SseStream;
 use crate::transport::{Client, Outgoing};
+
+/// How long an ended SSE session's body gets to write its close event.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The same for a slow consumer, which is owed no patient goodbye.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// How long a new session waits for its subscriptions before its welcome is sent anyway.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
@@ -35,14 +42,15 @@ pub(crate) struct SessionRequest {
     pub(crate) since: Option<StreamId>,
 }
 
-/// What a session keeps while it is live.
+/// What a WebSocket session keeps while it is live.
 struct LiveSession {
     info: SessionInfo,
     parts: SessionParts,
 }
 
 impl Node {
-    /// Runs a session on an upgraded connection, from registration to presence removal.
+    /// Runs a WebSocket session on an upgraded connection, from registration to presence
+    /// removal.
     ///
     /// The task's own state is what every idle session costs, so the setup (upgrade,
     /// registration, presence, welcome, replay) and the teardown run as boxed futures that
@@ -59,30 +67,107 @@ impl Node {
             let Some((sock, reader)) = Box::pin(take_socket(upgrade)).await else {
                 return;
             };
-            let (live, reason) = Box::pin(node.open_session(sock, request)).await;
+            let (live, reason) = Box::pin(node.open_ws_session(sock, request)).await;
             let reason = match reason {
                 Some(r) => r,
                 None => session_loop::run(&live.parts, reader).await,
             };
-            Box::pin(node.close_session(live, reason)).await;
+            let LiveSession { info, parts } = *live;
+            drop(parts);
+            Box::pin(node.close_session(info, reason)).await;
         });
     }
 
-    /// Registers the session, records its presence and writes the welcome and any replay.
-    /// Returns the session and, if it already ended, why.
-    async fn open_session(
+    /// Starts an SSE session: returns the response body's event stream at once (the
+    /// welcome and replay go through it) and runs the session's registration, greeting and,
+    /// once the stream has ended, its teardown in a task of its own.
+    pub(crate) fn spawn_sse_session(
+        self: &Arc<Self>,
+        request: SessionRequest,
+        admission: Admission,
+        conn: Option<ConnAbort>,
+    ) -> SseStream {
+        let client = Arc::new(Client::pull(request.exp));
+        let (stream, ended) = SseStream::new(client.clone(), self.config.sse_retry);
+        let node = self.clone();
+        self.sessions.spawn(async move {
+            let _admission = admission;
+            let (info, opened) = Box::pin(node.open(&client, request)).await;
+            if let Err(reason) = opened {
+                client.close(reason);
+            }
+            // The body ends when the client leaves, or after the session closed (drain,
+            // kick, expiry, slow consumer) and the body wrote its close event. A client that
+            // stopped reading never lets hyper poll the body again: its connection is cut.
+            tokio::pin!(ended);
+            tokio::select! {
+                _ = &mut ended => {}
+                () = client.closed() => {
+                    let grace = if client.reason() == Some(CloseReason::SlowConsumer) {
+                        SLOW_CLOSE_GRACE
+                    } else {
+                        CLOSE_GRACE
+                    };
+                    if timeout(grace, &mut ended).await.is_err() {
+                        if let Some(conn) = &conn {
+                            conn.abort();
+                        }
+                        let _ = ended.await;
+                    }
+                }
+            }
+            let reason = client.reason().unwrap_or(CloseReason::ConnectionLost);
+            drop(client);
+            Box::pin(node.close_session(info, reason)).await;
+        });
+        stream
+    }
+
+    /// Registers a WebSocket session and greets it; returns it and, if it already ended,
+    /// why (the close frame has then been sent).
+    async fn open_ws_session(
         &self,
         sock: TcpStream,
         request: SessionRequest,
     ) -> (Box<LiveSession>, Option<CloseReason>) {
         let sock = Arc::new(sock);
+        let client = Arc::new(Client::held(sock.clone(), request.exp));
+        let (info, opened) = self.open(&client, request).await;
+        let live = Box::new(LiveSession {
+            parts: SessionParts {
+                sock,
+                client: client.clone(),
+                session: info.id,
+                user: info.user.clone(),
+                env: self.session_env.clone(),
+            },
+            info,
+        });
+        match opened {
+            Ok(()) => (live, None),
+            Err(reason) => {
+                client.close(reason);
+                let last = (reason != CloseReason::ConnectionLost).then(|| Outgoing::close(reason));
+                client.finish(last, Duration::from_millis(100)).await;
+                (live, Some(reason))
+            }
+        }
+    }
+
+    /// What every session does first, whatever its transport: registers it, records its
+    /// presence and sends the welcome and any replay (catching up if the subscription was
+    /// rebuilt meanwhile). Returns the session and whether it is live.
+    async fn open(
+        &self,
+        client: &Arc<Client>,
+        request: SessionRequest,
+    ) -> (SessionInfo, Result<(), CloseReason>) {
         let info = SessionInfo {
             id: Uuid::new_v4(),
             user: request.user.into(),
             topics: request.topics.into_iter().map(Arc::<str>::from).collect(),
             connected_at: unix_ms(),
         };
-        let client = Arc::new(Client::held(sock.clone(), request.exp));
         let reg = self.hub.register(info.clone(), client.clone());
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -106,8 +191,8 @@ impl Node {
             .to_text()
         };
         let limits = self.replay_limits();
-        let mut greeted = replay::greet(
-            &client,
+        let greeted = replay::greet(
+            client,
             &*self.engines.inbox,
             welcome,
             &info.user,
@@ -116,38 +201,22 @@ impl Node {
         )
         .await
         .map(|start| client.finish_greeting(start));
-        if greeted == Ok(Released::StillHeld) {
+        let opened = match greeted {
             // The subscription was rebuilt while the replay ran: what was published before
             // it came back may have been missed; catch up before going live.
-            greeted = replay::catch_up(&client, &*self.engines.inbox, &info.user, limits)
-                .await
-                .map(|_| Released::Idle);
-        }
-        let live = Box::new(LiveSession {
-            parts: SessionParts {
-                sock,
-                client: client.clone(),
-                session: info.id,
-                user: info.user.clone(),
-                env: self.session_env.clone(),
-            },
-            info,
-        });
-        match greeted {
-            Ok(_) => (live, None),
-            Err(reason) => {
-                client.close(reason);
-                let last = (reason != CloseReason::ConnectionLost).then(|| Outgoing::close(reason));
-                client.finish(last, Duration::from_millis(100)).await;
-                (live, Some(reason))
+            Ok(Released::StillHeld) => {
+                replay::catch_up(client, &*self.engines.inbox, &info.user, limits)
+                    .await
+                    .map(|_| ())
             }
-        }
+            Ok(_) => Ok(()),
+            Err(reason) => Err(reason),
+        };
+        (info, opened)
     }
 
     /// Unregisters an ended session and removes its presence.
-    async fn close_session(&self, live: Box<LiveSession>, reason: CloseReason) {
-        let LiveSession { info, parts } = *live;
-        drop(parts);
+    async fn close_session(&self, info: SessionInfo, reason: CloseReason) {
         let removed = self.hub.unregister(info.id);
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason.label()).increment(1);

@@ -32,6 +32,13 @@ pub(crate) enum Offered {
     Closed,
 }
 
+/// What an SSE response body gets next.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    Frame(Outgoing),
+    Closed(CloseReason),
+}
+
 /// Cross-task handle of one session.
 #[derive(Debug, Default)]
 pub(crate) struct Client {
@@ -54,6 +61,38 @@ impl Client {
         }
     }
 
+    /// An SSE client: its frames are taken by the response body ([`poll_take`]), it sends
+    /// nothing upstream (so it is never judged idle: its liveness is the socket's), and its
+    /// deliveries are parked until its greeting is over.
+    ///
+    /// [`poll_take`]: Self::poll_take
+    pub(crate) fn pull(token_exp: Option<u64>) -> Self {
+        Client {
+            outbox: Outbox::held_pull(),
+            liveness: Liveness::never_idle(mono_ms(), token_exp),
+            ..Client::default()
+        }
+    }
+
+    /// The response body's next event: a frame, the reason the session ended, or nothing
+    /// yet (the body's waker is registered and woken by the next writable frame or close).
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken> {
+        self.waker.register(cx.waker());
+        if let Some(reason) = self.reason() {
+            return Poll::Ready(Taken::Closed(reason));
+        }
+        match self.outbox.take_next() {
+            Some(m) => Poll::Ready(Taken::Frame(m)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The response body is gone (the client left, or the stream ended).
+    pub(crate) fn detach(&self) {
+        self.close(CloseReason::ConnectionLost);
+        self.outbox.detach();
+    }
+
     /// The client sent a fresh token; the session now ends at its expiry.
     pub(crate) fn refreshed(&self, token_exp: Option<u64>) {
         self.liveness.refreshed(token_exp);
@@ -64,6 +103,24 @@ impl Client {
         let _ = self.reason.set(reason);
         self.closed.store(true, Ordering::Release);
         self.waker.wake();
+        self.outbox.notify_pull();
+    }
+
+    /// Resolves once the session is closed (SSE sessions; a WebSocket session's loop learns
+    /// it from its waker).
+    pub(crate) async fn closed(&self) {
+        let Some(notify) = self.outbox.pull_notify() else {
+            return;
+        };
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn reason(&self) -> Option<CloseReason> {
@@ -131,7 +188,7 @@ impl Client {
         msg: &Outgoing,
         wait: Duration,
     ) -> Result<(), CloseReason> {
-        self.outbox.send_held(msg, wait).await
+        self.outbox.send_held(msg, wait, &self.waker).await
     }
 
     /// Ends the greeting (see [`Outbox::finish_greeting`]); wakes the session loop when

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -49,7 +50,14 @@ pub(crate) async fn serve(
                 tracing::debug!(error = %e, "cannot set SO_SNDBUF");
             }
         }
-        let svc = TowerToHyperService::new(warp::service(routes.clone()));
+        let inner = TowerToHyperService::new(warp::service(routes.clone()));
+        let abort = ConnAbort(CancellationToken::new());
+        let tag = abort.clone();
+        // Every request carries its connection's abort handle (see ConnAbort).
+        let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            req.extensions_mut().insert(tag.clone());
+            hyper::service::Service::call(&inner, req)
+        });
         let stop = shutdown.clone();
         conns.spawn(async move {
             let conn = http1::Builder::new()
@@ -60,9 +68,14 @@ pub(crate) async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => log_conn_result(r),
+                // Dropping the connection closes the socket, whatever hyper still buffers.
+                _ = abort.0.cancelled() => {}
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = abort.0.cancelled() => {}
+                    }
                 }
             }
         });
@@ -70,6 +83,18 @@ pub(crate) async fn serve(
     drop(listener);
     conns.close();
     let _ = tokio::time::timeout(HTTP_SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// Closes the HTTP connection a request came on, whatever state hyper is in. An SSE
+/// session uses it when its client stopped reading: hyper then polls the response body no
+/// more, so the session's end cannot travel through the body.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnAbort(CancellationToken);
+
+impl ConnAbort {
+    pub(crate) fn abort(&self) {
+        self.0.cancel();
+    }
 }
 
 fn log_conn_result(r: Result<(), hyper::Error>) {

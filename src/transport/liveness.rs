@@ -75,6 +75,14 @@ impl Liveness {
         }
     }
 
+    /// A session that sends nothing upstream (SSE): it is never judged idle; pings and the
+    /// write timeout find a dead peer.
+    pub(crate) fn never_idle(now: u64, token_exp: Option<u64>) -> Self {
+        let live = Self::new(now, token_exp);
+        live.last_heard.store(u64::MAX, Ordering::Relaxed);
+        live
+    }
+
     /// A fresh token was accepted.
     pub(crate) fn refreshed(&self, token_exp: Option<u64>) {
         self.token_exp
@@ -103,7 +111,8 @@ impl Liveness {
         if stalled_since.is_some_and(|t| now.saturating_sub(t) >= ms(s.write_timeout)) {
             return Verdict::Close(CloseReason::SlowConsumer);
         }
-        if now.saturating_sub(self.last_heard.load(Ordering::Relaxed)) >= ms(s.idle_timeout) {
+        let heard = self.last_heard.load(Ordering::Relaxed);
+        if heard != u64::MAX && now.saturating_sub(heard) >= ms(s.idle_timeout) {
             return Verdict::Close(CloseReason::IdleTimeout);
         }
         if now.saturating_sub(self.last_ping.load(Ordering::Relaxed)) >= ms(s.ping_interval) {

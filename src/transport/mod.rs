@@ -1,5 +1,6 @@
 //! Sockets: the accept loop, the WebSocket codec, each session's loop, its outbox and
-//! liveness, and the welcome-and-replay that starts every session's stream.
+//! liveness, the welcome-and-replay that starts every session's stream, and the SSE
+//! response body that carries the same sessions over HTTP.
 //!
 //! Transport is the bottom of both data paths. Deliveries arrive through a [`Client`]
 //! handle (Redis → fanout → hub → **socket**); client frames leave through the session loop
@@ -13,6 +14,7 @@ pub(crate) mod liveness;
 pub(crate) mod outbox;
 pub(crate) mod replay;
 pub(crate) mod session;
+pub(crate) mod sse;
 
 pub(crate) use client::{Client, Offered};
 pub(crate) use liveness::{LivenessSettings, Now};

@@ -10,6 +10,10 @@
 //!
 //! The outbox knows nothing of closing or waking: it reports what happened ([`Pushed`]) and
 //! the session's [`Client`](super::client::Client) acts on it.
+//!
+//! An SSE session has no socket of its own (hyper writes its response body): its outbox is
+//! a *pull* sink, from which the response body takes frames ([`Outbox::poll_take`]), with
+//! the same bounds, hold, dedupe and stall detection.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -19,7 +23,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::codec::{self, Kind};
 use crate::clock::mono_ms;
@@ -90,6 +96,16 @@ pub(crate) enum Pushed {
     Failed,
 }
 
+/// What is left to do for a frame `queue_held` took.
+enum Queued {
+    /// Written in full.
+    Sent,
+    /// Queued for this socket: write the writable frames.
+    Socket(Arc<TcpStream>),
+    /// Queued for the response body: wait until it took them.
+    Pull(Arc<Notify>),
+}
+
 /// What ending a hold left to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Released {
@@ -101,10 +117,34 @@ pub(crate) enum Released {
     Backlog,
 }
 
+/// Where an outbox's frames go.
+#[derive(Debug, Default)]
+enum Sink {
+    /// Nowhere: unit tests, and a session that has finished.
+    #[default]
+    Detached,
+    /// Straight to the session's socket (WebSocket).
+    Socket(Arc<TcpStream>),
+    /// Taken by the response body (SSE); notified when it took some.
+    Pull(Arc<Notify>),
+}
+
+impl Sink {
+    fn socket(&self) -> Option<&Arc<TcpStream>> {
+        match self {
+            Sink::Socket(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn attached(&self) -> bool {
+        !matches!(self, Sink::Detached)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Out {
-    /// `None` in unit tests and once the session has finished.
-    sock: Option<Arc<TcpStream>>,
+    sink: Sink,
     queue: VecDeque<Outgoing>,
     /// Bytes (header and payload) of the queue's first frame already written.
     head_sent: usize,
@@ -174,9 +214,18 @@ impl Outbox {
     /// An outbox on `sock` that parks every delivery until the greeting is over
     /// ([`finish_greeting`](Self::finish_greeting)).
     pub(crate) fn held(sock: Arc<TcpStream>) -> Self {
+        Self::held_on(Sink::Socket(sock))
+    }
+
+    /// A held outbox whose frames a response body takes ([`poll_take`](Self::poll_take)).
+    pub(crate) fn held_pull() -> Self {
+        Self::held_on(Sink::Pull(Arc::new(Notify::new())))
+    }
+
+    fn held_on(sink: Sink) -> Self {
         Outbox {
             out: Mutex::new(Out {
-                sock: Some(sock),
+                sink,
                 greeting: true,
                 ..Out::default()
             }),
@@ -217,7 +266,7 @@ impl Outbox {
         let held = out.held();
         if out.queue.is_empty() && !held {
             // Borrowed, not cloned: this runs once per recipient of every message.
-            let written = out.sock.as_deref().map(|sock| {
+            let written = out.sink.socket().map(|sock| {
                 let (h, hl) = codec::header(msg.kind, msg.payload.len());
                 (
                     write_frame(sock, &h[..hl], &msg.payload, 0),
@@ -266,50 +315,68 @@ impl Outbox {
         self.backlog.store(true, Ordering::Release);
     }
 
-    /// Writes one frame of the welcome, a replay or a catch-up while the session is held:
-    /// after what was queued before the hold, before every parked live delivery. Returns
-    /// once it (and everything before it) is written; a client that does not take it within
-    /// `wait` is a slow consumer.
-    pub(crate) async fn send_held(
-        &self,
-        msg: &Outgoing,
-        wait: Duration,
-    ) -> Result<(), CloseReason> {
-        let sock = {
-            let mut out = self.lock();
-            let Some(sock) = out.sock.clone() else {
-                return Err(CloseReason::ConnectionLost);
-            };
-            if !out.held() {
-                return Err(CloseReason::ConnectionLost);
-            }
-            out.saw(msg.id);
-            if out.ready == 0 && out.head_sent == 0 {
+    /// Puts a held frame after the writable ones (writing it at once when nothing is
+    /// before it on a socket). Says what is left to wait for.
+    fn queue_held(&self, msg: &Outgoing) -> Result<Queued, CloseReason> {
+        let mut out = self.lock();
+        if !out.held() {
+            return Err(CloseReason::ConnectionLost);
+        }
+        let left = match &out.sink {
+            Sink::Socket(s) => Queued::Socket(s.clone()),
+            Sink::Pull(drained) => Queued::Pull(drained.clone()),
+            Sink::Detached => return Err(CloseReason::ConnectionLost),
+        };
+        out.saw(msg.id);
+        match &left {
+            Queued::Socket(sock) if out.ready == 0 && out.head_sent == 0 => {
                 // Nothing writable before it: straight to the socket, no queue (an idle
                 // session should not keep a queue allocation for its welcome).
                 let (h, hl) = codec::header(msg.kind, msg.payload.len());
-                match write_frame(&sock, &h[..hl], &msg.payload, 0) {
-                    Ok(n) if n == hl + msg.payload.len() => return Ok(()),
+                match write_frame(sock, &h[..hl], &msg.payload, 0) {
+                    Ok(n) if n == hl + msg.payload.len() => return Ok(Queued::Sent),
                     Ok(n) => {
                         out.head_sent = n;
                         out.queue.push_front(msg.clone());
                     }
                     Err(_) => return Err(CloseReason::ConnectionLost),
                 }
-            } else {
+            }
+            _ => {
                 let at = out.ready;
                 out.queue.insert(at, msg.clone());
             }
-            out.ready += 1;
-            self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
-            self.start_backlog();
-            sock
+        }
+        out.ready += 1;
+        self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
+        self.start_backlog();
+        Ok(left)
+    }
+
+    /// Writes one frame of the welcome, a replay or a catch-up while the session is held:
+    /// after what was queued before the hold, before every parked live delivery. Returns
+    /// once it (and everything before it) is written; a client that does not take it within
+    /// `wait` is a slow consumer.
+    /// `body` is woken when a pull sink has a new frame for it.
+    pub(crate) async fn send_held(
+        &self,
+        msg: &Outgoing,
+        wait: Duration,
+        body: &AtomicWaker,
+    ) -> Result<(), CloseReason> {
+        let sock = match self.queue_held(msg)? {
+            Queued::Sent => return Ok(()),
+            Queued::Pull(drained) => {
+                body.wake();
+                return self.wait_taken(&drained, wait).await;
+            }
+            Queued::Socket(sock) => sock,
         };
         let write = async {
             loop {
                 {
                     let mut out = self.lock();
-                    if out.sock.is_none() {
+                    if !out.sink.attached() {
                         return Err(CloseReason::ConnectionLost);
                     }
                     match self.drain(&mut out, &sock) {
@@ -350,7 +417,7 @@ impl Outbox {
     /// subscription is delivered.
     pub(crate) fn hold_for_catch_up(&self) {
         let mut out = self.lock();
-        if out.sock.is_none() {
+        if !out.sink.attached() {
             return;
         }
         if !out.held() {
@@ -363,7 +430,7 @@ impl Outbox {
     /// Where a pending catch-up starts, if one is pending and the greeting is over.
     pub(crate) fn catch_up_start(&self) -> Option<CatchUp> {
         let out = self.lock();
-        (out.catch_up && !out.greeting && out.sock.is_some()).then_some(CatchUp {
+        (out.catch_up && !out.greeting && out.sink.attached()).then_some(CatchUp {
             after: out.last_durable,
             generation: out.catch_up_gen,
         })
@@ -424,7 +491,7 @@ impl Outbox {
         }
         loop {
             let mut out = self.lock();
-            let Some(sock) = out.sock.clone() else {
+            let Some(sock) = out.sink.socket().cloned() else {
                 return Poll::Ready(Ok(()));
             };
             match self.drain(&mut out, &sock) {
@@ -499,6 +566,89 @@ impl Outbox {
         }
     }
 
+    /// Waits until the response body has taken every writable frame (a pull sink's
+    /// `send_held`); a client that does not read them within `wait` is a slow consumer.
+    async fn wait_taken(&self, drained: &Notify, wait: Duration) -> Result<(), CloseReason> {
+        let taken = async {
+            loop {
+                let notified = drained.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let out = self.lock();
+                    if !out.sink.attached() {
+                        return Err(CloseReason::ConnectionLost);
+                    }
+                    if out.ready == 0 || !out.held() {
+                        return Ok(());
+                    }
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(wait, taken).await {
+            Ok(r) => r,
+            Err(_) => Err(CloseReason::SlowConsumer),
+        }
+    }
+
+    /// A pull sink's next writable frame, for the response body; `None` when there is none
+    /// now (the caller registers its waker first: every push that makes a frame writable
+    /// wakes it).
+    pub(crate) fn take_next(&self) -> Option<Outgoing> {
+        let mut out = self.lock();
+        let Sink::Pull(drained) = &out.sink else {
+            return None;
+        };
+        let drained = drained.clone();
+        if out.writable() == 0 {
+            return None;
+        }
+        let msg = out.queue.pop_front()?;
+        if out.held() {
+            out.ready -= 1;
+        }
+        self.queued_bytes.fetch_sub(msg.len(), Ordering::Relaxed);
+        self.progress_at.store(mono_ms(), Ordering::Relaxed);
+        if out.writable() == 0 {
+            self.backlog.store(false, Ordering::Release);
+            if out.queue.is_empty() {
+                out.queue = VecDeque::new();
+            }
+        }
+        drop(out);
+        drained.notify_waiters();
+        Some(msg)
+    }
+
+    /// Wakes whoever waits on a pull sink (the SSE session task, a `send_held`): the
+    /// session closed.
+    pub(crate) fn notify_pull(&self) {
+        if let Sink::Pull(n) = &self.lock().sink {
+            n.notify_waiters();
+        }
+    }
+
+    /// The pull sink's notification, to wait for a close or a drain.
+    pub(crate) fn pull_notify(&self) -> Option<Arc<Notify>> {
+        match &self.lock().sink {
+            Sink::Pull(n) => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    /// The response body is gone: nothing more can be sent; queued frames are dropped.
+    pub(crate) fn detach(&self) {
+        let mut out = self.lock();
+        if let Sink::Pull(drained) = std::mem::take(&mut out.sink) {
+            drained.notify_waiters();
+        }
+        out.queue = VecDeque::new();
+        out.ready = 0;
+        self.queued_bytes.store(0, Ordering::Relaxed);
+        self.backlog.store(false, Ordering::Release);
+    }
+
     /// Closing: keeps only a half-written frame (which must be completed for the stream
     /// to stay valid), queues `last` (a close frame) and tries to flush within `wait`.
     /// Then the socket is released; the connection closes when the loop drops its handle.
@@ -523,7 +673,7 @@ impl Outbox {
         }
         let _ = tokio::time::timeout(wait, std::future::poll_fn(|cx| self.poll_flush(cx))).await;
         let mut out = self.lock();
-        out.sock = None;
+        out.sink = Sink::Detached;
         out.queue = VecDeque::new();
         out.head_sent = 0;
         self.queued_bytes.store(0, Ordering::Relaxed);

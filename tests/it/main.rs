@@ -31,6 +31,7 @@ mod inbox_ops;
 mod lb;
 mod lifecycle;
 mod redis_access;
+mod sse;
 mod standalone;
 mod tokens;
 mod wire;

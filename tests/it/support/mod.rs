@@ -20,6 +20,7 @@ mod node;
 pub mod prom;
 mod proxy;
 mod redis;
+mod sse;
 mod tls;
 mod ws;
 
@@ -34,6 +35,7 @@ pub use self::nginx::{nginx_bin, Nginx};
 pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;
 pub use self::redis::RedisServer;
+pub use self::sse::Sse;
 pub use self::tls::TestCa;
 pub use self::ws::{
     assert_silent, client_frame, close_client, connect, connect_small_rcvbuf, connect_url,
