@@ -49,14 +49,29 @@ say "screenshots: $SCREENSHOT_DIR"
 say "logs: $BROWSER_RUN_DIR"
 
 files=("$@")
-((${#files[@]})) || files=("$here/standalone.test.mjs" "$here/cluster.test.mjs" "$here/pending.test.mjs")
+((${#files[@]})) || files=("$here/pending.test.mjs" "$here/standalone.test.mjs" "$here/cluster.test.mjs")
 status=0
+passed=0 failed=0 skipped=0
+tap=$(mktemp -d)
+trap 'rm -rf "$tap"' EXIT
 for f in "${files[@]}"; do
-    say "== $(basename "$f")"
+    name=$(basename "$f" .test.mjs)
+    say "== $name"
     # Each test has its own timeout; this bounds a file that hangs in setup (SIGTERM lets
-    # the harness stop what it started).
-    timeout --kill-after=30 600 node --test --test-reporter=spec "$f" || status=1
+    # the harness stop what it started). Spec output for people, TAP for the totals.
+    timeout --kill-after=30 600 node --test --test-reporter=spec --test-reporter-destination=stdout \
+        --test-reporter=tap --test-reporter-destination="$tap/$name.tap" "$f" || status=1
+    count() {
+        local v
+        v=$(sed -n "s/^# $1 \([0-9]*\)$/\1/p" "$tap/$name.tap" 2>/dev/null | tail -1)
+        echo "${v:-0}"
+    }
+    passed=$((passed + $(count pass)))
+    failed=$((failed + $(count fail) + $(count cancelled)))
+    skipped=$((skipped + $(count skipped)))
 done
 say "screenshots: $SCREENSHOT_DIR"
 say "done in $((SECONDS - t0)) s"
+((status == 0 || failed > 0)) || failed=1
+echo "browser-tests: $passed passed, $failed failed, $skipped skipped"
 exit $status
