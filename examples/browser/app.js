@@ -2,7 +2,8 @@
 // made by `npm run build`) and shows every notification as a toast.
 //
 // Query parameters (all optional): node=<herald URL>, user=<id> (connects at once),
-// topics=a,b (--dev only), transport=auto|websocket|sse, token_url=<URL answering a JWT>.
+// topics=a,b (--dev only), transport=auto|websocket|sse, token_url=<URL answering a JWT>,
+// election=broadcast (tab election without Web Locks).
 // Without node=, a page served by a herald node uses that node (its own origin), any other
 // page http://127.0.0.1:8080 (the README's `cargo run --release -- --dev`).
 
@@ -90,6 +91,8 @@ function connect(node, user, topics) {
       : () => user,
     topics: topics.length ? topics : undefined,
     transport: params.get("transport") ?? "auto",
+    // ?election=broadcast: elect the tab over BroadcastChannel, as where Web Locks are missing.
+    env: params.get("election") === "broadcast" ? { locks: null } : undefined,
   });
   window.herald = client;
   window.states = [];

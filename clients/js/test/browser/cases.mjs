@@ -103,12 +103,12 @@ export async function reload(t, label) {
 }
 
 /** Two tabs of one browser: one socket (one session in presence), both show every message. */
-export async function twoTabs(t, label) {
+export async function twoTabs(t, label, extra = "") {
   const user = uniqueUser("tabs");
   const ctx = await t.browser.newContext();
   try {
-    const a = await openDemo(ctx, t.page, { node: t.node, user });
-    const b = await openDemo(ctx, t.page, { node: t.node, user });
+    const a = await openDemo(ctx, t.page, { node: t.node, user, extra });
+    const b = await openDemo(ctx, t.page, { node: t.node, user, extra });
     assert.equal(await a.evaluate(() => window.herald.isLeader), true);
     assert.equal(await b.evaluate(() => window.herald.isLeader), false);
     const p = await waitFor("one session in presence", async () => {
@@ -148,12 +148,12 @@ export async function twoTabs(t, label) {
  * Closing the leader tab hands the connection over without losing a durable message
  * published during the handover (steady publishing through POST /api/publish).
  */
-export async function handover(t, label) {
+export async function handover(t, label, extra = "") {
   const user = uniqueUser("handover");
   const ctx = await t.browser.newContext();
   try {
-    const a = await openDemo(ctx, t.page, { node: t.node, user });
-    const b = await openDemo(ctx, t.page, { node: t.node, user });
+    const a = await openDemo(ctx, t.page, { node: t.node, user, extra });
+    const b = await openDemo(ctx, t.page, { node: t.node, user, extra });
     assert.equal(await a.evaluate(() => window.herald.isLeader), true);
     const steady = publishSteadily(t.api, user, 100, 25, "handover");
     await waitFor("20 messages before the handover", async () => (await receivedIds(b)).length >= 20);

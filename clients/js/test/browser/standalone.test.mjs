@@ -22,4 +22,8 @@ describe("standalone node", () => {
     cases.reload(t, "standalone"));
   test("two tabs share one socket (one session) and both show every message", T, () => cases.twoTabs(t, "standalone"));
   test("closing the leader tab hands over without losing a durable message", T, () => cases.handover(t, "standalone"));
+  test("without Web Locks (BroadcastChannel election): one socket for two tabs", T, () =>
+    cases.twoTabs(t, "standalone-bc", "&election=broadcast"));
+  test("without Web Locks (BroadcastChannel election): handover loses nothing", T, () =>
+    cases.handover(t, "standalone-bc", "&election=broadcast"));
 });
