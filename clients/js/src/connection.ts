@@ -504,8 +504,6 @@ export class Connection {
 
   /** The transport failed before it opened: find out why, then decide. */
   private async connectFailed(kind: Transport): Promise<void> {
-    if (kind === "websocket") this.wsFailures++;
-    else this.sseFailures++;
     const epoch = this.epoch;
     const verdict = this.cfg.probe ? await this.probe() : "unknown";
     if (epoch !== this.epoch || !this.running) return;
@@ -531,6 +529,9 @@ export class Connection {
       default:
         break;
     }
+    // Only failures the node did not explain count towards a change of transport.
+    if (kind === "websocket") this.wsFailures++;
+    else this.sseFailures++;
     const auto = this.cfg.transport === "auto";
     if (
       auto &&

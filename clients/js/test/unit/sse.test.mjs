@@ -76,6 +76,27 @@ test("a WebSocket that worked once needs sseAfterFailures failures, even if the 
   client.stop();
 });
 
+test("401 and 503 answers do not count towards the switch to SSE", async () => {
+  const answers = [503, 503, 0];
+  const w = world({
+    route: () => {
+      const a = answers.shift();
+      if (a === 0 || a === undefined) throw new TypeError("Failed to fetch");
+      return { status: a, body: { error: "draining" } };
+    },
+  });
+  const { client } = await w.tab({ ...solo, sseAfterFailures: 2 });
+  for (let i = 0; i < 3; i++) {
+    w.lastSocket().fail();
+    await w.clock.advance(30_000);
+  }
+  assert.equal(w.sources.length, 0, "two 503s and one unexplained failure: still WebSocket");
+  w.lastSocket().fail();
+  await w.clock.advance(0);
+  assert.equal(w.sources.length, 1, "the second unexplained failure switches");
+  client.stop();
+});
+
 test("transport: 'websocket' never falls back", async () => {
   const w = world({ route: reachable });
   const { client } = await w.tab({ ...solo, transport: "websocket" });
