@@ -221,10 +221,13 @@ export class HeraldClient {
 
   /**
    * Starts: learns the user (option `user`, else from a first token), reads the stored
-   * durable id, then joins the tab election; the elected tab connects.
+   * durable id, then joins the tab election; the elected tab connects. After `kicked` or
+   * `unauthorized` (which stop every tab), calling it again starts over.
    */
   async start(): Promise<void> {
-    if (this.started) return;
+    if (this.started && !this.halted) return;
+    // After `kicked` or `unauthorized`, start() begins anew.
+    if (this.started) this.stop();
     this.started = true;
     this.halted = false;
     const run = ++this.run;

@@ -175,7 +175,13 @@ export class Connection {
       return;
     }
     if (link.kind === "websocket" && link.ws) {
-      link.ws.send(JSON.stringify({ type: "ack", id }));
+      try {
+        link.ws.send(JSON.stringify({ type: "ack", id }));
+      } catch {
+        // The socket is closing: the ack goes out after the next welcome.
+        this.pendingAck = maxId(this.pendingAck, id);
+        return;
+      }
       this.hooks.acked(id);
       return;
     }
@@ -655,7 +661,13 @@ export class Connection {
         return;
       }
       this.refreshPending = true;
-      link.ws.send(JSON.stringify({ type: "refresh", token }));
+      try {
+        link.ws.send(JSON.stringify({ type: "refresh", token }));
+      } catch {
+        // Closing already: the reconnect uses the new token.
+        this.refreshPending = false;
+        this.setToken(token);
+      }
       return;
     }
     // SSE has no upstream channel: reconnect with the new token (and `since`).

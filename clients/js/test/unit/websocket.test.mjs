@@ -135,6 +135,35 @@ test("4002 kicked: no reconnect, state kicked", async () => {
   client.stop();
 });
 
+test("start() after kicked starts over", async () => {
+  const w = world();
+  const { client, log } = await w.tab(solo);
+  w.lastSocket().welcome();
+  w.lastSocket().serverClose(4002, "kicked");
+  assert.equal(client.state.state, "kicked");
+  await client.start();
+  await flush();
+  assert.equal(w.sockets.length, 2);
+  w.lastSocket().welcome();
+  assert.equal(log.states().at(-1), "open");
+  client.stop();
+});
+
+test("an ack while the socket is closing waits for the next welcome", async () => {
+  const w = world();
+  const { client } = await w.tab(solo);
+  const ws = w.lastSocket();
+  ws.welcome();
+  ws.readyState = 2; // closing: send throws
+  await client.ack("4-0");
+  ws.serverClose(1006);
+  await w.clock.advance(1000);
+  w.lastSocket().welcome();
+  await flush();
+  assert.deepEqual(w.lastSocket().sent, [{ type: "ack", id: "4-0" }]);
+  client.stop();
+});
+
 test("4003 token_expired: a fresh token from getToken, reconnect at once", async () => {
   const w = world();
   const { client, log } = await w.tab(solo);
