@@ -28,7 +28,7 @@ if [[ ! -x $CHROMIUM ]]; then
     "${sudo[@]}" apt-get update -q
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 fi
-"$CHROMIUM" --version >&2
+"$CHROMIUM" --version 2>/dev/null >&2 || true   # (Debian's wrapper script prints a harmless warning on stderr)
 
 cd "$pkg"
 if [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
