@@ -26,3 +26,20 @@ export PATH="$PATH:/usr/sbin"
 
 cargo build --locked --workspace --all-targets
 cargo test --locked --workspace --all-targets -- "$@"
+
+# ---------- clients/js: the browser client (docs/client.md) ----------
+# Unit tests (node --test, fakes only) and browser tests (Debian's Chromium, installed by
+# run.sh when missing, driven by playwright-core against real herald nodes). Node.js 20
+# and npm come with the machine. About 1.5 min from scratch; HERALD_SKIP_JS=1 skips it.
+if [[ ${HERALD_SKIP_JS:-0} != 1 ]]; then
+  echo "test.sh: clients/js unit tests"
+  (cd clients/js && npm ci --no-audit --no-fund && npm test)
+  # examples/browser/herald/ is the committed copy of the build that npm test just made.
+  if [[ -n $(git status --porcelain -- examples/browser/herald) ]]; then
+    git status --short -- examples/browser/herald
+    echo "test.sh: examples/browser/herald is stale: run 'npm run build' in clients/js and commit it" >&2
+    exit 1
+  fi
+  echo "test.sh: clients/js browser tests"
+  HERALD_BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/herald" clients/js/test/browser/run.sh
+fi

@@ -1,0 +1,724 @@
+/**
+ * One connection to herald, held by the leader tab: transports (WebSocket, SSE fallback),
+ * reconnect rules per close code, token refresh and acks. It knows nothing about tabs or
+ * storage; the client (client.ts) feeds it the last durable id and receives its frames.
+ */
+
+import { backoffDelay, type BackoffOptions } from "./backoff.js";
+import { isInboxId, maxId } from "./ids.js";
+import { readClaims } from "./jwt.js";
+import type { ConnectionState, ErrorEvent, Transport } from "./types.js";
+
+/** A server frame after JSON parsing (fields as on the wire; see docs/protocol.md). */
+export interface ServerFrame {
+  type: string;
+  [field: string]: unknown;
+}
+
+export interface ConnectionConfig {
+  /** http(s) base URL without a trailing slash. */
+  httpBase: string;
+  /** ws(s) base URL without a trailing slash. */
+  wsBase: string;
+  getToken: () => string | Promise<string>;
+  /** A token obtained before the connection started (to learn the user), used first. */
+  initialToken?: string;
+  topics?: string[];
+  transport: "auto" | Transport;
+  sseAfterFailures: number;
+  wsRetryInterval: number;
+  probe: boolean;
+  refreshMargin: number;
+  backoff: BackoffOptions;
+  stableAfter: number;
+  withCredentials: boolean;
+}
+
+export interface Clock {
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+  now(): number;
+  random(): number;
+}
+
+export interface ConnectionGlobals {
+  WebSocket?: typeof WebSocket;
+  EventSource?: typeof EventSource;
+  fetch?: typeof fetch;
+}
+
+export interface ConnectionStateChange {
+  state: ConnectionState;
+  transport?: Transport;
+  delay?: number;
+  code?: number;
+  reason?: string;
+}
+
+export interface ConnectionHooks {
+  /** welcome, message, gap, read, retract and server error frames. */
+  frame(frame: ServerFrame): void;
+  state(change: ConnectionStateChange): void;
+  /** A client-side problem worth telling the app about. */
+  error(err: ErrorEvent): void;
+  /** The last durable id processed, sent as `since`. */
+  since(): string | undefined;
+  /** The server refused `since` as malformed: forget it. */
+  badSince(): void;
+  /** An ack was sent (WebSocket) or accepted (SSE, `POST /ack`). */
+  acked(id: string): void;
+}
+
+/** What a failed connect's probe learnt. */
+type Verdict = "unauthorized" | "bad_since" | "unavailable" | "reachable" | "unknown";
+
+interface Link {
+  kind: Transport;
+  ws?: WebSocket;
+  es?: EventSource;
+  /** The transport opened (WebSocket `open`, EventSource `open`). */
+  opened: boolean;
+  welcomed: boolean;
+  openedAt: number;
+}
+
+/** Reasons the client gives in `state` events of its own making. */
+export const CLIENT_REASONS = {
+  websocketUnavailable: "websocket_unavailable",
+  tokenRefresh: "token_refresh",
+  refreshFailed: "refresh_failed",
+  connectFailed: "connect_failed",
+  unauthorized: "unauthorized",
+} as const;
+
+/** Close codes (docs/protocol.md "Close codes", plus 4003 token_expired). */
+export const CLOSE = {
+  normal: 1000,
+  abnormal: 1006,
+  serviceRestart: 1012,
+  idleTimeout: 4000,
+  slowConsumer: 4001,
+  kicked: 4002,
+  tokenExpired: 4003,
+} as const;
+
+const PROBE_TIMEOUT_MS = 5_000;
+const TOKEN_RETRY_MS = 5_000;
+/** A 4003 this soon after opening means the new token did not help: back off. */
+const QUICK_EXPIRY_MS = 5_000;
+/** 1012 (draining / resync): reconnect after a random 0-5 s delay. */
+const RESTART_JITTER_MS = 5_000;
+/** 4001 slow consumer: start the backoff at 1 s. */
+const SLOW_CONSUMER_FLOOR_MS = 1_000;
+
+export class Connection {
+  private token: string | undefined;
+  private tokenExpMs: number | undefined;
+  private mode: Transport;
+  private attempt = 0;
+  private wsEverOpened = false;
+  private wsFailures = 0;
+  private sseFailures = 0;
+  private authRetried = false;
+  private active: Link | null = null;
+  private trial: Link | null = null;
+  private reconnectTimer: unknown;
+  private refreshTimer: unknown;
+  private stableTimer: unknown;
+  private wsRetryTimer: unknown;
+  private running = false;
+  private pendingAck: string | undefined;
+  private refreshPending = false;
+  private refreshUnsupported = false;
+  /** Bumped by every connect, stop and restart: async continuations of an older one bail out. */
+  private epoch = 0;
+
+  constructor(
+    private readonly cfg: ConnectionConfig,
+    private readonly globals: ConnectionGlobals,
+    private readonly clock: Clock,
+    private readonly hooks: ConnectionHooks,
+  ) {
+    this.mode = cfg.transport === "sse" ? "sse" : "websocket";
+    if (cfg.initialToken !== undefined) this.setToken(cfg.initialToken);
+  }
+
+  /** Current transport mode (the one the next connect uses). */
+  get transport(): Transport {
+    return this.mode;
+  }
+
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    void this.connect();
+  }
+
+  /** Closes the connection (code 1000) and stops reconnecting. */
+  stop(): void {
+    this.running = false;
+    this.epoch++;
+    this.teardown();
+    this.hooks.state({ state: "closed" });
+  }
+
+  /**
+   * Acknowledges durable messages up to `id`: a WebSocket `ack` frame, or `POST /ack` on
+   * SSE. Before the connection is open the ack waits (the latest id only) and goes out
+   * after the next welcome.
+   */
+  async ack(id: string): Promise<void> {
+    if (!isInboxId(id)) throw new TypeError(`ack: not an inbox id: ${JSON.stringify(id)}`);
+    const link = this.active;
+    if (!link || !link.welcomed) {
+      this.pendingAck = maxId(this.pendingAck, id);
+      return;
+    }
+    if (link.kind === "websocket" && link.ws) {
+      try {
+        link.ws.send(JSON.stringify({ type: "ack", id }));
+      } catch {
+        // The socket is closing: the ack goes out after the next welcome.
+        this.pendingAck = maxId(this.pendingAck, id);
+        return;
+      }
+      this.hooks.acked(id);
+      return;
+    }
+    await this.postAck(id);
+  }
+
+  // ---------- connecting ----------
+
+  private setToken(token: string): void {
+    this.token = token;
+    const exp = readClaims(token).exp;
+    this.tokenExpMs = exp === undefined ? undefined : exp * 1000;
+  }
+
+  private state(change: ConnectionStateChange): void {
+    this.hooks.state(change);
+  }
+
+  private async connect(): Promise<void> {
+    if (!this.running) return;
+    this.clear("reconnectTimer");
+    this.closeLink(this.active);
+    this.active = null;
+    const epoch = ++this.epoch;
+    this.state({ state: "connecting" });
+    const expiring = this.tokenExpMs !== undefined && this.tokenExpMs - this.clock.now() < 5_000;
+    if (this.token === undefined || expiring) {
+      let token: string;
+      try {
+        token = await this.cfg.getToken();
+      } catch (e) {
+        if (epoch !== this.epoch) return;
+        this.hooks.error({ error: "get_token_failed", message: String(e) });
+        this.scheduleReconnect(this.nextBackoff(), { reason: CLIENT_REASONS.connectFailed });
+        return;
+      }
+      if (epoch !== this.epoch) return;
+      this.setToken(token);
+    }
+    if (this.mode === "websocket") this.openWs(false);
+    else this.openSse();
+  }
+
+  private query(): string {
+    const q = new URLSearchParams();
+    q.set("token", this.token ?? "");
+    const since = this.hooks.since();
+    if (since !== undefined) q.set("since", since);
+    if (this.cfg.topics && this.cfg.topics.length > 0) q.set("topics", this.cfg.topics.join(","));
+    return q.toString();
+  }
+
+  private openWs(trial: boolean): void {
+    const WS = this.globals.WebSocket;
+    if (!WS) {
+      // No WebSocket at all: only SSE can work.
+      if (!trial) {
+        this.mode = "sse";
+        this.openSse();
+      }
+      return;
+    }
+    const link: Link = { kind: "websocket", opened: false, welcomed: false, openedAt: 0 };
+    let ws: WebSocket;
+    try {
+      ws = new WS(`${this.cfg.wsBase}/ws?${this.query()}`);
+    } catch (e) {
+      // A malformed URL: nothing to retry.
+      this.hooks.error({ error: "connect_failed", message: String(e) });
+      this.running = false;
+      this.state({ state: "closed", reason: CLIENT_REASONS.connectFailed });
+      return;
+    }
+    link.ws = ws;
+    if (trial) this.trial = link;
+    else this.active = link;
+    ws.onopen = () => {
+      link.opened = true;
+      link.openedAt = this.clock.now();
+    };
+    ws.onmessage = (ev: MessageEvent) => {
+      if (link !== this.active && link !== this.trial) return;
+      if (typeof ev.data !== "string") return;
+      this.onText(link, ev.data);
+    };
+    ws.onerror = () => {
+      /* a close event follows */
+    };
+    ws.onclose = (ev: CloseEvent) => {
+      if (link === this.trial) {
+        this.trial = null;
+        this.detach(link);
+        this.scheduleWsRetry();
+        return;
+      }
+      if (link !== this.active) return;
+      this.active = null;
+      this.detach(link);
+      this.linkEnded(link, ev.code, ev.reason);
+    };
+  }
+
+  private openSse(): void {
+    const ES = this.globals.EventSource;
+    if (!ES) {
+      this.mode = "websocket";
+      if (this.globals.WebSocket) this.openWs(false);
+      return;
+    }
+    const link: Link = { kind: "sse", opened: false, welcomed: false, openedAt: 0 };
+    const es = new ES(`${this.cfg.httpBase}/sse?${this.query()}`, {
+      withCredentials: this.cfg.withCredentials,
+    });
+    link.es = es;
+    this.active = link;
+    es.onopen = () => {
+      link.opened = true;
+      link.openedAt = this.clock.now();
+    };
+    const onFrame = (ev: Event) => {
+      if (link !== this.active) return;
+      const data = (ev as MessageEvent).data;
+      if (typeof data === "string") this.onText(link, data);
+    };
+    for (const name of ["welcome", "message", "gap", "read", "retract", "refreshed"]) {
+      es.addEventListener(name, onFrame);
+    }
+    // `event: error` from the server and the EventSource's own connection error share
+    // one name: only the server's carries data.
+    es.addEventListener("error", (ev: Event) => {
+      if (link !== this.active) return;
+      const data = (ev as MessageEvent).data;
+      if (typeof data === "string") {
+        this.onText(link, data);
+        return;
+      }
+      // The EventSource would reconnect by itself: stop it, the rules here decide.
+      this.active = null;
+      this.detach(link);
+      this.linkEnded(link, CLOSE.abnormal, "sse_error");
+    });
+    es.addEventListener("close", (ev: Event) => {
+      if (link !== this.active) return;
+      let code: number = CLOSE.abnormal;
+      let reason = "";
+      try {
+        const f = JSON.parse((ev as MessageEvent).data as string) as Record<string, unknown>;
+        if (typeof f.code === "number") code = f.code;
+        if (typeof f.reason === "string") reason = f.reason;
+      } catch {
+        /* a close without a readable body is an abnormal end */
+      }
+      this.active = null;
+      this.detach(link);
+      // The server spoke: this is a close, not a failure to connect.
+      if (!link.opened) {
+        link.opened = true;
+        link.openedAt = this.clock.now();
+      }
+      this.linkEnded(link, code, reason);
+    });
+  }
+
+  /** Detaches every handler and closes the transport; its later events are ignored. */
+  private detach(link: Link | null, code: number = CLOSE.normal): void {
+    if (!link) return;
+    if (link.ws) {
+      const ws = link.ws;
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      try {
+        if (ws.readyState === 0 || ws.readyState === 1) ws.close(code);
+      } catch {
+        /* already closing */
+      }
+    }
+    if (link.es) {
+      link.es.onopen = null;
+      link.es.close();
+    }
+  }
+
+  private closeLink(link: Link | null): void {
+    if (!link) return;
+    this.clear("refreshTimer");
+    this.clear("stableTimer");
+    this.detach(link);
+  }
+
+  private teardown(): void {
+    for (const t of ["reconnectTimer", "refreshTimer", "stableTimer", "wsRetryTimer"] as const) {
+      this.clear(t);
+    }
+    this.closeLink(this.active);
+    this.active = null;
+    this.detach(this.trial);
+    this.trial = null;
+    this.refreshPending = false;
+  }
+
+  private clear(name: "reconnectTimer" | "refreshTimer" | "stableTimer" | "wsRetryTimer"): void {
+    if (this[name] !== undefined) {
+      this.clock.clearTimeout(this[name]);
+      this[name] = undefined;
+    }
+  }
+
+  // ---------- frames ----------
+
+  private onText(link: Link, text: string): void {
+    let frame: unknown;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (typeof frame !== "object" || frame === null || typeof (frame as ServerFrame).type !== "string") {
+      return;
+    }
+    this.onFrame(link, frame as ServerFrame);
+  }
+
+  private onFrame(link: Link, f: ServerFrame): void {
+    if (link === this.trial) {
+      if (f.type !== "welcome") return;
+      this.adopt(link);
+    }
+    switch (f.type) {
+      case "welcome":
+        this.onWelcome(link, f);
+        return;
+      case "refreshed":
+        this.refreshPending = false;
+        if (typeof f.exp === "number") this.tokenExpMs = f.exp * 1000;
+        this.scheduleRefresh();
+        return;
+      case "pong":
+        return;
+      case "error":
+        if (f.error === "refresh_failed") {
+          this.refreshPending = false;
+          this.hooks.error({ error: "refresh_failed", reason: typeof f.reason === "string" ? f.reason : undefined });
+          // The refused token must not be reused: connect again with a fresh one.
+          this.token = undefined;
+          this.tokenExpMs = undefined;
+          this.restart(CLIENT_REASONS.refreshFailed);
+          return;
+        }
+        if (f.error === "unknown_type" && this.refreshPending) {
+          // A server from before in-band refresh: it does not end sessions at `exp`
+          // either, so the new token is simply kept for the next connect.
+          this.refreshPending = false;
+          this.refreshUnsupported = true;
+          return;
+        }
+        this.hooks.frame(f);
+        return;
+      default:
+        this.hooks.frame(f);
+    }
+  }
+
+  private onWelcome(link: Link, f: ServerFrame): void {
+    link.welcomed = true;
+    if (!link.opened) link.opened = true;
+    link.openedAt = this.clock.now();
+    this.authRetried = false;
+    if (link.kind === "websocket") {
+      this.wsEverOpened = true;
+      this.wsFailures = 0;
+    } else {
+      this.sseFailures = 0;
+    }
+    if (typeof f.exp === "number") this.tokenExpMs = f.exp * 1000;
+    this.scheduleRefresh();
+    this.clear("stableTimer");
+    this.stableTimer = this.clock.setTimeout(() => {
+      this.stableTimer = undefined;
+      this.attempt = 0;
+    }, this.cfg.stableAfter);
+    this.state({ state: "open", transport: link.kind });
+    this.hooks.frame(f);
+    if (this.pendingAck !== undefined) {
+      const id = this.pendingAck;
+      this.pendingAck = undefined;
+      void this.ack(id).catch(() => undefined);
+    }
+    if (link.kind === "sse") this.scheduleWsRetry();
+  }
+
+  // ---------- ends and reconnects ----------
+
+  private linkEnded(link: Link, code: number, reason: string): void {
+    this.clear("refreshTimer");
+    this.clear("stableTimer");
+    this.clear("wsRetryTimer");
+    this.detach(this.trial);
+    this.trial = null;
+    this.refreshPending = false;
+    if (!this.running) return;
+    if (!link.opened) {
+      void this.connectFailed(link.kind);
+      return;
+    }
+    const lasted = this.clock.now() - link.openedAt;
+    if (lasted >= this.cfg.stableAfter) this.attempt = 0;
+    const why = { code, reason: reason || undefined };
+    switch (code) {
+      case CLOSE.kicked:
+        this.terminate("kicked", why);
+        return;
+      case CLOSE.tokenExpired:
+        this.token = undefined;
+        this.tokenExpMs = undefined;
+        this.scheduleReconnect(lasted < QUICK_EXPIRY_MS ? this.nextBackoff() : 0, why);
+        return;
+      case CLOSE.serviceRestart:
+        this.scheduleReconnect(Math.floor(this.clock.random() * RESTART_JITTER_MS), why);
+        return;
+      case CLOSE.slowConsumer:
+        this.scheduleReconnect(SLOW_CONSUMER_FLOOR_MS + this.nextBackoff(), why);
+        return;
+      default:
+        this.scheduleReconnect(this.nextBackoff(), why);
+    }
+  }
+
+  /** The transport failed before it opened: find out why, then decide. */
+  private async connectFailed(kind: Transport): Promise<void> {
+    const epoch = this.epoch;
+    const verdict = this.cfg.probe ? await this.probe() : "unknown";
+    if (epoch !== this.epoch || !this.running) return;
+    switch (verdict) {
+      case "unauthorized":
+        if (this.authRetried) {
+          this.terminate("unauthorized", { code: 401, reason: CLIENT_REASONS.unauthorized });
+          return;
+        }
+        this.authRetried = true;
+        this.token = undefined;
+        this.tokenExpMs = undefined;
+        this.scheduleReconnect(0, { code: 401, reason: CLIENT_REASONS.unauthorized });
+        return;
+      case "bad_since":
+        this.hooks.badSince();
+        this.hooks.error({ error: "bad_since", message: "the server refused the stored durable id; it was forgotten" });
+        this.scheduleReconnect(this.nextBackoff(), { code: 400, reason: "bad_since" });
+        return;
+      case "unavailable":
+        this.scheduleReconnect(this.nextBackoff(), { code: 503, reason: CLIENT_REASONS.connectFailed });
+        return;
+      default:
+        break;
+    }
+    // Only failures the node did not explain count towards a change of transport.
+    if (kind === "websocket") this.wsFailures++;
+    else this.sseFailures++;
+    const auto = this.cfg.transport === "auto";
+    if (
+      auto &&
+      kind === "websocket" &&
+      ((verdict === "reachable" && !this.wsEverOpened) || this.wsFailures >= this.cfg.sseAfterFailures)
+    ) {
+      this.mode = "sse";
+      this.sseFailures = 0;
+      this.scheduleReconnect(0, { reason: CLIENT_REASONS.websocketUnavailable });
+      return;
+    }
+    if (auto && kind === "sse" && this.sseFailures >= this.cfg.sseAfterFailures) {
+      this.mode = "websocket";
+      this.wsFailures = 0;
+    }
+    this.scheduleReconnect(this.nextBackoff(), { reason: CLIENT_REASONS.connectFailed });
+  }
+
+  /**
+   * `GET /ws?token=...` as a plain request: the node checks the token before the upgrade,
+   * so 401 means a refused token, 400 `not_websocket` a node that answers HTTP (the upgrade
+   * itself failed on the way), 503 a draining or full node.
+   */
+  private async probe(): Promise<Verdict> {
+    const f = this.globals.fetch;
+    if (!f) return "unknown";
+    const ctrl = typeof AbortController === "function" ? new AbortController() : undefined;
+    const timer = this.clock.setTimeout(() => ctrl?.abort(), PROBE_TIMEOUT_MS);
+    try {
+      const res = await f(`${this.cfg.httpBase}/ws?${this.query()}`, {
+        cache: "no-store",
+        signal: ctrl?.signal,
+      });
+      if (res.status === 401) return "unauthorized";
+      if (res.status === 400) {
+        let body: unknown;
+        try {
+          body = await res.json();
+        } catch {
+          body = undefined;
+        }
+        const err = (body as { error?: unknown } | undefined)?.error;
+        return err === "bad_since" ? "bad_since" : "reachable";
+      }
+      if (res.status >= 500) return "unavailable";
+      // 0 is an opaque answer: nothing learnt.
+      return res.status === 0 ? "unknown" : "reachable";
+    } catch {
+      return "unknown";
+    } finally {
+      this.clock.clearTimeout(timer);
+    }
+  }
+
+  private nextBackoff(): number {
+    return backoffDelay(this.attempt++, this.cfg.backoff, () => this.clock.random());
+  }
+
+  private scheduleReconnect(delay: number, why: { code?: number; reason?: string }): void {
+    if (!this.running) return;
+    this.clear("reconnectTimer");
+    this.state({ state: "reconnecting", delay, ...why });
+    this.reconnectTimer = this.clock.setTimeout(() => {
+      this.reconnectTimer = undefined;
+      void this.connect();
+    }, delay);
+  }
+
+  /** Ends for good (kicked, unauthorized): no reconnect until `start()` again. */
+  private terminate(state: "kicked" | "unauthorized", why: { code?: number; reason?: string }): void {
+    this.running = false;
+    this.epoch++;
+    this.teardown();
+    this.state({ state, ...why });
+  }
+
+  /** Drops the current connection and connects again at once (fresh token if unset). */
+  private restart(reason: string): void {
+    if (!this.running) return;
+    this.closeLink(this.active);
+    this.active = null;
+    this.scheduleReconnect(0, { reason });
+  }
+
+  // ---------- token refresh ----------
+
+  private scheduleRefresh(): void {
+    this.clear("refreshTimer");
+    if (this.tokenExpMs === undefined) return;
+    const left = this.tokenExpMs - this.clock.now();
+    let delay = left - this.cfg.refreshMargin;
+    // A token that lives shorter than the margin: refresh half-way, never in a tight loop.
+    if (delay < 1_000) delay = Math.max(1_000, left / 2);
+    this.refreshTimer = this.clock.setTimeout(() => {
+      this.refreshTimer = undefined;
+      void this.refresh();
+    }, delay);
+  }
+
+  private async refresh(): Promise<void> {
+    const link = this.active;
+    if (!link || !link.welcomed) return;
+    const epoch = this.epoch;
+    let token: string;
+    try {
+      token = await this.cfg.getToken();
+    } catch (e) {
+      if (epoch !== this.epoch) return;
+      this.hooks.error({ error: "get_token_failed", message: String(e) });
+      this.refreshTimer = this.clock.setTimeout(() => {
+        this.refreshTimer = undefined;
+        void this.refresh();
+      }, TOKEN_RETRY_MS);
+      return;
+    }
+    if (epoch !== this.epoch || link !== this.active) return;
+    if (link.kind === "websocket" && link.ws) {
+      this.token = token;
+      if (this.refreshUnsupported) {
+        this.setToken(token);
+        return;
+      }
+      this.refreshPending = true;
+      try {
+        link.ws.send(JSON.stringify({ type: "refresh", token }));
+      } catch {
+        // Closing already: the reconnect uses the new token.
+        this.refreshPending = false;
+        this.setToken(token);
+      }
+      return;
+    }
+    // SSE has no upstream channel: reconnect with the new token (and `since`).
+    this.setToken(token);
+    this.restart(CLIENT_REASONS.tokenRefresh);
+  }
+
+  // ---------- SSE → WebSocket ----------
+
+  private scheduleWsRetry(): void {
+    this.clear("wsRetryTimer");
+    if (this.cfg.transport !== "auto" || !this.running || this.active?.kind !== "sse") return;
+    if (!this.globals.WebSocket) return;
+    const delay = Math.floor(this.cfg.wsRetryInterval * (0.5 + this.clock.random()));
+    this.wsRetryTimer = this.clock.setTimeout(() => {
+      this.wsRetryTimer = undefined;
+      if (this.active?.kind === "sse" && this.active.welcomed && !this.trial) this.openWs(true);
+    }, delay);
+  }
+
+  /** A trial WebSocket got its welcome while on SSE: it becomes the connection. */
+  private adopt(link: Link): void {
+    this.trial = null;
+    this.closeLink(this.active);
+    this.clear("wsRetryTimer");
+    this.active = link;
+    this.mode = "websocket";
+  }
+
+  // ---------- acks over SSE ----------
+
+  private async postAck(id: string): Promise<void> {
+    const f = this.globals.fetch;
+    if (!f) throw new Error("ack over SSE needs fetch");
+    let res: Response;
+    try {
+      res = await f(`${this.cfg.httpBase}/ack`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${this.token ?? ""}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ id }),
+      });
+    } catch (e) {
+      this.pendingAck = maxId(this.pendingAck, id);
+      this.hooks.error({ error: "ack_post_failed", message: String(e) });
+      return;
+    }
+    if (!res.ok) {
+      this.pendingAck = maxId(this.pendingAck, id);
+      this.hooks.error({ error: "ack_post_failed", message: `POST /ack answered ${res.status}` });
+      return;
+    }
+    this.hooks.acked(id);
+  }
+}

@@ -1,0 +1,2 @@
+/** Public types of the herald browser client. */
+export {};
