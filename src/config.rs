@@ -108,6 +108,14 @@ pub struct Config {
     #[arg(long, env = "HERALD_DEV", default_value_t = false)]
     pub dev: bool,
 
+    /// Browser origins (`https://app.example.com`) whose pages may open /ws and /sse and
+    /// call /ack (CORS); a browser request from any other origin is refused with 403, which
+    /// also stops other sites from opening sessions with a user's cookies-borne token.
+    /// `*` allows every origin. Unset: no origin checks and no CORS headers (the page and
+    /// herald share an origin behind one proxy). --dev defaults to `*`.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub allowed_origins: Vec<String>,
+
     /// What SSE clients are told to wait before reconnecting (the stream's `retry:`).
     #[arg(long, env = "HERALD_SSE_RETRY", default_value = "3", value_parser = parse_duration)]
     pub sse_retry: Duration,
@@ -341,6 +349,24 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
+/// An origin as browsers send it: `http(s)://host[:port]`, no path; or `*`.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok(s.to_string());
+    }
+    let bad = || format!("not an origin (scheme://host[:port]): {s:?}");
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(bad)?;
+    let authority: http::uri::Authority = rest.parse().map_err(|_| bad())?;
+    if authority.as_str() != rest || rest.contains('@') || authority.host().is_empty() {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 64 || !s.bytes().all(is_name_byte) {
         return Err("prefix must be 1-64 characters of [A-Za-z0-9_.-]".into());
@@ -455,6 +481,16 @@ mod tests {
             base(&["--dev"]).heartbeat_interval(),
             Duration::from_secs(10)
         );
+    }
+
+    #[test]
+    fn origins_must_be_scheme_host_and_port() {
+        for good in ["*", "https://app.example.com", "http://127.0.0.1:8080", "http://localhost"] {
+            assert_eq!(parse_origin(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in ["app.example.com", "https://", "https://a/b", "ftp://a", "https://u@a", "https://a b"] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

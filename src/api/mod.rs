@@ -44,18 +44,58 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
         auth: node.authenticator().clone(),
         node,
     });
-    upgrade::route(api.clone())
+    let client = upgrade::route(api.clone())
         .or(upgrade::sse_route(api.clone()))
         .unify()
         .or(upgrade::ack_route(api.clone()))
-        .unify()
+        .unify();
+    let client = match cors(api.node.config()) {
+        Some(cors) => client
+            .with(cors)
+            .map(Reply::into_response)
+            .boxed(),
+        None => client.boxed(),
+    };
+    let mut routes = client
         .or(api_routes(api.clone()))
         .unify()
-        .or(ops::routes(api))
+        .or(ops::routes(api.clone()))
         .unify()
-        .recover(recover)
-        .unify()
-        .boxed()
+        .boxed();
+    if api.node.config().dev {
+        routes = routes.or(demo()).unify().boxed();
+    }
+    routes.recover(recover).unify().boxed()
+}
+
+/// CORS for the routes browsers call (`--allowed-origins`; every origin in --dev unless
+/// set): preflights answered, other origins refused with 403. `None`: no origin checks.
+fn cors(config: &crate::config::Config) -> Option<warp::cors::Builder> {
+    let origins = &config.allowed_origins;
+    if origins.is_empty() && !config.dev {
+        return None;
+    }
+    let builder = warp::cors()
+        .allow_methods(["GET", "POST"])
+        .allow_headers(["authorization", "content-type", "last-event-id"])
+        .max_age(600);
+    Some(if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        builder.allow_any_origin()
+    } else {
+        // Every entry was checked by the config's origin parser, so warp accepts it.
+        builder.allow_origins(origins.iter().map(String::as_str))
+    })
+}
+
+/// --dev only: the demo page (examples/browser, read from the working directory) at /demo/.
+fn demo() -> BoxedFilter<(Response,)> {
+    let slash = warp::path("demo").and(warp::path::end()).map(|| {
+        warp::redirect::see_other(http::Uri::from_static("/demo/")).into_response()
+    });
+    let files = warp::path("demo")
+        .and(warp::fs::dir("examples/browser"))
+        .map(Reply::into_response);
+    warp::get().and(slash.or(files).unify()).boxed()
 }
 
 fn api_routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
@@ -151,6 +191,12 @@ fn decode_user(raw: &str) -> Result<String, Box<Response>> {
 async fn recover(rej: Rejection) -> Result<Response, Infallible> {
     let res = if rej.is_not_found() {
         error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if rej.find::<warp::cors::CorsForbidden>().is_some() {
+        error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not use this node (--allowed-origins)",
+        )
     } else if rej.find::<Unauthorized>().is_some() {
         error(
             StatusCode::UNAUTHORIZED,

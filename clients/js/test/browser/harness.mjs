@@ -167,7 +167,7 @@ export async function startCluster({ dev = true, nodeArgs = "" } = {}) {
     STOP_WAIT: "10",
     // local-cluster.sh exports an API key, which the nodes require even in --dev.
     HERALD_API_KEY: process.env.HERALD_API_KEY ?? "browser-tests-api-key-0123456789",
-    HERALD_JWT_SECRET: process.env.HERALD_JWT_SECRET ?? "browser-tests-secret-0123456789",
+    HERALD_JWT_SECRET: process.env.HERALD_JWT_SECRET ?? "browser-tests-secret-0123456789abcdef",
   };
   const script = join(ROOT, "scripts", "local-cluster.sh");
   log(`starting the cluster: nginx :${base}, nodes :${base + 1}-${base + 3}, redis :${redisPort}`);

@@ -8,8 +8,7 @@
 # Chromium) is stopped by PID when it ends. Screenshots: $SCREENSHOT_DIR (printed).
 #
 # Usage: clients/js/test/browser/run.sh [test file ...]
-#        (default: standalone.test.mjs, cluster.test.mjs, pending.test.mjs; the last is
-#        skipped unless HERALD_BROWSER_PENDING=1)
+#        (default: sse-tokens.test.mjs, standalone.test.mjs, cluster.test.mjs)
 # Environment: HERALD_BIN (skip the cargo build), CHROMIUM (default /usr/bin/chromium),
 #              SCREENSHOT_DIR (default target/browser-tests/screenshots)
 set -euo pipefail
@@ -49,7 +48,7 @@ say "screenshots: $SCREENSHOT_DIR"
 say "logs: $BROWSER_RUN_DIR"
 
 files=("$@")
-((${#files[@]})) || files=("$here/pending.test.mjs" "$here/standalone.test.mjs" "$here/cluster.test.mjs")
+((${#files[@]})) || files=("$here/sse-tokens.test.mjs" "$here/standalone.test.mjs" "$here/cluster.test.mjs")
 status=0
 passed=0 failed=0 skipped=0
 tap=$(mktemp -d)
