@@ -195,10 +195,32 @@ pub(crate) struct OkResponse {
     pub(crate) ok: bool,
 }
 
-/// Query of `GET /api/inbox/<uid>`.
+/// Query of `GET /api/inbox/<uid>`. Other parameters are ignored.
 #[derive(Debug, Deserialize, Default)]
-pub(crate) struct InboxQuery {
-    pub(crate) limit: Option<usize>,
+struct InboxQuery {
+    limit: Option<String>,
+}
+
+/// Entries one `GET /api/inbox/<uid>` returns without a `limit`.
+pub(crate) const INBOX_PAGE_DEFAULT: usize = 100;
+/// Most entries one `GET /api/inbox/<uid>` returns.
+pub(crate) const INBOX_PAGE_MAX: usize = 1000;
+
+/// The page size a `GET /api/inbox/<uid>` query asks for; the error is the 400's text. A
+/// `limit` that is not a whole number from 1 to 1000 is refused, not clamped: a client
+/// that sends `limit=0` or `limit=abc` has a bug it should hear about.
+pub(crate) fn inbox_page_size(query: &str) -> Result<usize, String> {
+    let q: InboxQuery =
+        serde_urlencoded::from_str(query).map_err(|e| format!("invalid query: {e}"))?;
+    let Some(raw) = q.limit else {
+        return Ok(INBOX_PAGE_DEFAULT);
+    };
+    raw.parse::<usize>()
+        .ok()
+        .filter(|n| raw.bytes().all(|b| b.is_ascii_digit()) && (1..=INBOX_PAGE_MAX).contains(n))
+        .ok_or_else(|| {
+            format!("\"limit\" must be a whole number from 1 to {INBOX_PAGE_MAX}, not {raw:?}")
+        })
 }
 
 /// One entry of `GET /api/inbox/<uid>`.
@@ -291,6 +313,30 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn inbox_limit_is_a_whole_number_from_1_to_1000() {
+        assert_eq!(inbox_page_size(""), Ok(INBOX_PAGE_DEFAULT));
+        assert_eq!(inbox_page_size("other=x"), Ok(INBOX_PAGE_DEFAULT));
+        assert_eq!(inbox_page_size("limit=1"), Ok(1));
+        assert_eq!(inbox_page_size("limit=1000&x=1"), Ok(1000));
+        assert_eq!(inbox_page_size("limit=007"), Ok(7));
+        // Found by schemathesis: these were clamped or replaced by the default, not refused.
+        for bad in [
+            "limit=abc",
+            "limit=-1",
+            "limit=0",
+            "limit=1001",
+            "limit=-971833",
+            "limit=",
+            "limit=+5",
+            "limit=1.5",
+            "limit=99999999999999999999999",
+            "limit=1&limit=2",
+        ] {
+            assert!(inbox_page_size(bad).is_err(), "{bad}");
         }
     }
 

@@ -10,12 +10,11 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::bodies::{AckBody, AckResponse, InboxEntryBody, InboxQuery, InboxResponse, OkResponse};
+use super::bodies::{
+    inbox_page_size, AckBody, AckResponse, InboxEntryBody, InboxResponse, OkResponse,
+};
 use super::{api_auth, bad_request, count, decode_user, error, json, unavailable, with_api, Api};
 use crate::protocol::StreamId;
-
-/// Most entries one `GET /api/inbox/<uid>` returns.
-const INBOX_PAGE_MAX: usize = 1000;
 
 pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String)
@@ -64,8 +63,10 @@ async fn list(raw_user: &str, query: &str, api: &Api) -> Response {
         Ok(u) => u,
         Err(res) => return *res,
     };
-    let q: InboxQuery = serde_urlencoded::from_str(query).unwrap_or_default();
-    let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
+    let limit = match inbox_page_size(query) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e),
+    };
     match api.node.inbox_page(&user, limit).await {
         Ok(opening) => json(
             StatusCode::OK,

@@ -166,3 +166,21 @@ async fn inbox_routes_check_users_and_ids() {
     let (_, inbox) = call(&n, "GET", "/api/inbox/u", None).await;
     assert_eq!(inbox["unread"], 0);
 }
+
+#[tokio::test]
+async fn an_inbox_limit_outside_1_to_1000_is_a_400() {
+    let n = node(&[]);
+    // Found by schemathesis: these were clamped or replaced by the default (a 200).
+    for q in ["limit=0", "limit=-1", "limit=abc", "limit=1001", "limit="] {
+        let (status, res) = call(&n, "GET", &format!("/api/inbox/u?{q}"), None).await;
+        assert_eq!(
+            (status, res["error"].clone()),
+            (400, json!("bad_request")),
+            "{q}"
+        );
+    }
+    for q in ["", "?limit=1", "?limit=1000", "?other=1"] {
+        let (status, _) = call(&n, "GET", &format!("/api/inbox/u{q}"), None).await;
+        assert_eq!(status, 200, "{q}");
+    }
+}
