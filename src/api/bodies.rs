@@ -21,25 +21,43 @@ pub(crate) struct WsQuery {
 }
 
 /// Body of `POST /api/publish`. Exactly one of `user`, `users`, `topic`, `broadcast`.
+/// Optional fields are left out when unused; `null` is not a way to leave them out (it is
+/// refused like any other wrong type, as docs/openapi.yaml says).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PublishRequest {
+    #[serde(default, deserialize_with = "non_null")]
     user: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
     users: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "non_null")]
     topic: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
     broadcast: Option<bool>,
     /// Store in the users' durable inboxes as well (user and users targets only).
     #[serde(default)]
     durable: bool,
     /// Durable only: a retry with the same key within the idempotency window returns the
     /// first ids and stores nothing new.
+    #[serde(default, deserialize_with = "non_null")]
     idempotency_key: Option<String>,
     /// Durable only: seconds after which the message is no longer replayed or listed.
+    #[serde(default, deserialize_with = "non_null")]
     expires_in: Option<u64>,
     /// Durable only: replaces the user's unread message that last used this key.
+    #[serde(default, deserialize_with = "non_null")]
     collapse_key: Option<String>,
     /// Required; any JSON value, `null` included.
     data: Box<RawValue>,
+}
+
+/// An optional field that, when present, must hold a `T` (serde would read `null` as absent).
+fn non_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A validated publish target.
@@ -272,6 +290,7 @@ mod tests {
         assert!(parse_publish(br#"{"users":["1","2"],"data":{"x":1}}"#).is_ok());
         assert!(parse_publish(br#"{"topic":"t","data":"s"}"#).is_ok());
         assert!(parse_publish(br#"{"broadcast":true,"data":null}"#).is_ok());
+        assert!(parse_publish(br#"{"user":"1","durable":false,"data":1}"#).is_ok());
         assert!(parse_publish(br#"{"broadcast":false,"data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1","topic":"t","data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1"}"#).is_err());
@@ -307,6 +326,15 @@ mod tests {
             br#"{"user":"1","durable":true,"expires_in":0,"data":1}"#,
             br#"{"user":"1","durable":true,"expires_in":-1,"data":1}"#,
             br#"{"user":"1","durable":true,"expires_in":1.5,"data":1}"#,
+            // Found by schemathesis: null was read as "absent", which the contract does not say.
+            br#"{"user":"1","collapse_key":null,"data":1}"#,
+            br#"{"user":"1","durable":true,"idempotency_key":null,"data":1}"#,
+            br#"{"user":"1","durable":true,"expires_in":null,"data":1}"#,
+            br#"{"user":"1","topic":null,"data":1}"#,
+            br#"{"user":null,"topic":"t","data":1}"#,
+            br#"{"users":null,"broadcast":true,"data":1}"#,
+            br#"{"broadcast":null,"user":"1","data":1}"#,
+            br#"{"user":"1","durable":null,"data":1}"#,
         ] {
             assert!(
                 parse_publish(body).is_err(),
