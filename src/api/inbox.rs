@@ -13,7 +13,10 @@ use warp::Filter;
 use super::bodies::{
     inbox_page_size, AckBody, AckResponse, InboxEntryBody, InboxResponse, OkResponse,
 };
-use super::{api_auth, bad_request, count, decode_user, error, json, unavailable, with_api, Api};
+use super::{
+    api_auth, bad_request, count, decode_segment, decode_user, error, json, unavailable, with_api,
+    Api,
+};
 use crate::protocol::StreamId;
 
 pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
@@ -116,7 +119,7 @@ async fn retract(raw_user: &str, raw_id: &str, api: &Api) -> Response {
         Ok(u) => u,
         Err(res) => return *res,
     };
-    let Ok(id) = raw_id.parse::<StreamId>() else {
+    let Some(Ok(id)) = decode_segment(raw_id).map(|id| id.parse::<StreamId>()) else {
         return bad_request("the entry id must be an inbox id such as 1732530000000-0");
     };
     match api.node.inbox_retract(&user, id).await {

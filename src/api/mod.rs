@@ -134,17 +134,37 @@ fn count(route: &'static str, res: Response) -> Response {
     res
 }
 
+/// Percent-decodes one path segment. Strict: a `%` that does not start a `%XX` escape, or
+/// bytes that are not UTF-8 once decoded, make it `None`. A lenient decoder would take the
+/// `%` of an unencoded `50%` literally but decode the one of `50%41`: a client that forgot
+/// to encode would be right or wrong by chance, and never told.
+fn decode_segment(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let escapes_ok = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
 /// Percent-decodes and validates a user id taken from a path segment.
 fn decode_user(raw: &str) -> Result<String, Box<Response>> {
-    let bad = |msg: &str| Box::new(bad_request(msg));
-    let user = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| bad("user id is not valid UTF-8"))?
-        .into_owned();
+    let Some(user) = decode_segment(raw) else {
+        return Err(Box::new(bad_request(
+            "the user id in the path is not percent-encoded UTF-8",
+        )));
+    };
     if !valid_name(&user) {
-        return Err(bad(
-            "invalid user id: 1-256 printable characters without whitespace",
-        ));
+        return Err(Box::new(bad_request(
+            "invalid user id: 1-256 bytes without whitespace or control characters",
+        )));
     }
     Ok(user)
 }
