@@ -2,6 +2,7 @@
 //! acknowledged, `POST /api/inbox/<uid>/ack` moves their read cursor, and
 //! `DELETE /api/inbox/<uid>/<id>` withdraws an entry.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -45,14 +46,30 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 }
 
 pub(super) fn retract_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
-    warp::path!("api" / "inbox" / String / String)
+    warp::path!("api" / "inbox" / String / EntrySegment)
         .and(warp::delete())
         .and(api_auth(api.clone()))
         .and(with_api(api))
-        .then(|user: String, id: String, api: Arc<Api>| async move {
-            count("inbox_retract", retract(&user, &id, &api).await)
+        .then(|user: String, id: EntrySegment, api: Arc<Api>| async move {
+            count("inbox_retract", retract(&user, &id.0, &api).await)
         })
         .boxed()
+}
+
+/// The `{id}` segment of `DELETE /api/inbox/{user}/{id}`: anything but `ack`, which names
+/// the ack resource (a concrete segment wins over a templated one, as in OpenAPI), so
+/// `DELETE /api/inbox/{user}/ack` is a 405 rather than a malformed id.
+struct EntrySegment(String);
+
+impl FromStr for EntrySegment {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s == "ack" {
+            Err(())
+        } else {
+            Ok(EntrySegment(s.to_string()))
+        }
+    }
 }
 
 /// The payload as clients receive it in `data`: JSON when it parses, else a string.

@@ -17,9 +17,11 @@ mod upgrade;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::StatusCode;
+use http::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use http::{Method, StatusCode};
 use serde::Serialize;
 use warp::filters::BoxedFilter;
+use warp::path::FullPath;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -55,6 +57,8 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(ops::routes(api))
         .unify()
+        .or(method_not_allowed())
+        .unify()
         .recover(recover)
         .unify()
         .boxed()
@@ -74,6 +78,85 @@ fn api_routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(presence::disconnect_route(api))
         .unify()
+        .boxed()
+}
+
+/// Every path the node serves, as a template (`{name}` is one non-empty segment), with the
+/// methods it has: the source of 405 answers and their `Allow` header. docs/openapi.yaml
+/// documents the same routes (a test compares them); `/ws` is in docs/protocol.md.
+const ROUTES: &[(&str, &str)] = &[
+    ("/ws", "GET"),
+    ("/api/publish", "POST"),
+    ("/api/presence/{user}", "GET"),
+    ("/api/stats", "GET"),
+    ("/api/disconnect/{user}", "POST"),
+    ("/api/inbox/{user}", "GET"),
+    ("/api/inbox/{user}/ack", "POST"),
+    ("/api/inbox/{user}/{id}", "DELETE"),
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/metrics", "GET"),
+];
+
+fn template_matches(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return true,
+            (Some(w), Some(h)) if w.starts_with('{') && !h.is_empty() => {}
+            (Some(w), Some(h)) if w == h => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The methods this path has, in `ROUTES` order (empty: no such path). As in OpenAPI, a
+/// concrete segment wins over a templated one: `/api/inbox/u/ack` is the ack resource
+/// only, not also the entry `ack` of `/api/inbox/{user}/{id}`.
+fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let literals = |t: &str| t.split('/').filter(|seg| !seg.starts_with('{')).count();
+    let matching: Vec<&(&str, &str)> = ROUTES
+        .iter()
+        .filter(|(template, _)| template_matches(template, path))
+        .collect();
+    let most = matching.iter().map(|(t, _)| literals(t)).max().unwrap_or(0);
+    let mut methods: Vec<&'static str> = Vec::new();
+    for (template, method) in matching {
+        if literals(template) == most && !methods.contains(method) {
+            methods.push(method);
+        }
+    }
+    methods
+}
+
+/// A 405 with the `Allow` header RFC 9110 asks for.
+fn method_not_allowed_reply(allowed: &[&str]) -> Response {
+    let allow = allowed.join(", ");
+    let mut res = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method not allowed; this path allows: {allow}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        res.headers_mut().insert(ALLOW, v);
+    }
+    res
+}
+
+/// Tried after every route: a known path asked with a method it does not have is a 405
+/// (before authentication, like a 404). Anything else passes on the routes' own rejection.
+fn method_not_allowed() -> BoxedFilter<(Response,)> {
+    warp::method()
+        .and(warp::path::full())
+        .and_then(|method: Method, path: FullPath| async move {
+            let allowed = allowed_methods(path.as_str());
+            if allowed.is_empty() || allowed.contains(&method.as_str()) {
+                Err(warp::reject::not_found())
+            } else {
+                Ok(method_not_allowed_reply(&allowed))
+            }
+        })
         .boxed()
 }
 
@@ -174,11 +257,14 @@ async fn recover(rej: Rejection) -> Result<Response, Infallible> {
     let res = if rej.is_not_found() {
         error(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if rej.find::<Unauthorized>().is_some() {
-        error(
+        let mut res = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <api key>",
-        )
+        );
+        res.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        res
     } else if rej.find::<warp::reject::PayloadTooLarge>().is_some() {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,

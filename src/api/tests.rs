@@ -11,7 +11,7 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use self::socket::TestServer;
-use super::decode_segment;
+use super::{allowed_methods, decode_segment};
 use crate::config::Config;
 use crate::node::Node;
 
@@ -321,6 +321,64 @@ mod socket {
         }
         out
     }
+}
+
+#[test]
+fn route_templates_match_whole_non_empty_segments() {
+    assert_eq!(allowed_methods("/api/publish"), ["POST"]);
+    assert_eq!(allowed_methods("/api/presence/a%2Fb"), ["GET"]);
+    assert_eq!(allowed_methods("/api/inbox/u/ack"), ["POST"]);
+    assert_eq!(allowed_methods("/api/inbox/u/1-0"), ["DELETE"]);
+    for unknown in [
+        "/",
+        "/api",
+        "/api/publish/",
+        "/api/presence/",
+        "/api/presence/a/b",
+        "/api/inbox//ack",
+        "/nope",
+    ] {
+        assert!(allowed_methods(unknown).is_empty(), "{unknown}");
+    }
+}
+
+#[tokio::test]
+async fn a_known_path_with_another_method_is_405_with_allow() {
+    let srv = TestServer::start().await;
+    for (path, method, allow) in [
+        ("/api/publish", "GET", "POST"),
+        ("/api/publish", "TRACE", "POST"),
+        ("/api/presence/42", "POST", "GET"),
+        ("/api/stats", "DELETE", "GET"),
+        ("/api/disconnect/42", "GET", "POST"),
+        ("/api/inbox/42", "PUT", "GET"),
+        ("/api/inbox/42/ack", "GET", "POST"),
+        // Found by schemathesis: `ack` was also read as an entry id here.
+        ("/api/inbox/42/ack", "DELETE", "POST"),
+        ("/api/inbox/42/1-0", "PATCH", "DELETE"),
+        ("/healthz", "OPTIONS", "GET"),
+        ("/readyz", "POST", "GET"),
+        ("/metrics", "DELETE", "GET"),
+        ("/ws", "POST", "GET"),
+    ] {
+        // Without the API key too: the method is judged before authentication.
+        let res = srv.raw(&format!("{method} {path} HTTP/1.1"), b"").await;
+        assert_eq!(res.status, 405, "{method} {path}: {res:?}");
+        assert_eq!(res.headers.get("allow").map(String::as_str), Some(allow));
+        assert_eq!(res.error_code(), "method_not_allowed");
+    }
+    let res = srv.call("GET", "/api/nope", None).await;
+    assert_eq!((res.status, res.error_code().as_str()), (404, "not_found"));
+    // The right method without the key is still a 401, and says how to authenticate.
+    let res = srv.raw("GET /api/stats HTTP/1.1", b"").await;
+    assert_eq!(
+        (res.status, res.error_code().as_str()),
+        (401, "unauthorized")
+    );
+    assert_eq!(
+        res.headers.get("www-authenticate").map(String::as_str),
+        Some("Bearer")
+    );
 }
 
 #[test]

@@ -52,11 +52,14 @@ fn upgrade(
     api: Arc<Api>,
 ) -> Response {
     if method != Method::GET {
-        return reject(
+        let mut res = reject(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",
         );
+        res.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
+        return res;
     }
     if api.node.is_draining() {
         return reject(
