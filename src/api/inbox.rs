@@ -15,10 +15,13 @@ use super::bodies::{
     inbox_page_size, AckBody, AckResponse, InboxEntryBody, InboxResponse, OkResponse,
 };
 use super::{
-    api_auth, bad_request, count, decode_segment, decode_user, error, json, unavailable, with_api,
-    Api,
+    api_auth, bad_request, body_limited, count, decode_segment, decode_user, error, json,
+    unavailable, with_api, Api,
 };
 use crate::protocol::StreamId;
+
+/// Largest body of `POST /api/inbox/<uid>/ack`.
+const ACK_BODY_MAX: usize = 4096;
 
 pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String)
@@ -36,8 +39,7 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String / "ack")
         .and(warp::post())
         .and(api_auth(api.clone()))
-        .and(warp::body::content_length_limit(4096))
-        .and(warp::body::bytes())
+        .and(body_limited(ACK_BODY_MAX))
         .and(with_api(api))
         .then(|user: String, body: Bytes, api: Arc<Api>| async move {
             count("inbox_ack", ack(&user, &body, &api).await)

@@ -17,6 +17,8 @@ mod upgrade;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
 use http::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use http::{Method, StatusCode};
 use serde::Serialize;
@@ -160,6 +162,49 @@ fn method_not_allowed() -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+#[derive(Debug)]
+struct BodyTooLarge {
+    limit: usize,
+}
+impl warp::reject::Reject for BodyTooLarge {}
+
+#[derive(Debug)]
+struct BodyUnreadable;
+impl warp::reject::Reject for BodyUnreadable {}
+
+/// The request body, at most `limit` bytes, sent with a Content-Length or chunked. A body
+/// over the limit is a 413: at once when its Content-Length says so, else as soon as the
+/// chunks pass the limit (nothing beyond it is buffered).
+fn body_limited(limit: usize) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |declared: Option<u64>, body| read_limited(declared, body, limit))
+}
+
+async fn read_limited<S, B>(
+    declared: Option<u64>,
+    body: S,
+    limit: usize,
+) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(warp::reject::custom(BodyTooLarge { limit }));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| warp::reject::custom(BodyUnreadable))?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(warp::reject::custom(BodyTooLarge { limit }));
+        }
+        out.put(chunk);
+    }
+    Ok(out.freeze())
+}
+
 /// Hands each request the shared state.
 fn with_api(api: Arc<Api>) -> impl Filter<Extract = (Arc<Api>,), Error = Infallible> + Clone {
     warp::any().map(move || api.clone())
@@ -265,18 +310,14 @@ async fn recover(rej: Rejection) -> Result<Response, Infallible> {
         res.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         res
-    } else if rej.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if let Some(BodyTooLarge { limit }) = rej.find() {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            "request body too large",
+            format!("request body too large: the limit is {limit} bytes"),
         )
-    } else if rej.find::<warp::reject::LengthRequired>().is_some() {
-        error(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length",
-        )
+    } else if rej.find::<BodyUnreadable>().is_some() {
+        bad_request("the request body could not be read")
     } else if rej.find::<warp::reject::MethodNotAllowed>().is_some() {
         error(
             StatusCode::METHOD_NOT_ALLOWED,

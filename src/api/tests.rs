@@ -10,7 +10,7 @@ use clap::Parser;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use self::socket::TestServer;
+use self::socket::{chunked, TestServer, API_KEY};
 use super::{allowed_methods, decode_segment};
 use crate::config::Config;
 use crate::node::Node;
@@ -321,6 +321,18 @@ mod socket {
         }
         out
     }
+
+    /// A chunked encoding of `body` in pieces of `piece` bytes.
+    pub(crate) fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in body.chunks(piece) {
+            out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
 }
 
 #[test]
@@ -379,6 +391,38 @@ async fn a_known_path_with_another_method_is_405_with_allow() {
         res.headers.get("www-authenticate").map(String::as_str),
         Some("Bearer")
     );
+}
+
+#[tokio::test]
+async fn bodies_may_be_chunked_and_are_limited_either_way() {
+    let srv = TestServer::start().await;
+    let auth = format!("Authorization: Bearer {API_KEY}");
+    // Chunked bodies used to be refused with 411 Length Required.
+    let publish = br#"{"user":"42","data":{"text":"hi"}}"#;
+    let res = srv
+        .raw(
+            &format!("POST /api/publish HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: chunked"),
+            &chunked(publish, 7),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.json()["channels"], 1);
+
+    let big = format!(r#"{{"id":"1-0","pad":"{}"}}"#, "x".repeat(5000));
+    let res = srv
+        .raw(
+            &format!("POST /api/inbox/42/ack HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: chunked"),
+            &chunked(big.as_bytes(), 1000),
+        )
+        .await;
+    assert_eq!((res.status, res.error_code().as_str()), (413, "too_large"));
+    let res = srv.call("POST", "/api/inbox/42/ack", Some(&big)).await;
+    assert_eq!((res.status, res.error_code().as_str()), (413, "too_large"));
+    // Exactly at the limit is fine.
+    let at_limit = format!(r#"{{"id":"1-0","pad":"{}"}}"#, "x".repeat(4096 - 21));
+    assert_eq!(at_limit.len(), 4096);
+    let res = srv.call("POST", "/api/inbox/42/ack", Some(&at_limit)).await;
+    assert_eq!(res.status, 200, "{res:?}");
 }
 
 #[test]
