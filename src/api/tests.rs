@@ -11,7 +11,7 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use self::socket::{chunked, TestServer, API_KEY};
-use super::{allowed_methods, decode_segment};
+use super::{allowed_methods, decode_segment, ROUTES};
 use crate::config::Config;
 use crate::node::Node;
 
@@ -352,6 +352,40 @@ fn route_templates_match_whole_non_empty_segments() {
     ] {
         assert!(allowed_methods(unknown).is_empty(), "{unknown}");
     }
+}
+
+/// docs/openapi.yaml documents exactly the routes the node serves (except `/ws`, which
+/// docs/protocol.md describes), with the same methods.
+#[test]
+fn the_openapi_document_lists_every_route() {
+    let spec = include_str!("../../docs/openapi.yaml");
+    let mut documented = Vec::new();
+    let mut in_paths = false;
+    let mut path = "";
+    for line in spec.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_paths = line == "paths:";
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+            path = &line[2..2 + p.len() + 1];
+        } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')) {
+            if ["get", "post", "put", "patch", "delete"].contains(&m) {
+                documented.push((path.to_string(), m.to_ascii_uppercase()));
+            }
+        }
+    }
+    let mut served: Vec<(String, String)> = ROUTES
+        .iter()
+        .filter(|(p, _)| *p != "/ws")
+        .map(|(p, m)| (p.to_string(), m.to_string()))
+        .collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
 }
 
 #[tokio::test]
