@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test from scratch on a fresh Debian machine: installs what the tests need
-# (redis-server for the private test Redis instances, nginx for the load-balancer test)
-# where it is missing, then builds and runs the whole suite.
+# (redis-server for the private test Redis instances, nginx for the load-balancer test,
+# python3 for schemathesis) where it is missing, then builds and runs the whole suite, then
+# the HTTP API contract check (scripts/api-fuzz.sh: schemathesis against a real node with
+# docs/openapi.yaml). Arguments are passed to `cargo test`; with any, the contract check is
+# skipped (run scripts/api-fuzz.sh on its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +13,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # The TLS tests make a throwaway CA with the openssl command.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# schemathesis (scripts/api-fuzz.sh) runs in a Python venv.
+command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
@@ -26,6 +31,13 @@ export PATH="$PATH:/usr/sbin"
 
 cargo build --locked --workspace --all-targets
 cargo test --locked --workspace --all-targets -- "$@"
+
+# ---------- the HTTP API contract (docs/openapi.yaml, schemathesis) ----------
+if [ $# -eq 0 ]; then
+  HERALD_BIN=target/debug/herald ./scripts/api-fuzz.sh
+else
+  echo "test.sh: test filter given, HTTP API contract check skipped (scripts/api-fuzz.sh)"
+fi
 
 # ---------- clients/js: the browser client (docs/client.md) ----------
 # Unit tests (node --test, fakes only) and browser tests (Debian's Chromium, installed by

@@ -21,25 +21,43 @@ pub(crate) struct WsQuery {
 }
 
 /// Body of `POST /api/publish`. Exactly one of `user`, `users`, `topic`, `broadcast`.
+/// Optional fields are left out when unused; `null` is not a way to leave them out (it is
+/// refused like any other wrong type, as docs/openapi.yaml says).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PublishRequest {
+    #[serde(default, deserialize_with = "non_null")]
     user: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
     users: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "non_null")]
     topic: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
     broadcast: Option<bool>,
     /// Store in the users' durable inboxes as well (user and users targets only).
     #[serde(default)]
     durable: bool,
     /// Durable only: a retry with the same key within the idempotency window returns the
     /// first ids and stores nothing new.
+    #[serde(default, deserialize_with = "non_null")]
     idempotency_key: Option<String>,
     /// Durable only: seconds after which the message is no longer replayed or listed.
+    #[serde(default, deserialize_with = "non_null")]
     expires_in: Option<u64>,
     /// Durable only: replaces the user's unread message that last used this key.
+    #[serde(default, deserialize_with = "non_null")]
     collapse_key: Option<String>,
     /// Required; any JSON value, `null` included.
     data: Box<RawValue>,
+}
+
+/// An optional field that, when present, must hold a `T` (serde would read `null` as absent).
+fn non_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A validated publish target.
@@ -195,10 +213,32 @@ pub(crate) struct OkResponse {
     pub(crate) ok: bool,
 }
 
-/// Query of `GET /api/inbox/<uid>`.
+/// Query of `GET /api/inbox/<uid>`. Other parameters are ignored.
 #[derive(Debug, Deserialize, Default)]
-pub(crate) struct InboxQuery {
-    pub(crate) limit: Option<usize>,
+struct InboxQuery {
+    limit: Option<String>,
+}
+
+/// Entries one `GET /api/inbox/<uid>` returns without a `limit`.
+pub(crate) const INBOX_PAGE_DEFAULT: usize = 100;
+/// Most entries one `GET /api/inbox/<uid>` returns.
+pub(crate) const INBOX_PAGE_MAX: usize = 1000;
+
+/// The page size a `GET /api/inbox/<uid>` query asks for; the error is the 400's text. A
+/// `limit` that is not a whole number from 1 to 1000 is refused, not clamped: a client
+/// that sends `limit=0` or `limit=abc` has a bug it should hear about.
+pub(crate) fn inbox_page_size(query: &str) -> Result<usize, String> {
+    let q: InboxQuery =
+        serde_urlencoded::from_str(query).map_err(|e| format!("invalid query: {e}"))?;
+    let Some(raw) = q.limit else {
+        return Ok(INBOX_PAGE_DEFAULT);
+    };
+    raw.parse::<usize>()
+        .ok()
+        .filter(|n| raw.bytes().all(|b| b.is_ascii_digit()) && (1..=INBOX_PAGE_MAX).contains(n))
+        .ok_or_else(|| {
+            format!("\"limit\" must be a whole number from 1 to {INBOX_PAGE_MAX}, not {raw:?}")
+        })
 }
 
 /// One entry of `GET /api/inbox/<uid>`.
@@ -259,6 +299,7 @@ mod tests {
         assert!(parse_publish(br#"{"users":["1","2"],"data":{"x":1}}"#).is_ok());
         assert!(parse_publish(br#"{"topic":"t","data":"s"}"#).is_ok());
         assert!(parse_publish(br#"{"broadcast":true,"data":null}"#).is_ok());
+        assert!(parse_publish(br#"{"user":"1","durable":false,"data":1}"#).is_ok());
         assert!(parse_publish(br#"{"broadcast":false,"data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1","topic":"t","data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1"}"#).is_err());
@@ -294,12 +335,45 @@ mod tests {
             br#"{"user":"1","durable":true,"expires_in":0,"data":1}"#,
             br#"{"user":"1","durable":true,"expires_in":-1,"data":1}"#,
             br#"{"user":"1","durable":true,"expires_in":1.5,"data":1}"#,
+            // Found by schemathesis: null was read as "absent", which the contract does not say.
+            br#"{"user":"1","collapse_key":null,"data":1}"#,
+            br#"{"user":"1","durable":true,"idempotency_key":null,"data":1}"#,
+            br#"{"user":"1","durable":true,"expires_in":null,"data":1}"#,
+            br#"{"user":"1","topic":null,"data":1}"#,
+            br#"{"user":null,"topic":"t","data":1}"#,
+            br#"{"users":null,"broadcast":true,"data":1}"#,
+            br#"{"broadcast":null,"user":"1","data":1}"#,
+            br#"{"user":"1","durable":null,"data":1}"#,
         ] {
             assert!(
                 parse_publish(body).is_err(),
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn inbox_limit_is_a_whole_number_from_1_to_1000() {
+        assert_eq!(inbox_page_size(""), Ok(INBOX_PAGE_DEFAULT));
+        assert_eq!(inbox_page_size("other=x"), Ok(INBOX_PAGE_DEFAULT));
+        assert_eq!(inbox_page_size("limit=1"), Ok(1));
+        assert_eq!(inbox_page_size("limit=1000&x=1"), Ok(1000));
+        assert_eq!(inbox_page_size("limit=007"), Ok(7));
+        // Found by schemathesis: these were clamped or replaced by the default, not refused.
+        for bad in [
+            "limit=abc",
+            "limit=-1",
+            "limit=0",
+            "limit=1001",
+            "limit=-971833",
+            "limit=",
+            "limit=+5",
+            "limit=1.5",
+            "limit=99999999999999999999999",
+            "limit=1&limit=2",
+        ] {
+            assert!(inbox_page_size(bad).is_err(), "{bad}");
         }
     }
 

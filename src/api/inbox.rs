@@ -2,6 +2,7 @@
 //! acknowledged, `POST /api/inbox/<uid>/ack` moves their read cursor, and
 //! `DELETE /api/inbox/<uid>/<id>` withdraws an entry.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,12 +11,17 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::bodies::{AckBody, AckResponse, InboxEntryBody, InboxQuery, InboxResponse, OkResponse};
-use super::{api_auth, bad_request, count, decode_user, error, json, unavailable, with_api, Api};
+use super::bodies::{
+    inbox_page_size, AckBody, AckResponse, InboxEntryBody, InboxResponse, OkResponse,
+};
+use super::{
+    api_auth, bad_request, body_limited, count, decode_segment, decode_user, error, json,
+    unavailable, with_api, Api,
+};
 use crate::protocol::StreamId;
 
-/// Most entries one `GET /api/inbox/<uid>` returns.
-const INBOX_PAGE_MAX: usize = 1000;
+/// Largest body of `POST /api/inbox/<uid>/ack`.
+const ACK_BODY_MAX: usize = 4096;
 
 pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String)
@@ -33,8 +39,7 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String / "ack")
         .and(warp::post())
         .and(api_auth(api.clone()))
-        .and(warp::body::content_length_limit(4096))
-        .and(warp::body::bytes())
+        .and(body_limited(ACK_BODY_MAX))
         .and(with_api(api))
         .then(|user: String, body: Bytes, api: Arc<Api>| async move {
             count("inbox_ack", ack(&user, &body, &api).await)
@@ -43,14 +48,30 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 }
 
 pub(super) fn retract_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
-    warp::path!("api" / "inbox" / String / String)
+    warp::path!("api" / "inbox" / String / EntrySegment)
         .and(warp::delete())
         .and(api_auth(api.clone()))
         .and(with_api(api))
-        .then(|user: String, id: String, api: Arc<Api>| async move {
-            count("inbox_retract", retract(&user, &id, &api).await)
+        .then(|user: String, id: EntrySegment, api: Arc<Api>| async move {
+            count("inbox_retract", retract(&user, &id.0, &api).await)
         })
         .boxed()
+}
+
+/// The `{id}` segment of `DELETE /api/inbox/{user}/{id}`: anything but `ack`, which names
+/// the ack resource (a concrete segment wins over a templated one, as in OpenAPI), so
+/// `DELETE /api/inbox/{user}/ack` is a 405 rather than a malformed id.
+struct EntrySegment(String);
+
+impl FromStr for EntrySegment {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s == "ack" {
+            Err(())
+        } else {
+            Ok(EntrySegment(s.to_string()))
+        }
+    }
 }
 
 /// The payload as clients receive it in `data`: JSON when it parses, else a string.
@@ -64,8 +85,10 @@ async fn list(raw_user: &str, query: &str, api: &Api) -> Response {
         Ok(u) => u,
         Err(res) => return *res,
     };
-    let q: InboxQuery = serde_urlencoded::from_str(query).unwrap_or_default();
-    let limit = q.limit.unwrap_or(100).clamp(1, INBOX_PAGE_MAX);
+    let limit = match inbox_page_size(query) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e),
+    };
     match api.node.inbox_page(&user, limit).await {
         Ok(opening) => json(
             StatusCode::OK,
@@ -115,7 +138,7 @@ async fn retract(raw_user: &str, raw_id: &str, api: &Api) -> Response {
         Ok(u) => u,
         Err(res) => return *res,
     };
-    let Ok(id) = raw_id.parse::<StreamId>() else {
+    let Some(Ok(id)) = decode_segment(raw_id).map(|id| id.parse::<StreamId>()) else {
         return bad_request("the entry id must be an inbox id such as 1732530000000-0");
     };
     match api.node.inbox_retract(&user, id).await {

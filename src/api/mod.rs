@@ -16,9 +16,13 @@ mod upgrade;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::StatusCode;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use http::{Method, StatusCode};
 use serde::Serialize;
 use warp::filters::BoxedFilter;
+use warp::path::FullPath;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -65,7 +69,12 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
     if api.node.config().dev {
         routes = routes.or(demo()).unify().boxed();
     }
-    routes.recover(recover).unify().boxed()
+    routes
+        .or(method_not_allowed())
+        .unify()
+        .recover(recover)
+        .unify()
+        .boxed()
 }
 
 /// CORS for the routes browsers call (`--allowed-origins`; every origin in --dev unless
@@ -113,6 +122,130 @@ fn api_routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .or(presence::disconnect_route(api))
         .unify()
         .boxed()
+}
+
+/// Every path the node serves, as a template (`{name}` is one non-empty segment), with the
+/// methods it has: the source of 405 answers and their `Allow` header. docs/openapi.yaml
+/// documents the same routes (a test compares them); `/ws` is in docs/protocol.md.
+const ROUTES: &[(&str, &str)] = &[
+    ("/ws", "GET"),
+    ("/sse", "GET"),
+    ("/ack", "POST"),
+    ("/api/publish", "POST"),
+    ("/api/presence/{user}", "GET"),
+    ("/api/stats", "GET"),
+    ("/api/disconnect/{user}", "POST"),
+    ("/api/inbox/{user}", "GET"),
+    ("/api/inbox/{user}/ack", "POST"),
+    ("/api/inbox/{user}/{id}", "DELETE"),
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/metrics", "GET"),
+];
+
+fn template_matches(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return true,
+            (Some(w), Some(h)) if w.starts_with('{') && !h.is_empty() => {}
+            (Some(w), Some(h)) if w == h => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The methods this path has, in `ROUTES` order (empty: no such path). As in OpenAPI, a
+/// concrete segment wins over a templated one: `/api/inbox/u/ack` is the ack resource
+/// only, not also the entry `ack` of `/api/inbox/{user}/{id}`.
+fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let literals = |t: &str| t.split('/').filter(|seg| !seg.starts_with('{')).count();
+    let matching: Vec<&(&str, &str)> = ROUTES
+        .iter()
+        .filter(|(template, _)| template_matches(template, path))
+        .collect();
+    let most = matching.iter().map(|(t, _)| literals(t)).max().unwrap_or(0);
+    let mut methods: Vec<&'static str> = Vec::new();
+    for (template, method) in matching {
+        if literals(template) == most && !methods.contains(method) {
+            methods.push(method);
+        }
+    }
+    methods
+}
+
+/// A 405 with the `Allow` header RFC 9110 asks for.
+fn method_not_allowed_reply(allowed: &[&str]) -> Response {
+    let allow = allowed.join(", ");
+    let mut res = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method not allowed; this path allows: {allow}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        res.headers_mut().insert(ALLOW, v);
+    }
+    res
+}
+
+/// Tried after every route: a known path asked with a method it does not have is a 405
+/// (before authentication, like a 404). Anything else passes on the routes' own rejection.
+fn method_not_allowed() -> BoxedFilter<(Response,)> {
+    warp::method()
+        .and(warp::path::full())
+        .and_then(|method: Method, path: FullPath| async move {
+            let allowed = allowed_methods(path.as_str());
+            if allowed.is_empty() || allowed.contains(&method.as_str()) {
+                Err(warp::reject::not_found())
+            } else {
+                Ok(method_not_allowed_reply(&allowed))
+            }
+        })
+        .boxed()
+}
+
+#[derive(Debug)]
+struct BodyTooLarge {
+    limit: usize,
+}
+impl warp::reject::Reject for BodyTooLarge {}
+
+#[derive(Debug)]
+struct BodyUnreadable;
+impl warp::reject::Reject for BodyUnreadable {}
+
+/// The request body, at most `limit` bytes, sent with a Content-Length or chunked. A body
+/// over the limit is a 413: at once when its Content-Length says so, else as soon as the
+/// chunks pass the limit (nothing beyond it is buffered).
+fn body_limited(limit: usize) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |declared: Option<u64>, body| read_limited(declared, body, limit))
+}
+
+async fn read_limited<S, B>(
+    declared: Option<u64>,
+    body: S,
+    limit: usize,
+) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(warp::reject::custom(BodyTooLarge { limit }));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| warp::reject::custom(BodyUnreadable))?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(warp::reject::custom(BodyTooLarge { limit }));
+        }
+        out.put(chunk);
+    }
+    Ok(out.freeze())
 }
 
 /// Hands each request the shared state.
@@ -172,17 +305,37 @@ fn count(route: &'static str, res: Response) -> Response {
     res
 }
 
+/// Percent-decodes one path segment. Strict: a `%` that does not start a `%XX` escape, or
+/// bytes that are not UTF-8 once decoded, make it `None`. A lenient decoder would take the
+/// `%` of an unencoded `50%` literally but decode the one of `50%41`: a client that forgot
+/// to encode would be right or wrong by chance, and never told.
+fn decode_segment(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let escapes_ok = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
 /// Percent-decodes and validates a user id taken from a path segment.
 fn decode_user(raw: &str) -> Result<String, Box<Response>> {
-    let bad = |msg: &str| Box::new(bad_request(msg));
-    let user = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| bad("user id is not valid UTF-8"))?
-        .into_owned();
+    let Some(user) = decode_segment(raw) else {
+        return Err(Box::new(bad_request(
+            "the user id in the path is not percent-encoded UTF-8",
+        )));
+    };
     if !valid_name(&user) {
-        return Err(bad(
-            "invalid user id: 1-256 printable characters without whitespace",
-        ));
+        return Err(Box::new(bad_request(
+            "invalid user id: 1-256 bytes without whitespace or control characters",
+        )));
     }
     Ok(user)
 }
@@ -198,23 +351,22 @@ async fn recover(rej: Rejection) -> Result<Response, Infallible> {
             "this origin may not use this node (--allowed-origins)",
         )
     } else if rej.find::<Unauthorized>().is_some() {
-        error(
+        let mut res = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <api key>",
-        )
-    } else if rej.find::<warp::reject::PayloadTooLarge>().is_some() {
+        );
+        res.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        res
+    } else if let Some(BodyTooLarge { limit }) = rej.find() {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            "request body too large",
+            format!("request body too large: the limit is {limit} bytes"),
         )
-    } else if rej.find::<warp::reject::LengthRequired>().is_some() {
-        error(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length",
-        )
+    } else if rej.find::<BodyUnreadable>().is_some() {
+        bad_request("the request body could not be read")
     } else if rej.find::<warp::reject::MethodNotAllowed>().is_some() {
         error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -12,19 +12,18 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::bodies::{parse_publish, Publish, PublishResponse, PublishTarget};
-use super::{api_auth, bad_request, count, error, json, unavailable, with_api, Api};
+use super::{api_auth, bad_request, body_limited, count, error, json, unavailable, with_api, Api};
 use crate::delivery::Target;
 
 /// Extra body room on top of the payload limit, for the target fields of a publish.
-const PUBLISH_ENVELOPE_BYTES: u64 = 512 * 1024;
+const PUBLISH_ENVELOPE_BYTES: usize = 512 * 1024;
 
 pub(super) fn route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
-    let limit = api.node.config().max_message_bytes as u64 + PUBLISH_ENVELOPE_BYTES;
+    let limit = api.node.config().max_message_bytes + PUBLISH_ENVELOPE_BYTES;
     warp::path!("api" / "publish")
         .and(warp::post())
         .and(api_auth(api.clone()))
-        .and(warp::body::content_length_limit(limit))
-        .and(warp::body::bytes())
+        .and(body_limited(limit))
         .and(with_api(api))
         .then(|body: Bytes, api: Arc<Api>| async move { count("publish", publish(&body, &api).await) })
         .boxed()

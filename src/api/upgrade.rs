@@ -59,11 +59,14 @@ fn upgrade(
     api: Arc<Api>,
 ) -> Response {
     if method != Method::GET {
-        return reject(
+        let mut res = reject(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",
         );
+        res.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
+        return res;
     }
     // Authentication comes before the upgrade checks so a bad token is always a 401.
     let request = match start(&api, &headers, &query, None) {

@@ -92,7 +92,6 @@ local function bad_char(c)
   return c <= 0x20 or (c >= 0x7F and c <= 0x9F) or SINGLE[c]
     or (c >= 0x2000 and c <= 0x200F) or (c >= 0x202A and c <= 0x202E)
     or (c >= 0x2060 and c <= 0x206F) or (c >= 0xFFF9 and c <= 0xFFFB)
-    or (c >= 0x1D173 and c <= 0x1D17A) or (c >= 0xE0000 and c <= 0xE007F)
 end
 
 local function valid_name(s)
