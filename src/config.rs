@@ -485,10 +485,22 @@ mod tests {
 
     #[test]
     fn origins_must_be_scheme_host_and_port() {
-        for good in ["*", "https://app.example.com", "http://127.0.0.1:8080", "http://localhost"] {
+        for good in [
+            "*",
+            "https://app.example.com",
+            "http://127.0.0.1:8080",
+            "http://localhost",
+        ] {
             assert_eq!(parse_origin(good).as_deref(), Ok(good), "{good}");
         }
-        for bad in ["app.example.com", "https://", "https://a/b", "ftp://a", "https://u@a", "https://a b"] {
+        for bad in [
+            "app.example.com",
+            "https://",
+            "https://a/b",
+            "ftp://a",
+            "https://u@a",
+            "https://a b",
+        ] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }
     }

@@ -333,12 +333,7 @@ mod tests {
         assert!(!valid_name("a\nb"));
         assert!(!valid_name(&"x".repeat(257)));
         for c in [
-            '\u{202E}',
-            '\u{200B}',
-            '\u{FEFF}',
-            '\u{2066}',
-            '\u{00AD}',
-            '\u{3164}',
+            '\u{202E}', '\u{200B}', '\u{FEFF}', '\u{2066}', '\u{00AD}', '\u{3164}',
         ] {
             assert!(!valid_name(&format!("a{c}b")), "U+{:04X}", c as u32);
         }

@@ -54,10 +54,7 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
         .or(upgrade::ack_route(api.clone()))
         .unify();
     let client = match cors(api.node.config()) {
-        Some(cors) => client
-            .with(cors)
-            .map(Reply::into_response)
-            .boxed(),
+        Some(cors) => client.with(cors).map(Reply::into_response).boxed(),
         None => client.boxed(),
     };
     let mut routes = client
@@ -98,9 +95,9 @@ fn cors(config: &crate::config::Config) -> Option<warp::cors::Builder> {
 
 /// --dev only: the demo page (examples/browser, read from the working directory) at /demo/.
 fn demo() -> BoxedFilter<(Response,)> {
-    let slash = warp::path("demo").and(warp::path::end()).map(|| {
-        warp::redirect::see_other(http::Uri::from_static("/demo/")).into_response()
-    });
+    let slash = warp::path("demo")
+        .and(warp::path::end())
+        .map(|| warp::redirect::see_other(http::Uri::from_static("/demo/")).into_response());
     let files = warp::path("demo")
         .and(warp::fs::dir("examples/browser"))
         .map(Reply::into_response);

@@ -134,7 +134,11 @@ fn start(
         .verify(token.as_deref().unwrap_or(""), query.topics.as_deref())
         .map_err(|e| {
             metrics::counter!(m::UPGRADES_REJECTED, "reason" => e.label()).increment(1);
-            Box::new(error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                e.to_string(),
+            ))
         })?;
     let since = match last_event_id
         .filter(|id| !id.is_empty())
