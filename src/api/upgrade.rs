@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONNECTION, SEC_WEBSOCKET_ACCEPT, UPGRADE};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use http::{HeaderMap, Method, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use warp::filters::BoxedFilter;
@@ -73,16 +76,9 @@ fn upgrade(
         Ok(r) => r,
         Err(res) => return *res,
     };
-    let key = headers.get("sec-websocket-key").cloned();
-    let is_ws = header_has(&headers, CONNECTION, "upgrade")
-        && header_has(&headers, UPGRADE, "websocket")
-        && headers.get("sec-websocket-version").map(|v| v.as_bytes()) == Some(b"13");
-    let (Some(key), Some(on_upgrade), true) = (key, on_upgrade, is_ws) else {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "not_websocket",
-            "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
-        );
+    let (key, on_upgrade) = match handshake(&headers, on_upgrade) {
+        Ok(checked) => checked,
+        Err(res) => return *res,
     };
     let admission = match admit(&api) {
         Ok(a) => a,
@@ -98,6 +94,84 @@ fn upgrade(
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
+    res
+}
+
+/// Checks the handshake headers RFC 6455 4.2.1 requires and returns the client's key. A
+/// version other than 13 gets 426 and a missing one 400, both with `Sec-WebSocket-Version:
+/// 13` (4.2.2: the versions the server speaks); a key that is missing, repeated, or not
+/// the base64 of 16 bytes gets 400.
+fn handshake(
+    headers: &HeaderMap,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<(HeaderValue, hyper::upgrade::OnUpgrade), Box<Response>> {
+    let on_upgrade = match on_upgrade {
+        Some(u)
+            if header_has(headers, CONNECTION, "upgrade")
+                && header_has(headers, UPGRADE, "websocket") =>
+        {
+            u
+        }
+        _ => {
+            return Err(Box::new(with_version(reject(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
+            ))))
+        }
+    };
+    let versions: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_VERSION).iter().collect();
+    match versions.as_slice() {
+        [v] if v.as_bytes() == b"13" => {}
+        [] => {
+            return Err(Box::new(with_version(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_version",
+                "Sec-WebSocket-Version is missing; this server speaks version 13",
+            ))))
+        }
+        _ => {
+            return Err(Box::new(with_version(reject(
+                StatusCode::UPGRADE_REQUIRED,
+                "bad_version",
+                "unsupported Sec-WebSocket-Version; this server speaks version 13",
+            ))))
+        }
+    }
+    let keys: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_KEY).iter().collect();
+    match keys.as_slice() {
+        [key] if valid_key(key.as_bytes()) => Ok(((*key).clone(), on_upgrade)),
+        [] => Err(Box::new(with_version(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "Sec-WebSocket-Key is missing",
+        )))),
+        [_] => Err(Box::new(with_version(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "Sec-WebSocket-Key must be the base64 of 16 random bytes",
+        )))),
+        _ => Err(Box::new(with_version(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "Sec-WebSocket-Key must be sent once",
+        )))),
+    }
+}
+
+/// RFC 6455 4.1: the key is a nonce of 16 bytes, base64-encoded (24 characters).
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|nonce| nonce.len() == 16)
+}
+
+/// Adds the `Sec-WebSocket-Version` a refused handshake must carry (RFC 6455 4.2.2).
+fn with_version(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     res
 }
 

@@ -26,6 +26,7 @@ mod client;
 mod cluster;
 mod events;
 mod faults;
+mod hostile;
 mod inbox;
 mod inbox_ops;
 mod lb;
