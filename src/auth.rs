@@ -9,6 +9,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::clock::unix_ms;
+use crate::config::ApiScope;
 use crate::protocol::valid_name;
 
 /// Who a verified token belongs to and which topics the connection joins.
@@ -311,15 +312,57 @@ pub(crate) fn bearer(header: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Checks the API key in constant time; `None` (only in --dev) accepts any request.
-pub(crate) fn api_key_ok(expected: Option<&str>, header: Option<&str>) -> bool {
-    let Some(expected) = expected else {
-        return true;
-    };
-    let Some(given) = header.and_then(bearer) else {
-        return false;
-    };
-    given.as_bytes().ct_eq(expected.as_bytes()).into()
+/// The node's API keys and their scopes.
+pub(crate) struct ApiKeys {
+    keys: Vec<(ApiScope, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("ApiKeys")
+            .field("count", &self.keys.len())
+            .finish()
+    }
+}
+
+/// Why an API request's key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyRefusal {
+    /// No key, or a key the node does not have (401).
+    Unknown,
+    /// A known key whose scope does not cover the route (403).
+    Scope(ApiScope),
+}
+
+impl ApiKeys {
+    /// No keys (only in --dev) means every request is let through as admin.
+    pub(crate) fn new(keys: Vec<(ApiScope, String)>) -> Self {
+        ApiKeys {
+            keys: keys.into_iter().map(|(s, k)| (s, k.into_bytes())).collect(),
+        }
+    }
+
+    /// Checks the bearer key of `header` against every key in constant time (each
+    /// comparison runs whatever the outcome of the others, so timing does not tell which
+    /// key, or how much of one, matched) and whether its scope allows `need`.
+    pub(crate) fn check(&self, header: Option<&str>, need: ApiScope) -> Result<(), KeyRefusal> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let given = header.and_then(bearer).unwrap_or("").as_bytes();
+        let mut found: Option<ApiScope> = None;
+        for (scope, key) in &self.keys {
+            if bool::from(given.ct_eq(key)) && found.is_none_or(|f| *scope > f) {
+                found = Some(*scope);
+            }
+        }
+        match found {
+            None => Err(KeyRefusal::Unknown),
+            Some(scope) if scope.allows(need) => Ok(()),
+            Some(scope) => Err(KeyRefusal::Scope(scope)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -514,11 +557,50 @@ RyGhhvrfwc8P7l8F55jiqZ1CxyAbrftvUHad1EXb4tcz45nP6EvB21KN5Q==
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("abc"), None);
-        assert!(api_key_ok(Some("k1"), Some("Bearer k1")));
-        assert!(api_key_ok(Some("k1"), Some("bearer k1")));
-        assert!(!api_key_ok(Some("k1"), Some("Bearer k2")));
-        assert!(!api_key_ok(Some("k1"), Some("k1")));
-        assert!(!api_key_ok(Some("k1"), None));
-        assert!(api_key_ok(None, None));
+        let keys = ApiKeys::new(vec![
+            (ApiScope::Admin, "admin-key-0123456789".into()),
+            (ApiScope::Publish, "publish-key-0123456789".into()),
+            (ApiScope::Read, "read-key-0123456789".into()),
+        ]);
+        let admin = Some("Bearer admin-key-0123456789");
+        let publish = Some("bearer publish-key-0123456789");
+        let read = Some("BEARER read-key-0123456789");
+        for need in [ApiScope::Publish, ApiScope::Read, ApiScope::Admin] {
+            assert_eq!(keys.check(admin, need), Ok(()), "admin may do {need:?}");
+        }
+        assert_eq!(keys.check(publish, ApiScope::Publish), Ok(()));
+        assert_eq!(
+            keys.check(publish, ApiScope::Read),
+            Err(KeyRefusal::Scope(ApiScope::Publish))
+        );
+        assert_eq!(
+            keys.check(publish, ApiScope::Admin),
+            Err(KeyRefusal::Scope(ApiScope::Publish))
+        );
+        assert_eq!(keys.check(read, ApiScope::Read), Ok(()));
+        assert_eq!(
+            keys.check(read, ApiScope::Publish),
+            Err(KeyRefusal::Scope(ApiScope::Read))
+        );
+        for wrong in [
+            None,
+            Some("admin-key-0123456789"),
+            Some("Bearer admin-key-012345678"),
+            Some("Bearer admin-key-01234567890"),
+            Some("Basic admin-key-0123456789"),
+            Some("Bearer "),
+        ] {
+            assert_eq!(
+                keys.check(wrong, ApiScope::Publish),
+                Err(KeyRefusal::Unknown),
+                "{wrong:?}"
+            );
+        }
+        let open = ApiKeys::new(Vec::new());
+        assert_eq!(
+            open.check(None, ApiScope::Admin),
+            Ok(()),
+            "--dev without keys"
+        );
     }
 }

@@ -17,6 +17,15 @@ pub(crate) fn unix_ms() -> u64 {
 /// Milliseconds on a process-wide monotonic clock that starts at the first call; cheap
 /// enough to read per frame.
 pub(crate) fn mono_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Microseconds on the same clock as [`mono_ms`] (for rates finer than a millisecond).
+pub(crate) fn mono_us() -> u64 {
+    epoch().elapsed().as_micros() as u64
+}
+
+fn epoch() -> &'static Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    EPOCH.get_or_init(Instant::now)
 }

@@ -67,13 +67,35 @@ pub struct Config {
     #[arg(long, env = "HERALD_TOKEN_GRACE", default_value = "10", value_parser = parse_duration)]
     pub token_grace: Duration,
 
-    /// Bearer key for the HTTP API. Required unless --dev.
+    /// Bearer key for the HTTP API with the `admin` scope (every route). An API key of some
+    /// scope is required unless --dev.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// File holding the API key, instead of --api-key.
+    /// File holding the admin API key, instead of --api-key.
     #[arg(long, env = "HERALD_API_KEY_FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
+
+    /// API key with the `publish` scope: `POST /api/publish` only, for producers. May be
+    /// given several times (rotation); the env twin takes a comma-separated list.
+    #[arg(
+        long,
+        env = "HERALD_PUBLISH_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub publish_api_key: Vec<String>,
+
+    /// File of scoped API keys, one per line: `<scope> <key>` with scope `admin`, `read`
+    /// (presence, stats, inbox listing) or `publish`; `#` starts a comment. Several keys of
+    /// one scope may be listed (rotation).
+    #[arg(long, env = "HERALD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// The keys read from --api-keys-file by [`Config::load_secret_files`]
+    /// ([`Config::scoped_api_keys`] adds the others).
+    #[arg(skip)]
+    pub file_api_keys: Vec<(ApiScope, String)>,
 
     /// Presence time-to-live. Sessions and the node itself expire this long after the last
     /// heartbeat; heartbeats run every third of it. Bare numbers are seconds; "500ms",
@@ -99,6 +121,25 @@ pub struct Config {
     /// Maximum concurrent WebSocket sessions on this node; further upgrades get HTTP 503.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// Maximum sessions (WebSocket and SSE) of one user on this node. Further connects of
+    /// that user get 429 `too_many_sessions` (or, when they race past the check, close
+    /// 4004), so one token cannot take the node's --max-connections from everyone else,
+    /// and the Redis work of one user's presence stays bounded.
+    #[arg(long, env = "HERALD_MAX_SESSIONS_PER_USER", default_value_t = 64)]
+    pub max_sessions_per_user: usize,
+
+    /// Frames per second one session may send (acks, pings, refreshes, anything), averaged;
+    /// beyond it the node stops reading that session until its rate is back within bounds
+    /// (nothing is dropped: the client's writes back up). The same rate bounds `POST /ack`
+    /// per user on this node (429 beyond it). What one client can make Redis do is bounded
+    /// by it.
+    #[arg(long, env = "HERALD_CLIENT_FRAME_RATE", default_value_t = 20)]
+    pub client_frame_rate: u32,
+
+    /// Frames a session may send in a burst above --client-frame-rate.
+    #[arg(long, env = "HERALD_CLIENT_FRAME_BURST", default_value_t = 40)]
+    pub client_frame_burst: u32,
 
     /// Largest payload delivered to clients and largest frame accepted from them, in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
@@ -227,8 +268,10 @@ pub enum ConfigError {
     MissingApiKey,
     #[error("{0} must be at least 32 bytes (RFC 7518: an HMAC key as long as its hash)")]
     WeakJwtSecret(&'static str),
-    #[error("--api-key must be at least 16 bytes")]
-    WeakApiKey,
+    #[error("{0} must be at least 16 bytes")]
+    WeakApiKey(&'static str),
+    #[error("{0}")]
+    BadKeysFile(String),
     #[error("cannot read {0}: {1}")]
     SecretFile(String, String),
     #[error("--presence-ttl must be at least 1s")]
@@ -254,11 +297,19 @@ impl Config {
             if self.jwt_secret.is_none() && self.jwt_public_key_file.is_empty() {
                 return Err(ConfigError::MissingJwtSecret);
             }
-            match &self.api_key {
-                None => return Err(ConfigError::MissingApiKey),
-                Some(k) if k.len() < 16 => return Err(ConfigError::WeakApiKey),
-                Some(_) => {}
+            if self.scoped_api_keys().is_empty() {
+                return Err(ConfigError::MissingApiKey);
             }
+        }
+        let weak = |k: &String| k.len() < 16;
+        if self.api_key.iter().any(weak) {
+            return Err(ConfigError::WeakApiKey("--api-key"));
+        }
+        if self.publish_api_key.iter().any(weak) {
+            return Err(ConfigError::WeakApiKey("--publish-api-key"));
+        }
+        if self.file_api_keys.iter().map(|(_, k)| k).any(weak) {
+            return Err(ConfigError::WeakApiKey("every key of --api-keys-file"));
         }
         if self.presence_ttl < Duration::from_secs(1) {
             return Err(ConfigError::TtlTooShort);
@@ -271,6 +322,9 @@ impl Config {
         }
         for (name, v) in [
             ("--max-connections", self.max_connections),
+            ("--max-sessions-per-user", self.max_sessions_per_user),
+            ("--client-frame-rate", self.client_frame_rate as usize),
+            ("--client-frame-burst", self.client_frame_burst as usize),
             ("--max-message-bytes", self.max_message_bytes),
             ("--outbox-messages", self.outbox_messages),
             ("--outbox-bytes", self.outbox_bytes),
@@ -305,7 +359,30 @@ impl Config {
         if let Some(p) = self.api_key_file.take() {
             self.api_key = Some(read(&p)?);
         }
+        if let Some(p) = self.api_keys_file.take() {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| ConfigError::SecretFile(p.display().to_string(), e.to_string()))?;
+            self.file_api_keys = parse_keys_file(&text)
+                .map_err(|e| ConfigError::BadKeysFile(format!("{}: {e}", p.display())))?;
+        }
         Ok(())
+    }
+
+    /// Every API key with its scope: --api-key (admin), --publish-api-key and the keys of
+    /// --api-keys-file.
+    pub(crate) fn scoped_api_keys(&self) -> Vec<(ApiScope, String)> {
+        let mut keys: Vec<(ApiScope, String)> = self
+            .api_key
+            .iter()
+            .map(|k| (ApiScope::Admin, k.clone()))
+            .collect();
+        keys.extend(
+            self.publish_api_key
+                .iter()
+                .map(|k| (ApiScope::Publish, k.clone())),
+        );
+        keys.extend(self.file_api_keys.iter().cloned());
+        keys
     }
 
     /// Each session's outbox bounds.
@@ -347,6 +424,63 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration out of range: {s:?}"));
     }
     Ok(Duration::from_secs_f64(v * scale))
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApiScope {
+    /// `POST /api/publish` only: what a producer needs.
+    Publish,
+    /// Reads: presence, stats and inbox listings (no acknowledging, retracting or
+    /// disconnecting).
+    Read,
+    /// Every route.
+    Admin,
+}
+
+impl ApiScope {
+    /// Whether a key of this scope may use a route that needs `need`. Admin may do
+    /// everything; publish and read keys only their own routes.
+    pub(crate) fn allows(self, need: ApiScope) -> bool {
+        self == ApiScope::Admin || self == need
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ApiScope::Publish => "publish",
+            ApiScope::Read => "read",
+            ApiScope::Admin => "admin",
+        }
+    }
+}
+
+/// Parses an --api-keys-file: `<scope> <key>` per line, blank lines and `#` comments
+/// skipped. The error names the line (never the key).
+fn parse_keys_file(text: &str) -> Result<Vec<(ApiScope, String)>, String> {
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(scope), Some(key), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("line {}: expected `<scope> <key>`", i + 1));
+        };
+        let scope = match scope {
+            "admin" => ApiScope::Admin,
+            "read" => ApiScope::Read,
+            "publish" => ApiScope::Publish,
+            other => {
+                return Err(format!(
+                    "line {}: unknown scope {other:?} (admin, read or publish)",
+                    i + 1
+                ))
+            }
+        };
+        keys.push((scope, key.to_string()));
+    }
+    Ok(keys)
 }
 
 /// An origin as browsers send it: `http(s)://host[:port]`, no path; or `*`.

@@ -28,6 +28,8 @@ pub(crate) struct ReadyStatus {
     pub(crate) redis: bool,
     pub(crate) pubsub: bool,
     pub(crate) draining: bool,
+    /// Every session slot (`--max-connections`) is taken: send new sessions elsewhere.
+    pub(crate) full: bool,
 }
 
 impl Health {
@@ -76,6 +78,7 @@ impl Health {
             redis,
             pubsub,
             draining,
+            full: false,
         }
     }
 
@@ -139,7 +142,8 @@ mod tests {
                 ready: false,
                 redis: true,
                 pubsub: true,
-                draining: true
+                draining: true,
+                full: false
             }
         );
     }

@@ -44,6 +44,15 @@ pub(crate) const PUBSUB_RECONNECTS: &str = "herald_pubsub_reconnects_total";
 pub(crate) const READY: &str = "herald_ready";
 /// Counter: API requests, by `route` and `status`.
 pub(crate) const API_REQUESTS: &str = "herald_api_requests_total";
+/// Counter: API requests refused because the key's scope does not cover the route, by
+/// the key's `scope`.
+pub(crate) const API_FORBIDDEN: &str = "herald_api_forbidden_total";
+/// Counter: times a session's client frames were paused because it sent faster than
+/// --client-frame-rate (nothing is dropped).
+pub(crate) const CLIENT_FRAMES_THROTTLED: &str = "herald_client_frames_throttled_total";
+/// Counter: `POST /ack` requests refused with 429 (the user acked faster than
+/// --client-frame-rate on this node).
+pub(crate) const ACKS_THROTTLED: &str = "herald_acks_throttled_total";
 /// Histogram: seconds for a canary to come back over the pub/sub connection.
 pub(crate) const CANARY_RTT_SECONDS: &str = "herald_pubsub_canary_rtt_seconds";
 /// Counter: canaries that did not come back in time (the subscription was then rebuilt).

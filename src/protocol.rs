@@ -32,6 +32,9 @@ pub(crate) mod close {
     pub(crate) const TOKEN_EXPIRED: u16 = 4003;
     /// Disconnected by the API (`POST /api/disconnect/<uid>`); do not reconnect automatically.
     pub(crate) const KICKED: u16 = 4002;
+    /// The user already has --max-sessions-per-user sessions on this node: close another
+    /// tab or reconnect later, with backoff.
+    pub(crate) const TOO_MANY_SESSIONS: u16 = 4004;
 }
 
 /// Why a session ended; decides the close code and the metric label.
@@ -51,6 +54,8 @@ pub(crate) enum CloseReason {
     SlowConsumer,
     Kicked,
     TokenExpired,
+    /// The user's sessions on this node reached --max-sessions-per-user.
+    TooManySessions,
 }
 
 impl CloseReason {
@@ -66,6 +71,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => close::SLOW_CONSUMER,
             CloseReason::Kicked => close::KICKED,
             CloseReason::TokenExpired => close::TOKEN_EXPIRED,
+            CloseReason::TooManySessions => close::TOO_MANY_SESSIONS,
         }
     }
 
@@ -84,6 +90,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Kicked => "kicked",
             CloseReason::TokenExpired => "token_expired",
+            CloseReason::TooManySessions => "too_many_sessions",
         }
     }
 }

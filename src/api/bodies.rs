@@ -160,6 +160,13 @@ impl PublishRequest {
             if let Some(bad) = users.iter().find(|u| !valid_name(u)) {
                 return Err(PublishError::BadUser(bad.clone()));
             }
+            // A user named twice would get the notification twice (and, durable, two
+            // inbox entries): each user is addressed once, in the order first given.
+            let mut seen = std::collections::HashSet::with_capacity(users.len());
+            let users: Vec<String> = users
+                .into_iter()
+                .filter(|u| seen.insert(u.clone()))
+                .collect();
             PublishTarget::Users(users)
         } else if let Some(t) = self.topic {
             if !valid_name(&t) {
@@ -304,6 +311,18 @@ mod tests {
         assert!(parse_publish(br#"{"user":"1","topic":"t","data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1"}"#).is_err());
         assert!(parse_publish(br#"{"users":[],"data":1}"#).is_err());
+        let Ok(Publish {
+            target: PublishTarget::Users(users),
+            ..
+        }) = parse_publish(br#"{"users":["b","a","b","a","c"],"data":1}"#)
+        else {
+            panic!("users parse");
+        };
+        assert_eq!(
+            users,
+            ["b", "a", "c"],
+            "duplicates dropped, first order kept"
+        );
         assert!(parse_publish(br#"{"user":"a b","data":1}"#).is_err());
         assert!(parse_publish(br#"{"user":"1","data":1,"extra":2}"#).is_err());
         assert!(parse_publish(b"\xff").is_err());

@@ -11,6 +11,8 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::config::ApiScope;
+
 use super::bodies::{
     inbox_page_size, AckBody, AckResponse, InboxEntryBody, InboxResponse, OkResponse,
 };
@@ -26,7 +28,7 @@ const ACK_BODY_MAX: usize = 4096;
 pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String)
         .and(warp::get())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Read))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(with_api(api))
         .then(|user: String, query: String, api: Arc<Api>| async move {
@@ -38,7 +40,7 @@ pub(super) fn list_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String / "ack")
         .and(warp::post())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Admin))
         .and(body_limited(ACK_BODY_MAX))
         .and(with_api(api))
         .then(|user: String, body: Bytes, api: Arc<Api>| async move {
@@ -50,7 +52,7 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 pub(super) fn retract_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String / EntrySegment)
         .and(warp::delete())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Admin))
         .and(with_api(api))
         .then(|user: String, id: EntrySegment, api: Arc<Api>| async move {
             count("inbox_retract", retract(&user, &id.0, &api).await)

@@ -6,6 +6,7 @@
 
 mod bodies;
 mod inbox;
+mod limits;
 mod ops;
 mod presence;
 mod publish;
@@ -27,8 +28,9 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use self::bodies::ErrorBody;
-use crate::auth::{api_key_ok, Authenticator};
+use crate::auth::{ApiKeys, Authenticator, KeyRefusal};
 use crate::cluster::RedisError;
+use crate::config::ApiScope;
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::valid_name;
@@ -37,14 +39,21 @@ use crate::protocol::valid_name;
 pub(crate) struct Api {
     node: Arc<Node>,
     auth: Arc<Authenticator>,
-    /// `None` (only possible with `--dev`): every API request is accepted.
-    api_key: Option<String>,
+    /// Bounds each user's `POST /ack` calls on this node (`--client-frame-rate`).
+    ack_limit: limits::UserRateLimit,
+    /// The API keys and their scopes (none, only possible with `--dev`: every API request
+    /// is accepted).
+    api_keys: ApiKeys,
 }
 
 /// All routes of a node.
 pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
     let api = Arc::new(Api {
-        api_key: node.config().api_key.clone(),
+        api_keys: ApiKeys::new(node.config().scoped_api_keys()),
+        ack_limit: limits::UserRateLimit::new(
+            node.config().client_frame_rate,
+            node.config().client_frame_burst,
+        ),
         auth: node.authenticator().clone(),
         node,
     });
@@ -254,15 +263,27 @@ fn with_api(api: Arc<Api>) -> impl Filter<Extract = (Arc<Api>,), Error = Infalli
 struct Unauthorized;
 impl warp::reject::Reject for Unauthorized {}
 
-/// Requires the API key (`Authorization: Bearer <api key>`) unless `--dev`.
-fn api_auth(api: Arc<Api>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+/// A known API key whose scope does not cover the route.
+#[derive(Debug)]
+struct Forbidden {
+    have: ApiScope,
+    need: ApiScope,
+}
+impl warp::reject::Reject for Forbidden {}
+
+/// Requires an API key (`Authorization: Bearer <api key>`) whose scope allows `need`,
+/// unless `--dev` runs without keys.
+fn api_auth(api: Arc<Api>, need: ApiScope) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(with_api(api))
-        .and_then(|header: Option<String>, api: Arc<Api>| async move {
-            if api_key_ok(api.api_key.as_deref(), header.as_deref()) {
-                Ok(())
-            } else {
-                Err(warp::reject::custom(Unauthorized))
+        .and_then(move |header: Option<String>, api: Arc<Api>| async move {
+            match api.api_keys.check(header.as_deref(), need) {
+                Ok(()) => Ok(()),
+                Err(KeyRefusal::Unknown) => Err(warp::reject::custom(Unauthorized)),
+                Err(KeyRefusal::Scope(have)) => {
+                    metrics::counter!(m::API_FORBIDDEN, "scope" => have.label()).increment(1);
+                    Err(warp::reject::custom(Forbidden { have, need }))
+                }
             }
         })
         .untuple_one()
@@ -356,6 +377,16 @@ async fn recover(rej: Rejection) -> Result<Response, Infallible> {
         res.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         res
+    } else if let Some(Forbidden { have, need }) = rej.find() {
+        error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this API key has the {} scope; this route needs {}",
+                have.label(),
+                need.label()
+            ),
+        )
     } else if let Some(BodyTooLarge { limit }) = rej.find() {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,

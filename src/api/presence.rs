@@ -8,13 +8,15 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::config::ApiScope;
+
 use super::bodies::{OkResponse, PresenceResponse};
 use super::{api_auth, count, decode_user, json, unavailable, with_api, Api};
 
 pub(super) fn presence_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "presence" / String)
         .and(warp::get())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Read))
         .and(with_api(api))
         .then(|user: String, api: Arc<Api>| async move {
             count("presence", presence(&user, &api).await)
@@ -25,7 +27,7 @@ pub(super) fn presence_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 pub(super) fn stats_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "stats")
         .and(warp::get())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Read))
         .and(with_api(api))
         .then(|api: Arc<Api>| async move { count("stats", stats(&api).await) })
         .boxed()
@@ -34,7 +36,7 @@ pub(super) fn stats_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 pub(super) fn disconnect_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "disconnect" / String)
         .and(warp::post())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Admin))
         .and(with_api(api))
         .then(|user: String, api: Arc<Api>| async move {
             count("disconnect", disconnect(&user, &api).await)

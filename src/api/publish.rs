@@ -11,6 +11,8 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::config::ApiScope;
+
 use super::bodies::{parse_publish, Publish, PublishResponse, PublishTarget};
 use super::{api_auth, bad_request, body_limited, count, error, json, unavailable, with_api, Api};
 use crate::delivery::Target;
@@ -22,7 +24,7 @@ pub(super) fn route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     let limit = api.node.config().max_message_bytes + PUBLISH_ENVELOPE_BYTES;
     warp::path!("api" / "publish")
         .and(warp::post())
-        .and(api_auth(api.clone()))
+        .and(api_auth(api.clone(), ApiScope::Publish))
         .and(body_limited(limit))
         .and(with_api(api))
         .then(|body: Bytes, api: Arc<Api>| async move { count("publish", publish(&body, &api).await) })

@@ -23,7 +23,7 @@ use super::bodies::{AckResponse, ClientAckBody, WsQuery};
 use super::{bad_request, count, error, json, unavailable, with_api, Api};
 use crate::auth::bearer;
 use crate::metrics as m;
-use crate::node::{Admission, SessionRequest};
+use crate::node::{Admission, Refusal, SessionRequest};
 use crate::protocol::StreamId;
 use crate::transport::listener::ConnAbort;
 
@@ -80,7 +80,7 @@ fn upgrade(
         Ok(checked) => checked,
         Err(res) => return *res,
     };
-    let admission = match admit(&api) {
+    let admission = match admit(&api, &request.user) {
         Ok(a) => a,
         Err(res) => return *res,
     };
@@ -237,18 +237,28 @@ fn start(
     })
 }
 
-/// A session slot, or the 503 that says the node is full.
-fn admit(api: &Api) -> Result<Admission, Box<Response>> {
-    api.node.admit().ok_or_else(|| {
-        let mut res = reject(
+/// A session slot for `user`, or the refusal: 503 when the node is full, 429 when the user
+/// has --max-sessions-per-user sessions here.
+fn admit(api: &Api, user: &str) -> Result<Admission, Box<Response>> {
+    let (status, reason, message, retry) = match api.node.admit(user) {
+        Ok(a) => return Ok(a),
+        Err(Refusal::Full) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "capacity",
             "node is at --max-connections",
-        );
-        res.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("5"));
-        Box::new(res)
-    })
+            "5",
+        ),
+        Err(Refusal::TooManySessions) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            "this user has --max-sessions-per-user sessions on this node; close one first",
+            "10",
+        ),
+    };
+    let mut res = reject(status, reason, message);
+    res.headers_mut()
+        .insert("retry-after", HeaderValue::from_static(retry));
+    Err(Box::new(res))
 }
 
 /// `GET /sse`: the session as a server-sent event stream.
@@ -270,7 +280,7 @@ pub(super) fn sse_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
                     Ok(r) => r,
                     Err(res) => return *res,
                 };
-                let admission = match admit(&api) {
+                let admission = match admit(&api, &request.user) {
                     Ok(a) => a,
                     Err(res) => return *res,
                 };
@@ -310,6 +320,17 @@ async fn client_ack(headers: &HeaderMap, query: &str, body: &[u8], api: &Api) ->
         Ok(who) => who,
         Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
+    if let Err(retry) = api.ack_limit.check(&who.user) {
+        metrics::counter!(m::ACKS_THROTTLED).increment(1);
+        let mut res = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "acknowledgements above --client-frame-rate; send the newest id after Retry-After",
+        );
+        res.headers_mut()
+            .insert("retry-after", HeaderValue::from(retry));
+        return res;
+    }
     let Ok(ack) = serde_json::from_slice::<ClientAckBody>(body) else {
         return bad_request(r#"body must be {"id":"<inbox id>"[,"session":"<session id>"]}"#);
     };

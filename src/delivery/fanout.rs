@@ -362,6 +362,7 @@ mod tests {
                     connected_at: 0,
                 },
                 ctl.clone(),
+                usize::MAX,
             );
         }
         let limits = OutboxLimits {
@@ -419,6 +420,7 @@ mod tests {
                     connected_at: 0,
                 },
                 ctl.clone(),
+                usize::MAX,
             );
         }
         let limits = OutboxLimits {

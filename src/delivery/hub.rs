@@ -107,12 +107,22 @@ impl Hub {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a session. The returned receiver resolves once the broker has confirmed every
-    /// subscription this session needs (its user channel and topics).
-    pub(crate) fn register(&self, info: SessionInfo, client: Arc<Client>) -> Registered {
+    /// Adds a session, unless its user already has `max_per_user` sessions here (`None`).
+    /// The returned receiver resolves once the broker has confirmed every subscription this
+    /// session needs (its user channel and topics). The cap is checked under the same lock
+    /// that adds the session, so concurrent connects of one user cannot overshoot it.
+    pub(crate) fn register(
+        &self,
+        info: SessionInfo,
+        client: Arc<Client>,
+        max_per_user: usize,
+    ) -> Option<Registered> {
         let (done_tx, done_rx) = oneshot::channel();
         let mut inner = self.write();
         let mut interests = Vec::new();
+        if inner.users.get(&info.user).map_or(0, Vec::len) >= max_per_user {
+            return None;
+        }
         let user_sessions = inner.users.entry(info.user.clone()).or_default();
         let first_of_user = user_sessions.is_empty();
         if first_of_user {
@@ -134,10 +144,15 @@ impl Hub {
             interests,
             done: Some(done_tx),
         });
-        Registered {
+        Some(Registered {
             subscribed: done_rx,
             first_of_user,
-        }
+        })
+    }
+
+    /// How many sessions `user` has on this node.
+    pub(crate) fn user_session_count(&self, user: &str) -> usize {
+        self.read().users.get(user).map_or(0, Vec::len)
     }
 
     /// Removes a session; returns `None` if it was not registered.
@@ -291,8 +306,8 @@ mod tests {
         let (hub, mut rx) = hub();
         let a = info("u1", &["t"]);
         let b = info("u1", &["t"]);
-        let _ = hub.register(a.clone(), Default::default());
-        let _ = hub.register(b.clone(), Default::default());
+        let _ = hub.register(a.clone(), Default::default(), usize::MAX);
+        let _ = hub.register(b.clone(), Default::default(), usize::MAX);
         let (sub, ch) = interests_of(rx.try_recv().unwrap());
         assert!(sub);
         assert_eq!(
@@ -329,9 +344,9 @@ mod tests {
         let a = Arc::new(Client::default());
         let b = Arc::new(Client::default());
         let b2 = Arc::new(Client::default());
-        let _ = hub.register(info("a", &["news"]), a.clone());
-        let _ = hub.register(info("b", &[]), b.clone());
-        let _ = hub.register(info("b", &["news"]), b2.clone());
+        let _ = hub.register(info("a", &["news"]), a.clone(), usize::MAX);
+        let _ = hub.register(info("b", &[]), b.clone(), usize::MAX);
+        let _ = hub.register(info("b", &["news"]), b2.clone(), usize::MAX);
         let mut got = Vec::new();
         hub.topic_sessions("news", &mut got);
         assert_eq!(got.len(), 2);

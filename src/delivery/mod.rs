@@ -36,6 +36,7 @@ pub(crate) mod testing {
                 connected_at: 0,
             },
             client.clone(),
+            usize::MAX,
         );
         let limits = OutboxLimits {
             messages: 8,

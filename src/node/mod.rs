@@ -31,6 +31,7 @@ use crate::metrics as m;
 use crate::protocol::{CloseReason, StreamId};
 use crate::transport::replay::{Acked, Opening, ReplayLimits};
 use crate::transport::session::SessionEnv;
+use crate::transport::throttle::FrameRate;
 use crate::transport::Client;
 
 /// Why a node could not be built (only `main` sees it, to print and exit).
@@ -73,6 +74,15 @@ pub struct Node {
     stop_background: CancellationToken,
 }
 
+/// Why a new session was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The node holds `--max-connections` sessions.
+    Full,
+    /// The user holds `--max-sessions-per-user` sessions on this node.
+    TooManySessions,
+}
+
 /// A reserved session slot, released when dropped.
 pub(crate) struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
 
@@ -106,6 +116,7 @@ impl Node {
             ack_timeout: config.write_timeout,
             inbox: engines.inbox.clone(),
             auth: auth.clone(),
+            frame_rate: FrameRate::new(config.client_frame_rate, config.client_frame_burst),
         });
 
         let node = Arc::new(Node {
@@ -165,9 +176,12 @@ impl Node {
         &self.auth
     }
 
-    /// Readiness as `/readyz` reports it.
+    /// Readiness as `/readyz` reports it: the health flags, and not ready while full.
     pub(crate) fn ready_status(&self) -> ReadyStatus {
-        self.health.status()
+        let mut status = self.health.status();
+        status.full = self.is_full();
+        status.ready &= !status.full;
+        status
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -279,13 +293,23 @@ impl Node {
         tasks::catch_up_pass(self).await;
     }
 
-    /// Reserves a session slot, or `None` when the node is at `--max-connections`.
-    pub(crate) fn admit(&self) -> Option<Admission> {
+    /// Reserves a session slot for `user`, unless the node is at `--max-connections` or
+    /// the user at `--max-sessions-per-user` (checked again, exactly, when the session
+    /// registers).
+    pub(crate) fn admit(&self, user: &str) -> Result<Admission, Refusal> {
+        if self.hub.user_session_count(user) >= self.config.max_sessions_per_user {
+            return Err(Refusal::TooManySessions);
+        }
         self.admission
             .clone()
             .try_acquire_owned()
-            .ok()
             .map(Admission)
+            .map_err(|_| Refusal::Full)
+    }
+
+    /// Whether every session slot is taken (what `/readyz` reports as `full`).
+    pub(crate) fn is_full(&self) -> bool {
+        self.admission.available_permits() == 0
     }
 
     /// Clean stop: not-ready at once, refuse upgrades, close sessions with 1012 in paced

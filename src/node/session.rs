@@ -168,7 +168,16 @@ impl Node {
             topics: request.topics.into_iter().map(Arc::<str>::from).collect(),
             connected_at: unix_ms(),
         };
-        let reg = self.hub.register(info.clone(), client.clone());
+        let Some(reg) = self.hub.register(
+            info.clone(),
+            client.clone(),
+            self.config.max_sessions_per_user,
+        ) else {
+            // Connects of one user raced past the API's check: the cap is settled here, under
+            // the hub's lock. The session was never registered, so it has no presence.
+            metrics::counter!(m::UPGRADES_REJECTED, "reason" => "too_many_sessions").increment(1);
+            return (info, Err(CloseReason::TooManySessions));
+        };
         metrics::counter!(m::SESSIONS_OPENED).increment(1);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         if let Err(e) = self.engines.presence.add(&info, reg.first_of_user).await {
@@ -217,13 +226,16 @@ impl Node {
 
     /// Unregisters an ended session and removes its presence.
     async fn close_session(&self, info: SessionInfo, reason: CloseReason) {
-        let removed = self.hub.unregister(info.id);
+        let Some(removed) = self.hub.unregister(info.id) else {
+            // Refused at registration: nothing to undo.
+            return;
+        };
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason.label()).increment(1);
         if reason == CloseReason::SlowConsumer {
             metrics::counter!(m::SLOW_CONSUMERS).increment(1);
         }
-        let last = removed.map(|r| r.last_of_user).unwrap_or(false);
+        let last = removed.last_of_user;
         let offline_reason = match reason {
             CloseReason::Kicked => "kicked",
             CloseReason::Draining => "drained",

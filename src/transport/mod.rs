@@ -15,6 +15,7 @@ pub(crate) mod outbox;
 pub(crate) mod replay;
 pub(crate) mod session;
 pub(crate) mod sse;
+pub(crate) mod throttle;
 
 pub(crate) use client::{Client, Offered};
 pub(crate) use liveness::{LivenessSettings, Now};

@@ -21,7 +21,9 @@ use super::client::Client;
 use super::codec::{self, FrameReader, Incoming, Kind};
 use super::outbox::{OutboxLimits, Outgoing};
 use super::replay::InboxPort;
+use super::throttle::{FrameRate, Throttle};
 use crate::auth::Authenticator;
+use crate::clock::mono_us;
 use crate::metrics as m;
 use crate::protocol::{parse_client_frame, ClientFrame, CloseReason, ServerFrame};
 
@@ -61,18 +63,35 @@ pub(crate) struct SessionEnv {
     pub(crate) inbox: Arc<dyn InboxPort>,
     /// Verifies the tokens a client sends to refresh its session.
     pub(crate) auth: Arc<Authenticator>,
+    /// How fast a client may send frames (`--client-frame-rate`, `--client-frame-burst`).
+    pub(crate) frame_rate: FrameRate,
 }
 
 type Pending = Option<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// What the loop keeps between polls.
+struct LoopState {
+    /// Reading waits for this: an acknowledgement being stored, or a pause for a client
+    /// that sent faster than its frame rate.
+    pending: Pending,
+    /// The close frame that answers the client's, once it sent one.
+    echo: Option<Outgoing>,
+    /// The client's frame rate so far.
+    throttle: Throttle,
+}
 
 /// Runs the session until it ends and returns why. The caller has registered it, sent the
 /// welcome (and any replay) and released the hold. `reader` may hold bytes the client sent
 /// before the upgrade completed.
 pub(crate) async fn run(parts: &SessionParts, reader: FrameReader) -> CloseReason {
     let mut reader = reader;
-    let mut pending: Pending = None;
-    let mut echo: Option<Outgoing> = None;
-    let reason = poll_fn(|cx| poll_session(parts, &mut reader, &mut pending, &mut echo, cx)).await;
+    let mut state = LoopState {
+        pending: None,
+        echo: None,
+        throttle: Throttle::default(),
+    };
+    let reason = poll_fn(|cx| poll_session(parts, &mut reader, &mut state, cx)).await;
+    let LoopState { pending, echo, .. } = state;
     drop(pending);
     parts.client.close(reason);
     let last = match reason {
@@ -94,8 +113,7 @@ pub(crate) async fn run(parts: &SessionParts, reader: FrameReader) -> CloseReaso
 fn poll_session(
     parts: &SessionParts,
     reader: &mut FrameReader,
-    pending: &mut Pending,
-    echo: &mut Option<Outgoing>,
+    state: &mut LoopState,
     cx: &mut Context<'_>,
 ) -> Poll<CloseReason> {
     let ctl = &parts.client;
@@ -105,24 +123,25 @@ fn poll_session(
         if let Some(r) = ctl.reason() {
             return Poll::Ready(r);
         }
-        if let Some(f) = pending.as_mut() {
+        if let Some(f) = state.pending.as_mut() {
             if f.as_mut().poll(cx).is_ready() {
-                *pending = None;
+                state.pending = None;
             }
         }
         if let Poll::Ready(Err(_)) = ctl.poll_flush(cx) {
             return Poll::Ready(CloseReason::ConnectionLost);
         }
-        if pending.is_some() {
-            // An acknowledgement is in flight: read nothing more until it is stored.
+        if state.pending.is_some() {
+            // An acknowledgement is in flight, or the client is over its rate: read
+            // nothing more until it is stored, or the pause is over.
             return Poll::Pending;
         }
         if reader.has_partial() {
             // Frames left over when the last read stopped early (an ack started).
-            if let Some(r) = handle(parts, reader, &[], pending, echo) {
+            if let Some(r) = handle(parts, reader, &[], state) {
                 return Poll::Ready(r);
             }
-            if pending.is_some() {
+            if state.pending.is_some() {
                 continue;
             }
         }
@@ -145,7 +164,7 @@ fn poll_session(
                 Ok(0) => Err(CloseReason::ConnectionLost),
                 Ok(n) => {
                     ctl.heard();
-                    match handle(parts, reader, &buf[..n], pending, echo) {
+                    match handle(parts, reader, &buf[..n], state) {
                         Some(r) => Err(r),
                         None => Ok(()),
                     }
@@ -166,12 +185,50 @@ fn handle(
     parts: &SessionParts,
     reader: &mut FrameReader,
     data: &[u8],
+    state: &mut LoopState,
+) -> Option<CloseReason> {
+    let mut end = None;
+    let LoopState {
+        pending,
+        echo,
+        throttle,
+    } = state;
+    let fed = reader.feed(data, parts.env.max_message, |frame| {
+        // Every frame the client chose to send counts against its rate; pongs answer the
+        // node's own pings and a close ends the session anyway.
+        let counted = !matches!(frame, Incoming::Pong | Incoming::Close(_));
+        let go = on_frame(parts, frame, pending, echo, &mut end);
+        if counted {
+            if let Some(pause) = throttle.take(&parts.env.frame_rate, mono_us()) {
+                metrics::counter!(m::CLIENT_FRAMES_THROTTLED).increment(1);
+                let before = pending.take();
+                *pending = Some(Box::pin(async move {
+                    if let Some(f) = before {
+                        f.await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }));
+                return false;
+            }
+        }
+        go
+    });
+    match fed {
+        Err(e) => Some(e.into()),
+        Ok(()) => end,
+    }
+}
+
+/// Acts on one client frame; returns whether to go on reading.
+fn on_frame(
+    parts: &SessionParts,
+    frame: Incoming<'_>,
     pending: &mut Pending,
     echo: &mut Option<Outgoing>,
-) -> Option<CloseReason> {
+    end: &mut Option<CloseReason>,
+) -> bool {
     let ctl = &parts.client;
-    let mut end = None;
-    let fed = reader.feed(data, parts.env.max_message, |frame| match frame {
+    match frame {
         Incoming::Text(text) => match parse_client_frame(text) {
             ClientFrame::LegacyHeartbeat => {
                 metrics::counter!(m::CLIENT_FRAMES, "kind" => "heartbeat").increment(1);
@@ -237,7 +294,7 @@ fn handle(
         },
         Incoming::Binary => {
             metrics::counter!(m::CLIENT_FRAMES, "kind" => "binary").increment(1);
-            end = Some(CloseReason::Binary);
+            *end = Some(CloseReason::Binary);
             false
         }
         Incoming::Ping(payload) => {
@@ -257,13 +314,9 @@ fn handle(
                 }
                 Some(_) => Outgoing::close(CloseReason::Protocol),
             });
-            end = Some(CloseReason::ClientClosed);
+            *end = Some(CloseReason::ClientClosed);
             false
         }
-    });
-    match fed {
-        Err(e) => Some(e.into()),
-        Ok(()) => end,
     }
 }
 

@@ -278,7 +278,7 @@ async fn health_readiness_and_metrics_endpoints_report_the_node() {
         (status, body),
         (
             200,
-            json!({"ready": true, "redis": true, "pubsub": true, "draining": false})
+            json!({"ready": true, "redis": true, "pubsub": true, "draining": false, "full": false})
         )
     );
 

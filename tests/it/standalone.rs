@@ -15,7 +15,7 @@ async fn a_standalone_node_delivers_and_reports_presence_and_stats_without_redis
         (status, body),
         (
             200,
-            json!({"ready": true, "redis": true, "pubsub": true, "draining": false})
+            json!({"ready": true, "redis": true, "pubsub": true, "draining": false, "full": false})
         )
     );
 

@@ -100,6 +100,7 @@ export const CLOSE = {
   slowConsumer: 4001,
   kicked: 4002,
   tokenExpired: 4003,
+  tooManySessions: 4004,
 } as const;
 
 const PROBE_TIMEOUT_MS = 5_000;
@@ -110,6 +111,10 @@ const QUICK_EXPIRY_MS = 5_000;
 const RESTART_JITTER_MS = 5_000;
 /** 4001 slow consumer: start the backoff at 1 s. */
 const SLOW_CONSUMER_FLOOR_MS = 1_000;
+/** 4004 too many sessions of this user on the node: other tabs or devices hold the slots. */
+const TOO_MANY_SESSIONS_FLOOR_MS = 10_000;
+/** POST /ack answered 429 without a usable Retry-After. */
+const ACK_RETRY_MS = 1_000;
 
 export class Connection {
   private token: string | undefined;
@@ -126,6 +131,7 @@ export class Connection {
   private refreshTimer: unknown;
   private stableTimer: unknown;
   private wsRetryTimer: unknown;
+  private ackRetryTimer: unknown;
   private running = false;
   private pendingAck: string | undefined;
   private refreshPending = false;
@@ -371,7 +377,7 @@ export class Connection {
   }
 
   private teardown(): void {
-    for (const t of ["reconnectTimer", "refreshTimer", "stableTimer", "wsRetryTimer"] as const) {
+    for (const t of ["reconnectTimer", "refreshTimer", "stableTimer", "wsRetryTimer", "ackRetryTimer"] as const) {
       this.clear(t);
     }
     this.closeLink(this.active);
@@ -381,7 +387,7 @@ export class Connection {
     this.refreshPending = false;
   }
 
-  private clear(name: "reconnectTimer" | "refreshTimer" | "stableTimer" | "wsRetryTimer"): void {
+  private clear(name: "reconnectTimer" | "refreshTimer" | "stableTimer" | "wsRetryTimer" | "ackRetryTimer"): void {
     if (this[name] !== undefined) {
       this.clock.clearTimeout(this[name]);
       this[name] = undefined;
@@ -502,6 +508,9 @@ export class Connection {
         return;
       case CLOSE.slowConsumer:
         this.scheduleReconnect(SLOW_CONSUMER_FLOOR_MS + this.nextBackoff(), why);
+        return;
+      case CLOSE.tooManySessions:
+        this.scheduleReconnect(TOO_MANY_SESSIONS_FLOOR_MS + this.nextBackoff(), why);
         return;
       default:
         this.scheduleReconnect(this.nextBackoff(), why);
@@ -702,6 +711,11 @@ export class Connection {
   private async postAck(id: string): Promise<void> {
     const f = this.globals.fetch;
     if (!f) throw new Error("ack over SSE needs fetch");
+    if (this.ackRetryTimer !== undefined) {
+      // The node asked to wait: this id goes with the retry.
+      this.pendingAck = maxId(this.pendingAck, id);
+      return;
+    }
     let res: Response;
     try {
       res = await f(`${this.cfg.httpBase}/ack`, {
@@ -714,11 +728,34 @@ export class Connection {
       this.hooks.error({ error: "ack_post_failed", message: String(e) });
       return;
     }
+    if (res.status === 429) {
+      // Over the node's rate for this user: acks are cumulative, so only the newest id is
+      // kept and sent once the node asks for it (Retry-After), not after every message.
+      this.pendingAck = maxId(this.pendingAck, id);
+      this.scheduleAckRetry(res.headers?.get?.("retry-after"));
+      return;
+    }
     if (!res.ok) {
       this.pendingAck = maxId(this.pendingAck, id);
       this.hooks.error({ error: "ack_post_failed", message: `POST /ack answered ${res.status}` });
       return;
     }
     this.hooks.acked(id);
+  }
+
+  private scheduleAckRetry(retryAfter: string | null | undefined): void {
+    if (this.ackRetryTimer !== undefined) return;
+    const secs = Number(retryAfter);
+    const delay = Number.isFinite(secs) && secs > 0 ? secs * 1000 : ACK_RETRY_MS;
+    const epoch = this.epoch;
+    this.ackRetryTimer = this.clock.setTimeout(() => {
+      this.ackRetryTimer = undefined;
+      const id = this.pendingAck;
+      if (epoch !== this.epoch || id === undefined) return;
+      const link = this.active;
+      if (!link || !link.welcomed || link.kind !== "sse") return;
+      this.pendingAck = undefined;
+      void this.postAck(id).catch(() => undefined);
+    }, delay);
   }
 }

@@ -23,6 +23,7 @@ export const CLOSE = {
     slowConsumer: 4001,
     kicked: 4002,
     tokenExpired: 4003,
+    tooManySessions: 4004,
 };
 const PROBE_TIMEOUT_MS = 5000;
 const TOKEN_RETRY_MS = 5000;
@@ -32,6 +33,10 @@ const QUICK_EXPIRY_MS = 5000;
 const RESTART_JITTER_MS = 5000;
 /** 4001 slow consumer: start the backoff at 1 s. */
 const SLOW_CONSUMER_FLOOR_MS = 1000;
+/** 4004 too many sessions of this user on the node: other tabs or devices hold the slots. */
+const TOO_MANY_SESSIONS_FLOOR_MS = 10000;
+/** POST /ack answered 429 without a usable Retry-After. */
+const ACK_RETRY_MS = 1000;
 export class Connection {
     constructor(cfg, globals, clock, hooks) {
         this.cfg = cfg;
@@ -298,7 +303,7 @@ export class Connection {
         this.detach(link);
     }
     teardown() {
-        for (const t of ["reconnectTimer", "refreshTimer", "stableTimer", "wsRetryTimer"]) {
+        for (const t of ["reconnectTimer", "refreshTimer", "stableTimer", "wsRetryTimer", "ackRetryTimer"]) {
             this.clear(t);
         }
         this.closeLink(this.active);
@@ -431,6 +436,9 @@ export class Connection {
                 return;
             case CLOSE.slowConsumer:
                 this.scheduleReconnect(SLOW_CONSUMER_FLOOR_MS + this.nextBackoff(), why);
+                return;
+            case CLOSE.tooManySessions:
+                this.scheduleReconnect(TOO_MANY_SESSIONS_FLOOR_MS + this.nextBackoff(), why);
                 return;
             default:
                 this.scheduleReconnect(this.nextBackoff(), why);
@@ -637,6 +645,11 @@ export class Connection {
         const f = this.globals.fetch;
         if (!f)
             throw new Error("ack over SSE needs fetch");
+        if (this.ackRetryTimer !== undefined) {
+            // The node asked to wait: this id goes with the retry.
+            this.pendingAck = maxId(this.pendingAck, id);
+            return;
+        }
         let res;
         try {
             res = await f(`${this.cfg.httpBase}/ack`, {
@@ -650,11 +663,36 @@ export class Connection {
             this.hooks.error({ error: "ack_post_failed", message: String(e) });
             return;
         }
+        if (res.status === 429) {
+            // Over the node's rate for this user: acks are cumulative, so only the newest id is
+            // kept and sent once the node asks for it (Retry-After), not after every message.
+            this.pendingAck = maxId(this.pendingAck, id);
+            this.scheduleAckRetry(res.headers?.get?.("retry-after"));
+            return;
+        }
         if (!res.ok) {
             this.pendingAck = maxId(this.pendingAck, id);
             this.hooks.error({ error: "ack_post_failed", message: `POST /ack answered ${res.status}` });
             return;
         }
         this.hooks.acked(id);
+    }
+    scheduleAckRetry(retryAfter) {
+        if (this.ackRetryTimer !== undefined)
+            return;
+        const secs = Number(retryAfter);
+        const delay = Number.isFinite(secs) && secs > 0 ? secs * 1000 : ACK_RETRY_MS;
+        const epoch = this.epoch;
+        this.ackRetryTimer = this.clock.setTimeout(() => {
+            this.ackRetryTimer = undefined;
+            const id = this.pendingAck;
+            if (epoch !== this.epoch || id === undefined)
+                return;
+            const link = this.active;
+            if (!link || !link.welcomed || link.kind !== "sse")
+                return;
+            this.pendingAck = undefined;
+            void this.postAck(id).catch(() => undefined);
+        }, delay);
     }
 }

@@ -158,6 +158,7 @@ export function fakeFetch(route) {
     return {
       status: r.status,
       ok: r.status >= 200 && r.status < 300,
+      headers: { get: (name) => r.headers?.[name.toLowerCase()] ?? null },
       json: async () => r.body,
     };
   };

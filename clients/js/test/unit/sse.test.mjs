@@ -181,6 +181,35 @@ test("a refused POST /ack is reported and retried after the next welcome", async
   client.stop();
 });
 
+test("a 429 on POST /ack keeps only the newest id and sends it after Retry-After", async () => {
+  let status = 429;
+  const w = world({
+    route: (url) =>
+      url.endsWith("/ack")
+        ? status === 429
+          ? { status, headers: { "retry-after": "2" } }
+          : { status, body: { ok: true, moved: true, cursor: "12-0" } }
+        : reachable(),
+  });
+  const { client, log } = await w.tab({ ...solo, transport: "sse" });
+  w.lastSource().welcome();
+  await client.ack("10-0");
+  await client.ack("12-0");
+  await client.ack("11-0");
+  const acks = () => w.fetchCalls.filter((c) => c.url.endsWith("/ack"));
+  assert.equal(acks().length, 1, "after a 429, acks wait for the retry");
+  assert.equal(log.error.filter((e) => e.error === "ack_post_failed").length, 0, "a 429 is not an error");
+  status = 200;
+  await w.clock.advance(1_999);
+  assert.equal(acks().length, 1, "nothing before Retry-After");
+  await w.clock.advance(1);
+  await flush();
+  assert.equal(acks().length, 2, "one retry for all three");
+  assert.deepEqual(JSON.parse(acks().at(-1).init.body), { id: "12-0" }, "the newest id");
+  assert.deepEqual(log.read, [{ id: "12-0", local: true }]);
+  client.stop();
+});
+
 test("token refresh over SSE: reconnect with the new token (and since) before exp", async () => {
   const w = world();
   const now = () => Math.floor(w.clock.now() / 1000);
