@@ -3,7 +3,8 @@
 #
 #   redis-server  127.0.0.1:$REDIS_PORT        private, persists nothing (never 6379)
 #   herald1..3    127.0.0.1:$PORT_BASE+1..+3   one Redis, one prefix
-#   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl
+#   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl (clients)
+#                 127.0.0.1:$PORT_BASE+4       the producer API (/api/), internal
 #
 # Usage:
 #   scripts/local-cluster.sh [run]     in the foreground (the default); Ctrl-C or SIGTERM
@@ -17,7 +18,8 @@
 #                                      prints a client JWT signed with HERALD_JWT_SECRET
 #
 # Environment:
-#   PORT_BASE=8080            nginx port; the nodes take the next three
+#   PORT_BASE=8080            nginx port; the nodes take the next three, the producer API
+#                             the one after
 #   REDIS_PORT=6390           the private redis-server
 #   RUN_DIR=target/local-cluster   configs, logs and pid files
 #   HERALD_BIN=<path>         use this binary instead of building one
@@ -45,6 +47,7 @@ export HERALD_API_KEY=${HERALD_API_KEY:-change-me-please-0123456789abcdef}
 STOP_WAIT=${STOP_WAIT:-35}
 
 LB_PORT=$PORT_BASE
+API_PORT=$((PORT_BASE + 4))
 NODE_PORTS=("$((PORT_BASE + 1))" "$((PORT_BASE + 2))" "$((PORT_BASE + 3))")
 
 say() { printf 'local-cluster: %s\n' "$*" >&2; }
@@ -275,6 +278,7 @@ cmd_run() {
     done
 
     sed -e "s/__LISTEN__/127.0.0.1:$LB_PORT/" \
+        -e "s/__INTERNAL_LISTEN__/127.0.0.1:$API_PORT/" \
         -e "s/__HERALD1__/127.0.0.1:${NODE_PORTS[0]}/" \
         -e "s/__HERALD2__/127.0.0.1:${NODE_PORTS[1]}/" \
         -e "s/__HERALD3__/127.0.0.1:${NODE_PORTS[2]}/" \
@@ -292,6 +296,7 @@ cmd_run() {
 
 herald local cluster is up ($([[ $DEV == 1 ]] && echo "--dev" || echo "JWT + API key"))
   load balancer  http://127.0.0.1:$LB_PORT      WebSocket: ws://127.0.0.1:$LB_PORT/ws?token=<token>
+  producer API   http://127.0.0.1:$API_PORT/api/  (nginx's internal server; /api/ is 404 on $LB_PORT)
   nodes          http://127.0.0.1:${NODE_PORTS[0]} .. ${NODE_PORTS[2]}  (/readyz, /metrics per node)
   redis          redis://127.0.0.1:$REDIS_PORT/
   files          $RUN_DIR  (herald*.log, redis.log, nginx/)
@@ -302,8 +307,8 @@ Smoke test without a WebSocket client (curl shows the raw frames; the welcome na
        -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \\
        "http://127.0.0.1:$LB_PORT/ws?token=$token_expr"
   # terminal 2: publish to alice, then to everyone
-  curl -sS ${key_hdr}-d '{"user":"alice","data":{"hello":"world"}}' http://127.0.0.1:$LB_PORT/api/publish
-  curl -sS ${key_hdr}-d '{"broadcast":true,"data":"hi all"}' http://127.0.0.1:$LB_PORT/api/publish
+  curl -sS ${key_hdr}-d '{"user":"alice","data":{"hello":"world"}}' http://127.0.0.1:$API_PORT/api/publish
+  curl -sS ${key_hdr}-d '{"broadcast":true,"data":"hi all"}' http://127.0.0.1:$API_PORT/api/publish
 (curl never answers pings, so herald closes that session after its idle timeout, 60s.)
 
 Ctrl-C stops everything.

@@ -9,10 +9,19 @@ use std::time::Duration;
 use crate::support::*;
 use serde_json::{json, Value};
 
-/// POSTs to nginx's /api/publish with the API key and requires a 200.
+/// POSTs to /api/publish on nginx's internal server with the API key and requires a 200.
+/// The public server does not serve the API at all.
 async fn publish_via_lb(http: &reqwest::Client, lb: &Nginx, body: Value) {
-    let r = http
+    let public = http
         .post(lb.url("/api/publish"))
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("publish on the public server");
+    assert_eq!(public.status(), 404, "/api/ must not be public");
+    let r = http
+        .post(lb.api_url("/api/publish"))
         .bearer_auth(API_KEY)
         .json(&body)
         .send()

@@ -39,6 +39,8 @@ pub fn nginx_bin() -> String {
 /// (the directory, with nginx's logs, is kept only then).
 pub struct Nginx {
     port: u16,
+    /// The internal server: the producer API.
+    api_port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -62,6 +64,7 @@ impl Nginx {
 
     fn spawn(bin: &str, nodes: [&Herald; 3]) -> Nginx {
         let port = free_port();
+        let api_port = free_port();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("lb-nginx-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -70,6 +73,7 @@ impl Nginx {
         let conf = std::fs::read_to_string(&template)
             .expect("deploy/nginx-local.conf.tmpl")
             .replace("__LISTEN__", &format!("127.0.0.1:{port}"))
+            .replace("__INTERNAL_LISTEN__", &format!("127.0.0.1:{api_port}"))
             .replace("__HERALD1__", &format!("127.0.0.1:{}", nodes[0].port))
             .replace("__HERALD2__", &format!("127.0.0.1:{}", nodes[1].port))
             .replace("__HERALD3__", &format!("127.0.0.1:{}", nodes[2].port));
@@ -91,6 +95,7 @@ impl Nginx {
             .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
         Nginx {
             port,
+            api_port,
             dir,
             child: Some(child),
         }
@@ -98,6 +103,11 @@ impl Nginx {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// A URL on the internal server, where the producer API is.
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.api_port, path)
     }
 
     pub fn ws_url(&self, user: &str, topics: &[&str]) -> String {

@@ -14,7 +14,7 @@ describe("3 nodes behind nginx", () => {
     const page = await startStatic();
     Object.assign(t, {
       node: cluster.url,
-      api: cluster.url,
+      api: cluster.api,
       nodes: cluster.nodes,
       page: page.url,
       browser: await launchBrowser(),

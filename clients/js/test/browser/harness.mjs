@@ -143,11 +143,12 @@ export async function startStandalone(extraArgs = []) {
  * stops every process of it by the PIDs it recorded.
  */
 export async function startCluster({ dev = true, nodeArgs = "" } = {}) {
-  // local-cluster takes PORT_BASE (nginx) and the next three ports for the nodes.
+  // local-cluster takes PORT_BASE (nginx), the next three ports for the nodes and the one
+  // after for nginx's internal server (the producer API).
   let base;
   for (let i = 0; i < 20; i++) {
     const p = 20000 + Math.floor(Math.random() * 20000);
-    const ports = [p, p + 1, p + 2, p + 3];
+    const ports = [p, p + 1, p + 2, p + 3, p + 4];
     const busy = await Promise.all(ports.map((x) => httpStatus(`http://127.0.0.1:${x}/`)));
     if (busy.every((s) => s === 0)) {
       base = p;
@@ -186,7 +187,9 @@ export async function startCluster({ dev = true, nodeArgs = "" } = {}) {
     url: `http://127.0.0.1:${base + i}`,
     pid: () => Number(readFileSync(join(runDir, "pids", `herald${i}.pid`), "utf8").trim()),
   }));
-  return { url, api: url, nodes, runDir, env, apiKey: env.HERALD_API_KEY };
+  // The producer API is only on nginx's internal server (the public one answers 404).
+  const api = `http://127.0.0.1:${base + 4}`;
+  return { url, api, nodes, runDir, env, apiKey: env.HERALD_API_KEY };
 }
 
 const TYPES = {
