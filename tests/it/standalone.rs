@@ -81,7 +81,9 @@ async fn a_standalone_node_delivers_and_reports_presence_and_stats_without_redis
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_takes_the_token_as_the_user_id_needs_no_api_key_and_warns() {
-    let mut o = NodeOpts::standalone("devnode");
+    // A JWT secret in the environment does not change what --dev means (local-cluster.sh
+    // exports one in both modes).
+    let mut o = NodeOpts::standalone("devnode").env("HERALD_JWT_SECRET", JWT_SECRET);
     o.dev = true;
     let n = Herald::spawn(o).await;
     n.wait_ready().await;
