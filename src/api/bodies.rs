@@ -289,6 +289,16 @@ pub(crate) struct AckResponse {
     pub(crate) cursor: Option<String>,
 }
 
+impl From<crate::transport::replay::Acked> for AckResponse {
+    fn from(acked: crate::transport::replay::Acked) -> Self {
+        AckResponse {
+            ok: true,
+            moved: acked.moved,
+            cursor: acked.cursor.map(|c| c.to_string()),
+        }
+    }
+}
+
 /// Error body of every 4xx/5xx the HTTP layer produces.
 #[derive(Debug, Serialize)]
 pub(crate) struct ErrorBody {

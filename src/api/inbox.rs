@@ -123,14 +123,7 @@ async fn ack(raw_user: &str, body: &[u8], api: &Api) -> Response {
         _ => return bad_request(r#"body must be {"id":"<inbox id>"}"#),
     };
     match api.node.inbox_ack(&user, id, None).await {
-        Ok(acked) => json(
-            StatusCode::OK,
-            &AckResponse {
-                ok: true,
-                moved: acked.moved,
-                cursor: acked.cursor.map(|c| c.to_string()),
-            },
-        ),
+        Ok(acked) => json(StatusCode::OK, &AckResponse::from(acked)),
         Err(e) => unavailable(api, "inbox_ack", &e),
     }
 }

@@ -342,14 +342,7 @@ async fn client_ack(headers: &HeaderMap, query: &str, body: &[u8], api: &Api) ->
         .inbox_ack(&who.user, id, ack.session.as_deref())
         .await
     {
-        Ok(acked) => json(
-            StatusCode::OK,
-            &AckResponse {
-                ok: true,
-                moved: acked.moved,
-                cursor: acked.cursor.map(|c| c.to_string()),
-            },
-        ),
+        Ok(acked) => json(StatusCode::OK, &AckResponse::from(acked)),
         Err(e) => unavailable(api, "client_ack", &e),
     }
 }

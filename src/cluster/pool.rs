@@ -19,7 +19,7 @@ const CHECK_EVERY: usize = 64;
 
 /// deadpool-redis's manager with a cheaper recycle. Its stock recycle runs a round trip on
 /// every `pool.get()`; a multiplexed connection serves many callers at once, so that check
-/// doubled the round trips of most herald operations (BENCHMARKS.md, "Profiling the
+/// doubled the round trips of most herald operations (bench/history.md, "Profiling the
 /// delivery path", finding 2: -15 % Redis CPU per connect/disconnect, -19 % replay time
 /// without it). A broken connection still fails its next command, and is replaced at the
 /// next check (within a second of idleness or 64 checkouts).
