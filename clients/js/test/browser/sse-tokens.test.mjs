@@ -39,10 +39,12 @@ const t = {};
 /** nginx from deploy/nginx-local.conf.tmpl in front of `node`, with WebSocket upgrades broken. */
 async function startUpgradeBreakingProxy(node) {
   const port = await freePort();
+  const apiPort = await freePort();
   const dir = join(RUN, `nginx-no-upgrade-${port}`);
   mkdirSync(dir, { recursive: true });
   const hostPort = node.replace("http://", "");
   let conf = readFileSync(join(ROOT, "deploy", "nginx-local.conf.tmpl"), "utf8")
+    .replaceAll("__INTERNAL_LISTEN__", `127.0.0.1:${apiPort}`)
     .replaceAll("__LISTEN__", `127.0.0.1:${port}`)
     .replace(/__HERALD[123]__/g, hostPort)
     .replace("proxy_set_header Upgrade $http_upgrade;", 'proxy_set_header Upgrade "";')
