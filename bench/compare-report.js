@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Builds the herald vs Socket.IO table from a bench/compare.sh output directory.
+// Builds the herald vs Socket.IO (vs the floor, bench/floor) table from a bench/compare.sh
+// output directory. Columns appear for the systems the directory has results for.
 //
 //   node bench/compare-report.js <out dir> ["<fanout rates>"] ["<broadcast rates>"]
 //
@@ -18,7 +19,10 @@ if (!dir) {
 }
 const fanoutRates = (process.argv[3] || "2000 5000").split(/\s+/).filter(Boolean);
 const broadcastRates = (process.argv[4] || "1 5").split(/\s+/).filter(Boolean);
-const SYSTEMS = ["herald", "socketio"];
+// Fixed order (values are indexed by it); only systems with results get a column.
+const SYSTEMS = ["herald", "socketio", "floor"];
+const NAMES = { herald: "herald", socketio: "socket.io", floor: "floor" };
+const present = SYSTEMS.map((s, i) => i === 0 || fs.readdirSync(dir).some((f) => f.endsWith(`-${s}.meta.json`)));
 
 function readJson(file) {
   try {
@@ -131,7 +135,9 @@ function row(label, name, getter, digits = 2) {
     if (p.missing) return "missing";
     return fmt(v, digits) + (p.noisy ? " ⚠ noisy" : "");
   });
-  rows.push([label, cells[0], cells[1], ratio(vals[0], vals[1], ph[0], ph[1])]);
+  const shown = cells.filter((_, i) => present[i]);
+  const ratios = [1, 2].filter((i) => present[i]).map((i) => ratio(vals[0], vals[i], ph[0], ph[i]));
+  rows.push([label, ...shown, ...ratios]);
   return { vals, ph };
 }
 
@@ -206,15 +212,21 @@ for (const r of broadcastRates) {
 }
 
 const out = [];
-out.push("| metric | herald | socket.io | ratio herald/peer |");
-out.push("|---|---:|---:|---:|");
+{
+  const cols = SYSTEMS.filter((_, i) => present[i]).map((s) => NAMES[s]);
+  const ratioCols = [1, 2].filter((i) => present[i]).map((i) => `herald/${NAMES[SYSTEMS[i]]}`);
+  out.push(`| metric | ${[...cols, ...ratioCols].join(" | ")} |`);
+  out.push(`|---|${[...cols, ...ratioCols].map(() => "---:").join("|")}|`);
+}
 for (const r of rows) out.push(`| ${r.join(" | ")} |`);
 
 // Targets (herald vs the peer). A noisy or missing phase leaves its target undecided.
 function check(label, ok, detail) {
   checks.push(`- ${ok === undefined ? "UNDECIDED" : ok ? "met" : "MISSED"}: ${label}${detail ? ` (${detail})` : ""}`);
 }
-const clean = (x) => x.ph.every((p) => !p.noisy && !p.missing);
+// herald and the peer (socket.io) both measured and quiet; the floor has its own checks.
+const clean = (x) => x.ph.slice(0, 2).every((p) => !p.noisy && !p.missing);
+const cleanFloor = (x) => [x.ph[0], x.ph[2]].every((p) => !p.noisy && !p.missing);
 const heraldClean = (x) => !x.ph[0].noisy && !x.ph[0].missing;
 for (const [r, what] of [[rss, "mean over the hold"], [rssGc, "peer after a full GC"]]) {
   const [h, s] = r.vals;
@@ -264,6 +276,23 @@ if (broadcast["1"]) {
     check("zero lost messages (herald, every fanout/broadcast phase)", sum === 0,
       `herald lost ${hl.join(", ")}; socket.io lost ${sl.map((v) => fmt(v, 0)).join(", ")}`);
   } else check("zero lost messages", undefined, "some phases missing");
+}
+
+// Distance to the floor (issue 14's goals): memory ≤ 1.25x, fanout CPU ≤ 1.2x, p99 ≤ 2x.
+if (present[2]) {
+  const vs = (label, x, limit, digits = 2) => {
+    const h = x.vals[0];
+    const f = x.vals[2];
+    if (cleanFloor(x) && typeof h === "number" && typeof f === "number" && f > 0) {
+      check(`${label} ≤ ${limit}x the floor's`, h / f <= limit, `${fmt(h, digits)} vs ${fmt(f, digits)} = ${(h / f).toFixed(2)}x`);
+    } else check(`${label} ≤ ${limit}x the floor's`, undefined, "noisy or missing");
+  };
+  vs("RSS per idle session", rss, 1.25);
+  for (const [r, f] of Object.entries(fanout)) {
+    vs(`fanout ${r} msg/s: server CPU per 100k`, f.cpu, 1.2, 3);
+    vs(`fanout ${r} msg/s: p99`, f.p99, 2);
+  }
+  for (const [r, b] of Object.entries(broadcast)) vs(`broadcast ${r}/s: p99`, b.p99, 2);
 }
 
 out.push("");

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: herald vs Socket.IO 4 + @socket.io/redis-adapter, same machine,
-# same run, same topology, same load generator (herald-bench, --protocol herald|socketio).
+# Side-by-side benchmark: herald vs Socket.IO 4 + @socket.io/redis-adapter vs the floor
+# (bench/floor: the smallest server doing herald's observable job), same machine, same run,
+# same topology, same load generator (herald-bench, --protocol herald|socketio).
 #
 # Topology (both systems): one private redis-server (never 6379), two server nodes on
 # 127.0.0.1, 2 x SESSIONS_PER_NODE authenticated sessions (HS256 JWT, sub = bench-<i>) opened
 # by herald-bench from source addresses $SOURCE_IPS and spread over both nodes.
 #   herald:    target/release/herald x 2 (--redis-url --jwt-secret --api-key --prefix
 #              --max-connections 20000); producer: herald-bench --producer redis.
+#   floor:     target/release/herald-floor x 2 (one thread each, no presence, no pings);
+#              the same herald-bench arguments and producer as herald.
 #   socket.io: node bench/socketio-server.js x 2 (Redis adapter, websocket only);
 #              producer: node bench/producer.js (@socket.io/redis-emitter), herald-bench
 #              --producer external --expect-file.
@@ -40,7 +43,7 @@
 #                            message takes longer to flush); what has not arrived by then is lost
 #   CONCURRENCY=100          handshakes in flight per bench process
 #   SOURCE_IPS=127.0.0.2-127.0.0.20
-#   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio"
+#   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio floor"
 #   WARMUP=5 WARMUP_RATE=1000  unreported fanout warm-up of each system before the first
 #                            message phase (WARMUP=0: none)
 #   NOISY_RETRIES=2  QUIET_WAIT=180  QUIET_CPU=0.25
@@ -67,7 +70,7 @@ BROADCAST_DRAIN=${BROADCAST_DRAIN:-10}
 CONCURRENCY=${CONCURRENCY:-100}
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.20}
 PHASES=${PHASES:-idle connect fanout broadcast}
-SYSTEMS=${SYSTEMS:-herald socketio}
+SYSTEMS=${SYSTEMS:-herald socketio floor}
 NOISY_RETRIES=${NOISY_RETRIES:-2}
 QUIET_WAIT=${QUIET_WAIT:-180}
 QUIET_CPU=${QUIET_CPU:-0.25}
@@ -76,6 +79,7 @@ PER_PROCESS=${PER_PROCESS:-17000} # sessions per bench process (open-file hard l
 NODES=2
 SESSIONS=$((SESSIONS_PER_NODE * NODES))
 HERALD_PREFIX=hbench
+FLOOR_PREFIX=fbench
 SIO_PREFIX=sio-bench
 
 JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
@@ -146,9 +150,10 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
         # One package at a time, so herald is built without the bench's dependency features
         # (see build_release in scripts/bench-lib.sh).
-        log "cargo build --release --bins -p herald; the same for -p herald-bench"
+        log "cargo build --release --bins -p herald; the same for -p herald-bench, -p herald-floor"
         { cargo build --release --bins -p herald &&
-            cargo build --release --bins -p herald-bench; } 2>"$OUT_DIR/cargo-build.log" || {
+            cargo build --release --bins -p herald-bench &&
+            cargo build --release --bins -p herald-floor; } 2>"$OUT_DIR/cargo-build.log" || {
             tail -30 "$OUT_DIR/cargo-build.log" >&2
             exit 1
         }
@@ -162,7 +167,9 @@ fi
 } >"$OUT_DIR/tree-status.txt"
 HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
 BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
+FLOOR=${FLOOR_BIN:-$ROOT/target/release/herald-floor}
 if [ ! -x "$HERALD" ] || [ ! -x "$BENCH" ]; then log "missing $HERALD or $BENCH"; exit 2; fi
+if [[ " $SYSTEMS " == *" floor "* ]] && [ ! -x "$FLOOR" ]; then log "missing $FLOOR"; exit 2; fi
 [ -d bench/node_modules/socket.io ] || { log "bench/node_modules missing (run without SKIP_BUILD)"; exit 2; }
 
 # What the bench of this tree supports (it grows scenarios; check before relying on them).
@@ -201,7 +208,7 @@ wait_http() { # url pid logfile name
     return 1
 }
 
-H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=()
+H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=() F_PORTS=() F_PIDS=()
 start_herald() {
     local i port pid
     H_PORTS=() H_PIDS=()
@@ -232,21 +239,43 @@ start_socketio() {
         log "socketio-$i pid $pid port $port ($(head -1 "$OUT_DIR/socketio-$i.log"))"
     done
 }
+start_floor() {
+    local i port pid
+    F_PORTS=() F_PIDS=()
+    for i in $(seq 1 $NODES); do
+        port=$(free_port)
+        HERALD_FLOOR_JWT_SECRET="$JWT_SECRET" "$FLOOR" --listen "127.0.0.1:$port" \
+            --redis-url "$REDIS_URL" --prefix "$FLOOR_PREFIX" >"$OUT_DIR/floor-$i.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_http "http://127.0.0.1:$port/readyz" "$pid" "$OUT_DIR/floor-$i.log" "floor-$i"
+        F_PORTS+=("$port") F_PIDS+=("$pid")
+        log "floor-$i pid $pid port $port"
+    done
+}
 [[ " $SYSTEMS " == *" herald "* ]] && start_herald
 [[ " $SYSTEMS " == *" socketio "* ]] && start_socketio
+[[ " $SYSTEMS " == *" floor "* ]] && start_floor
 sleep 2
 
 # Fresh server processes for a system (before an idle attempt: memory freed by earlier
 # sessions would otherwise be reused and hide the per-session cost).
 restart_system() {
     local p
-    if [ "$1" = herald ]; then
+    case $1 in
+    herald)
         for p in "${H_PIDS[@]}"; do stop_pid "$p"; done
         start_herald
-    else
+        ;;
+    floor)
+        for p in "${F_PIDS[@]}"; do stop_pid "$p"; done
+        start_floor
+        ;;
+    *)
         for p in "${S_PIDS[@]}"; do stop_pid "$p"; done
         start_socketio
-    fi
+        ;;
+    esac
     sleep 2
 }
 
@@ -259,17 +288,26 @@ gc_socketio() {
     done
 }
 
-server_pids() { if [ "$1" = herald ]; then echo "${H_PIDS[@]}"; else echo "${S_PIDS[@]}"; fi; }
+server_pids() {
+    case $1 in
+    herald) echo "${H_PIDS[@]}" ;;
+    floor) echo "${F_PIDS[@]}" ;;
+    *) echo "${S_PIDS[@]}" ;;
+    esac
+}
+# The Redis key prefix of a system that speaks herald's protocol.
+prefix_of() { if [ "$1" = floor ]; then echo "$FLOOR_PREFIX"; else echo "$HERALD_PREFIX"; fi; }
 targets() {
-    local p out=()
-    if [ "$1" = herald ]; then
-        for p in "${H_PORTS[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
-    else
-        for p in "${S_PORTS[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
-    fi
+    local p ports=() out=()
+    case $1 in
+    herald) ports=("${H_PORTS[@]}") ;;
+    floor) ports=("${F_PORTS[@]}") ;;
+    *) ports=("${S_PORTS[@]}") ;;
+    esac
+    for p in "${ports[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
     echo "${out[@]}"
 }
-OUR_PIDS() { echo "$REDIS_PID ${H_PIDS[*]} ${S_PIDS[*]}"; }
+OUR_PIDS() { echo "$REDIS_PID ${H_PIDS[*]} ${S_PIDS[*]} ${F_PIDS[*]}"; }
 
 # ---------------------------------------------------------------- quiet machine
 # CPU (in cores) used over one second by everything except the processes started here.
@@ -336,7 +374,7 @@ run_once() {
     local spids proto pidlist nproc k n first args=() bench_pids=() readies=() rc=0
     read -ra spids <<<"$(server_pids "$sys")"
     pidlist=$(IFS=,; echo "${spids[*]}")
-    proto=$([ "$sys" = herald ] && echo herald || echo socketio)
+    proto=$([ "$sys" = socketio ] && echo socketio || echo herald)
     rm -f "$json" "$ready"* "$expect" "$pstats"
 
     read -ra args <<<"$(targets "$sys")"
@@ -367,7 +405,7 @@ run_once() {
         else
             echo --rate "$(awk -v r="$rate" -v n="$([ "$scenario" = fanout ] && echo "$nproc" || echo 1)" \
                 'BEGIN { print r / n }')" --hold 0 --producer redis --redis-url "$REDIS_URL" \
-                --prefix "$HERALD_PREFIX"
+                --prefix "$(prefix_of "$sys")"
         fi
     }
 
@@ -420,9 +458,10 @@ run_once() {
         readies+=("$rk")
         first=$((first + n))
     done
-    # The other system's idle nodes belong to the experiment too.
-    local others
-    others=$(server_pids "$([ "$sys" = herald ] && echo socketio || echo herald)")
+    # The other systems' idle nodes belong to the experiment too.
+    local others="" o
+    for o in $SYSTEMS; do [ "$o" = "$sys" ] || others+="$(server_pids "$o") "; done
+    others=$(echo $others)
     (IFS=,; echo "${bench_pids[*]}${prod_pid:+,$prod_pid}${others:+,${others// /,}}") >"$pidsfile"
     touch "$go"
 
@@ -485,7 +524,7 @@ run_once() {
     for p in "${bench_pids[@]}"; do
         wait "$p" || { rc=$?; log "$name/$sys: herald-bench exited with $rc"; }
         forget_pid "$p"
-        if [ "$sys" = herald ] && [ "$scenario" = broadcast ] && [ "$nproc" -gt 1 ] && [ ! -e "$expect" ]; then
+        if [ "$sys" != socketio ] && [ "$scenario" = broadcast ] && [ "$nproc" -gt 1 ] && [ ! -e "$expect" ]; then
             # Process 1 published; tell the others how much.
             jq -c '{sent: (.result.produced.sent // 0)}' "$OUT_DIR/$name-$sys.part1.json" >"$expect.tmp" 2>/dev/null ||
                 echo '{"sent":0}' >"$expect.tmp"
