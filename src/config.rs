@@ -122,6 +122,36 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Maximum connections that have not yet had a request answered (a client still
+    /// sending its request head or body, before any authentication). Over it the node
+    /// answers a bare 503 and closes, so a flood of unfinished requests is bounded in
+    /// memory (at most --max-header-bytes each) however many descriptors it has.
+    #[arg(long, env = "HERALD_MAX_PENDING_CONNECTIONS", default_value_t = 4096)]
+    pub max_pending_connections: usize,
+
+    /// Largest request head (request line and headers) a client may send, in bytes; a
+    /// longer one is answered 431 and the connection closed. At least 8192 (hyper's floor
+    /// for its read buffer).
+    #[arg(long, env = "HERALD_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// An HTTP request body (POST /api/publish, POST /ack, ...) must arrive within this
+    /// time once its headers did; otherwise 408 `body_timeout` and the connection closes.
+    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "10", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Serve `/metrics` on this address instead of --listen (which then answers 404 for
+    /// it), so the scraper's port can be firewalled apart from the clients'.
+    #[arg(long, env = "HERALD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// What to do when the open-file limit (raised at start from the soft to the hard
+    /// limit) cannot hold --max-connections + --max-pending-connections + a reserve for
+    /// Redis and listeners: `clamp` lowers the caps to fit and logs a warning; `refuse`
+    /// exits with an error.
+    #[arg(long, env = "HERALD_FD_LIMIT_POLICY", value_enum, default_value_t = FdLimitPolicy::Clamp)]
+    pub fd_limit_policy: FdLimitPolicy,
+
     /// Maximum sessions (WebSocket and SSE) of one user on this node. Further connects of
     /// that user get 429 `too_many_sessions` (or, when they race past the check, close
     /// 4004), so one token cannot take the node's --max-connections from everyone else,
@@ -280,6 +310,10 @@ pub enum ConfigError {
     IdleBelowPing,
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("--max-header-bytes must be at least 8192 (got {0})")]
+    HeaderLimitTooSmall(usize),
+    #[error("--metrics-listen must differ from --listen")]
+    MetricsOnMainListener,
 }
 
 impl Config {
@@ -320,8 +354,18 @@ impl Config {
         if self.idempotency_window < Duration::from_secs(1) {
             return Err(ConfigError::Zero("--idempotency-window"));
         }
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::HeaderLimitTooSmall(self.max_header_bytes));
+        }
+        if self.metrics_listen == Some(self.listen) {
+            return Err(ConfigError::MetricsOnMainListener);
+        }
+        if self.body_timeout.is_zero() {
+            return Err(ConfigError::Zero("--body-timeout"));
+        }
         for (name, v) in [
             ("--max-connections", self.max_connections),
+            ("--max-pending-connections", self.max_pending_connections),
             ("--max-sessions-per-user", self.max_sessions_per_user),
             ("--client-frame-rate", self.client_frame_rate as usize),
             ("--client-frame-burst", self.client_frame_burst as usize),
@@ -424,6 +468,16 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration out of range: {s:?}"));
     }
     Ok(Duration::from_secs_f64(v * scale))
+}
+
+/// What to do when the open-file limit is too small for the connection caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FdLimitPolicy {
+    /// Lower --max-connections (and, if need be, --max-pending-connections) to fit, with a
+    /// warning in the log.
+    Clamp,
+    /// Refuse to start.
+    Refuse,
 }
 
 /// What an API key may do.

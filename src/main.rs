@@ -17,6 +17,14 @@ fn main() -> std::process::ExitCode {
         tracing::error!("refusing to start: {e}");
         return std::process::ExitCode::from(2);
     }
+    match herald::fdlimit::raise_and_fit(&mut config) {
+        Ok(report) => log_fd_report(&report, &config),
+        Err(e) => {
+            eprintln!("herald: refusing to start: {e}");
+            tracing::error!("refusing to start: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
         builder.worker_threads(n);
@@ -35,6 +43,34 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Says what the open-file limit is, and shouts when the connection caps were lowered to
+/// fit under it: the node then refuses sessions sooner than its operator asked for.
+fn log_fd_report(report: &herald::fdlimit::FdReport, config: &Config) {
+    tracing::info!(
+        soft_at_start = report.soft_before,
+        soft = report.soft,
+        hard = report.hard,
+        max_connections = config.max_connections,
+        max_pending_connections = config.max_pending_connections,
+        "open-file limit"
+    );
+    if let Some((asked, now)) = report.clamped_connections {
+        tracing::warn!(
+            "--max-connections lowered from {asked} to {now}: the open-file limit is {} \
+             (hard {}); raise it, or pass --fd-limit-policy refuse to make this an error",
+            report.soft,
+            report.hard
+        );
+    }
+    if let Some((asked, now)) = report.clamped_pending {
+        tracing::warn!(
+            "--max-pending-connections lowered from {asked} to {now} to fit the open-file \
+             limit {}",
+            report.soft
+        );
     }
 }
 
@@ -65,11 +101,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let listener = bind(listen, config.listen_backlog)
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let metrics_addr = config.metrics_listen;
+    let metrics_listener = match metrics_addr {
+        Some(addr) => {
+            Some(bind(addr, 128).with_context(|| format!("cannot listen on {addr} for metrics"))?)
+        }
+        None => None,
+    };
     let node = Node::start(config).context("cannot start the node")?;
     tracing::info!(node = %node.node_id(), %listen, mode, "herald listening");
 
     let http_stop = CancellationToken::new();
     let server = tokio::spawn(herald::serve(node.clone(), listener, http_stop.clone()));
+    let metrics_server = metrics_listener.map(|l| {
+        tracing::info!(listen = ?metrics_addr, "metrics listening");
+        tokio::spawn(herald::serve_metrics(node.clone(), l, http_stop.clone()))
+    });
 
     shutdown_signal().await;
     tracing::info!("stop requested; draining");
@@ -77,6 +124,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     node.drain().await;
     http_stop.cancel();
     let _ = server.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     tracing::info!("bye");
     Ok(())
 }

@@ -7,6 +7,18 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: open WebSocket sessions on this node.
 pub(crate) const CONNECTIONS: &str = "herald_connections";
+/// Gauge: the node's effective `--max-connections` (after fitting it under the open-file
+/// limit at start).
+pub(crate) const CONNECTIONS_MAX: &str = "herald_connections_max";
+/// Gauge: the process's open-file limit (soft, after raising it to the hard limit).
+pub(crate) const FD_LIMIT: &str = "herald_fd_limit";
+/// Gauge: TCP connections accepted that have not had a request answered yet.
+pub(crate) const CONNECTIONS_PENDING: &str = "herald_connections_pending";
+/// Counter: connections answered a bare 503 and closed at accept, by `reason` (`pending`:
+/// over --max-pending-connections; `no_fds`: the process was out of descriptors).
+pub(crate) const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
+/// Counter: failed `accept` calls, by `kind` (`no_fds`, `other`).
+pub(crate) const ACCEPT_ERRORS: &str = "herald_accept_errors_total";
 /// Gauge: distinct users with a session on this node.
 pub(crate) const USERS: &str = "herald_users";
 /// Counter: sessions opened.

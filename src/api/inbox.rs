@@ -41,7 +41,7 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "inbox" / String / "ack")
         .and(warp::post())
         .and(api_auth(api.clone(), ApiScope::Admin))
-        .and(body_limited(ACK_BODY_MAX))
+        .and(body_limited(ACK_BODY_MAX, api.node.config().body_timeout))
         .and(with_api(api))
         .then(|user: String, body: Bytes, api: Arc<Api>| async move {
             count("inbox_ack", ack(&user, &body, &api).await)

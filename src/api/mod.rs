@@ -83,6 +83,24 @@ pub(crate) fn routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// The routes of the `--metrics-listen` address: `GET /metrics`, and a JSON 404 (or 405)
+/// for anything else.
+pub(crate) fn metrics_routes(node: Arc<Node>) -> BoxedFilter<(Response,)> {
+    let api = Arc::new(Api {
+        api_keys: ApiKeys::new(Vec::new()),
+        ack_limit: limits::UserRateLimit::new(1, 1),
+        auth: node.authenticator().clone(),
+        node,
+    });
+    let only_metrics = warp::path!("metrics").map(|| method_not_allowed_reply(&["GET"]));
+    ops::metrics(api)
+        .or(only_metrics)
+        .unify()
+        .recover(recover)
+        .unify()
+        .boxed()
+}
+
 /// CORS for the routes browsers call (`--allowed-origins`; every origin in --dev unless
 /// set): preflights answered, other origins refused with 403. `None`: no origin checks.
 fn cors(config: &crate::config::Config) -> Option<warp::cors::Builder> {
@@ -221,13 +239,29 @@ impl warp::reject::Reject for BodyTooLarge {}
 struct BodyUnreadable;
 impl warp::reject::Reject for BodyUnreadable {}
 
-/// The request body, at most `limit` bytes, sent with a Content-Length or chunked. A body
-/// over the limit is a 413: at once when its Content-Length says so, else as soon as the
-/// chunks pass the limit (nothing beyond it is buffered).
-fn body_limited(limit: usize) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+#[derive(Debug)]
+struct BodyTimeout {
+    timeout: std::time::Duration,
+}
+impl warp::reject::Reject for BodyTimeout {}
+
+/// The request body, at most `limit` bytes, sent with a Content-Length or chunked, within
+/// `timeout` (`--body-timeout`) of the request head. A body over the limit is a 413: at
+/// once when its Content-Length says so, else as soon as the chunks pass the limit (nothing
+/// beyond it is buffered). A body that trickles is a 408 and its connection is closed, so a
+/// client cannot hold a request (and its pending-connection slot) open by sending slowly.
+fn body_limited(
+    limit: usize,
+    timeout: std::time::Duration,
+) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .and_then(move |declared: Option<u64>, body| read_limited(declared, body, limit))
+        .and_then(move |declared: Option<u64>, body| async move {
+            match tokio::time::timeout(timeout, read_limited(declared, body, limit)).await {
+                Ok(read) => read,
+                Err(_) => Err(warp::reject::custom(BodyTimeout { timeout })),
+            }
+        })
 }
 
 async fn read_limited<S, B>(
@@ -393,6 +427,19 @@ async fn recover(rej: Rejection) -> Result<Response, Infallible> {
             "too_large",
             format!("request body too large: the limit is {limit} bytes"),
         )
+    } else if let Some(BodyTimeout { timeout }) = rej.find() {
+        let mut res = error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms (--body-timeout)",
+                timeout.as_millis()
+            ),
+        );
+        // The rest of the body may still be on its way: the connection cannot be reused.
+        res.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        res
     } else if rej.find::<BodyUnreadable>().is_some() {
         bad_request("the request body could not be read")
     } else if rej.find::<warp::reject::MethodNotAllowed>().is_some() {

@@ -1,5 +1,5 @@
 //! Operations routes: `/healthz` (the process runs), `/readyz` (route traffic here) and
-//! `/metrics` (Prometheus text).
+//! `/metrics` (Prometheus text; on its own listener with `--metrics-listen`).
 
 use std::sync::Arc;
 
@@ -27,7 +27,17 @@ pub(super) fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
             };
             json(code, &status)
         });
-    let metrics = warp::path!("metrics")
+    let routes = healthz.or(readyz).unify();
+    if api.node.config().metrics_listen.is_some() {
+        // /metrics has its own listener; here it is an unknown path (404).
+        return routes.boxed();
+    }
+    routes.or(metrics(api)).unify().boxed()
+}
+
+/// `GET /metrics`: the Prometheus text.
+pub(super) fn metrics(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    warp::path!("metrics")
         .and(warp::get())
         .and(with_api(api))
         .map(|api: Arc<Api>| {
@@ -37,6 +47,6 @@ pub(super) fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
                 "text/plain; version=0.0.4",
             )
             .into_response()
-        });
-    healthz.or(readyz).unify().or(metrics).unify().boxed()
+        })
+        .boxed()
 }

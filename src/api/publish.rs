@@ -25,7 +25,7 @@ pub(super) fn route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "publish")
         .and(warp::post())
         .and(api_auth(api.clone(), ApiScope::Publish))
-        .and(body_limited(limit))
+        .and(body_limited(limit, api.node.config().body_timeout))
         .and(with_api(api))
         .then(|body: Bytes, api: Arc<Api>| async move { count("publish", publish(&body, &api).await) })
         .boxed()

@@ -20,7 +20,10 @@ use bytes::Bytes;
 use warp::Reply;
 
 use super::bodies::{AckResponse, ClientAckBody, WsQuery};
-use super::{bad_request, count, error, json, unavailable, with_api, Api};
+use super::{bad_request, body_limited, count, error, json, unavailable, with_api, Api};
+
+/// The largest `POST /ack` body: an inbox id and a session id fit many times over.
+const ACK_BODY_MAX: usize = 4096;
 use crate::auth::bearer;
 use crate::metrics as m;
 use crate::node::{Admission, Refusal, SessionRequest};
@@ -302,8 +305,7 @@ pub(super) fn ack_route(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::body::content_length_limit(4096))
-        .and(warp::body::bytes())
+        .and(body_limited(ACK_BODY_MAX, api.node.config().body_timeout))
         .and(with_api(api))
         .then(
             |headers: HeaderMap, query: String, body: Bytes, api: Arc<Api>| async move {

@@ -134,6 +134,10 @@ impl Node {
             config,
         });
 
+        metrics::gauge!(m::CONNECTIONS_MAX).set(node.config.max_connections as f64);
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            metrics::gauge!(m::FD_LIMIT).set(soft as f64);
+        }
         let reassert = Arc::new(Notify::new());
         let (subscribed, catch_up) = watch::channel(0u64);
         let heartbeat = node.config.heartbeat_interval();

@@ -31,6 +31,7 @@ mod inbox;
 mod inbox_ops;
 mod lb;
 mod lifecycle;
+mod limits;
 mod redis_access;
 mod sse;
 mod standalone;

@@ -11,6 +11,8 @@
 //! - `slow`: like fanout, while a share of sessions never reads and is flooded.
 //! - `churn`: connect/disconnect loops; node RSS and Redis keys over time, back to baseline.
 //! - `durable`: PUBLISH vs `FCALL herald_notify` cost, and replay time of 100 messages.
+//! - `flood`: N connections each sending an unfinished request head; node RSS before, at
+//!   the peak, while held, after the close and after a settle time.
 //!
 //! Module map: [`dial`] opens sessions, [`wire`] is the protocol-specific part, [`recv`]
 //! tracks what sessions receive, [`producer`] publishes, [`probe`] reads /proc, Redis and
@@ -25,6 +27,7 @@ mod connect;
 mod dial;
 mod durable;
 mod fanout;
+mod flood;
 mod hist;
 mod idle;
 mod node_http;
@@ -73,6 +76,9 @@ enum Command {
     /// Cost of a durable publish (FCALL herald_notify) against PUBLISH, and replay time of
     /// pending durable messages on connect (herald only).
     Durable(durable::DurableArgs),
+    /// A pre-authentication flood: N connections each send M KiB of a request head that
+    /// never ends; node RSS before, at the peak, held, after close and after --settle.
+    Flood(flood::FloodArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Slow(a) => fanout::run_slow(a).await,
             Command::Churn(a) => churn::run(a).await,
             Command::Durable(a) => durable::run(a).await,
+            Command::Flood(a) => flood::run(a).await,
         }
     });
     // Dropping thousands of held sessions is quick; do not wait for their tasks.

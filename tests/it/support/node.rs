@@ -21,6 +21,8 @@ pub struct NodeOpts {
     pub extra: Vec<String>,
     /// Environment variables for the process.
     pub env: Vec<(String, String)>,
+    /// A command the binary is run through (e.g. `prlimit --nofile=S:H`), empty for none.
+    pub wrapper: Vec<String>,
 }
 
 impl NodeOpts {
@@ -33,6 +35,7 @@ impl NodeOpts {
             dev: false,
             extra: Vec::new(),
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -45,12 +48,25 @@ impl NodeOpts {
             dev: false,
             extra: Vec::new(),
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_string(), value.to_string()));
         self
+    }
+
+    /// Runs the binary through `command` (which must exec it, keeping the PID).
+    pub fn wrap(mut self, command: &[&str]) -> Self {
+        self.wrapper = command.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Serves /metrics on a port of its own (`--metrics-listen`).
+    pub fn metrics_listener(self) -> Self {
+        let port = free_port();
+        self.arg("--metrics-listen", &format!("127.0.0.1:{port}"))
     }
 
     pub fn arg(mut self, name: &str, value: &str) -> Self {
@@ -67,6 +83,8 @@ pub fn herald_bin() -> &'static str {
 /// One running `herald` binary; killed (and continued first, if stopped) on drop.
 pub struct Herald {
     pub port: u16,
+    /// The `--metrics-listen` port, when the node has one.
+    pub metrics_port: Option<u16>,
     pub node_id: String,
     pub log: PathBuf,
     child: Option<Child>,
@@ -79,7 +97,21 @@ impl Herald {
         let port = free_port();
         let log = log_dir().join(format!("{}-{}.log", opts.node_id, port));
         let logfile = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(herald_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(herald_bin());
+                c
+            }
+            None => Command::new(herald_bin()),
+        };
+        let metrics_port = opts
+            .extra
+            .iter()
+            .position(|a| a == "--metrics-listen")
+            .and_then(|i| opts.extra.get(i + 1))
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok());
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--node-id", &opts.node_id])
             .args(["--prefix", &opts.prefix])
@@ -103,6 +135,7 @@ impl Herald {
         let child = cmd.spawn().expect("spawn herald");
         let h = Herald {
             port,
+            metrics_port,
             node_id: opts.node_id.clone(),
             log,
             child: Some(child),
@@ -316,9 +349,17 @@ impl Herald {
         ids
     }
 
+    /// Where this node serves /metrics (its own port with `--metrics-listen`).
+    pub fn metrics_url(&self) -> String {
+        match self.metrics_port {
+            Some(p) => format!("http://127.0.0.1:{p}/metrics"),
+            None => self.url("/metrics"),
+        }
+    }
+
     /// The text of GET /metrics, or "" if the request fails.
     pub async fn metrics_text(&self) -> String {
-        match self.http.get(self.url("/metrics")).send().await {
+        match self.http.get(self.metrics_url()).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
