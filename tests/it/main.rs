@@ -32,6 +32,7 @@ mod inbox_ops;
 mod lb;
 mod lifecycle;
 mod redis_access;
+mod sentinel;
 mod sse;
 mod standalone;
 mod tokens;
