@@ -47,7 +47,14 @@ impl SentinelSet {
             std::fs::create_dir_all(&d).expect("data node dir");
             d.display().to_string()
         };
-        let master = RedisServer::start_with(&["--dir", &data_dir("master")]);
+        // The replica's first full sync starts at once, not after Redis's default 5 s wait
+        // for more replicas to share it.
+        let master = RedisServer::start_with(&[
+            "--dir",
+            &data_dir("master"),
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
         let replica = RedisServer::start_with(&[
             "--dir",
             &data_dir("replica"),
