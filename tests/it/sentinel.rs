@@ -111,6 +111,35 @@ async fn sentinel_nodes_deliver_across_nodes_and_keep_the_inbox_on_the_master() 
     assert_silent(&mut c.ws, Duration::from_millis(300)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_and_data_node_passwords_are_used_and_without_them_the_node_stays_unready() {
+    let set =
+        SentinelSet::start_with_auth("sa", Some("data-secret-0123"), Some("sentinel-secret-0123"));
+    // The sentinels' password is in their URLs, the data nodes' in the environment.
+    let a = Herald::spawn(
+        NodeOpts::sentinel(&set, "sa", "a").env("HERALD_REDIS_MASTER_PASSWORD", "data-secret-0123"),
+    )
+    .await;
+    a.wait_ready().await;
+    let mut c = connect(&a, "u", &[]).await;
+    let id = publish_durable(&a, "u", json!(1)).await;
+    assert_eq!(
+        recv_message(&mut c.ws, WAIT).await.expect("durable")["id"],
+        id.as_str()
+    );
+    assert_eq!(inbox_ids(&set, "sa", "u"), vec![id]);
+
+    // Without the data nodes' password the node finds the master but may not use it: it
+    // says why and stays not ready.
+    let b = Herald::spawn(NodeOpts::sentinel(&set, "sa", "b")).await;
+    eventually(WAIT, "b logs the refused authentication", || async {
+        b.log_text().contains("NOAUTH").then_some(())
+    })
+    .await;
+    let (status, body) = b.readyz().await;
+    assert_eq!(status, 503, "{body}");
+}
+
 /// What one client received, read by its own task.
 #[derive(Default)]
 struct Received {

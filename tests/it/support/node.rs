@@ -105,6 +105,7 @@ impl Herald {
             .env_remove("HERALD_REDIS_URL")
             .env_remove("HERALD_REDIS_SENTINEL")
             .env_remove("HERALD_REDIS_MASTER_NAME")
+            .env_remove("HERALD_REDIS_MASTER_PASSWORD")
             .env_remove("HERALD_JWT_SECRET")
             .env_remove("HERALD_API_KEY")
             .envs(opts.env.iter().map(|(k, v)| (k, v)))

@@ -26,6 +26,8 @@ struct Sentinel {
 /// A master, one replica and three sentinels watching them under `master_name`.
 pub struct SentinelSet {
     pub master_name: String,
+    /// The sentinels' own password (`requirepass` on each), if any.
+    sentinel_password: Option<String>,
     /// The data nodes: `[0]` starts as the master, `[1]` as its replica. A killed one stays
     /// in the list, stopped.
     pub servers: Vec<RedisServer>,
@@ -37,6 +39,16 @@ impl SentinelSet {
     /// Starts the set and waits until every sentinel knows the replica and the two other
     /// sentinels (so a failover can be authorised at once when the test needs one).
     pub fn start(master_name: &str) -> SentinelSet {
+        Self::start_with_auth(master_name, None, None)
+    }
+
+    /// Starts a set whose data nodes require `data_password` (the replica and the
+    /// sentinels authenticate with it) and whose sentinels require `sentinel_password`.
+    pub fn start_with_auth(
+        master_name: &str,
+        data_password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> SentinelSet {
         // Each data node works in a directory of its own: a replica writes the RDB of its
         // full sync there, not into the crate's directory.
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -49,13 +61,21 @@ impl SentinelSet {
         };
         // The replica's first full sync starts at once, not after Redis's default 5 s wait
         // for more replicas to share it.
-        let master = RedisServer::start_with(&[
+        let start = |extra: &[&str]| match data_password {
+            Some(pw) => {
+                let mut args = extra.to_vec();
+                args.extend_from_slice(&["--masterauth", pw]);
+                RedisServer::start_with_password_and(pw, &args)
+            }
+            None => RedisServer::start_with(extra),
+        };
+        let master = start(&[
             "--dir",
             &data_dir("master"),
             "--repl-diskless-sync-delay",
             "0",
         ]);
-        let replica = RedisServer::start_with(&[
+        let replica = start(&[
             "--dir",
             &data_dir("replica"),
             "--replicaof",
@@ -64,6 +84,7 @@ impl SentinelSet {
         ]);
         let mut set = SentinelSet {
             master_name: master_name.to_string(),
+            sentinel_password: sentinel_password.map(str::to_string),
             servers: vec![master, replica],
             sentinels: Vec::new(),
             dir,
@@ -74,6 +95,14 @@ impl SentinelSet {
             let own = set.dir.join(format!("s{i}"));
             std::fs::create_dir_all(&own).expect("sentinel's own dir");
             let conf = own.join("sentinel.conf");
+            let mut auth = String::new();
+            if let Some(pw) = data_password {
+                auth += &format!("sentinel auth-pass {master_name} {pw}\n");
+            }
+            if let Some(pw) = sentinel_password {
+                // Sentinels that require a password must also give it to each other.
+                auth += &format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n");
+            }
             std::fs::write(
                 &conf,
                 format!(
@@ -86,7 +115,7 @@ impl SentinelSet {
                     dir = own.display(),
                     name = master_name,
                     master = set.servers[0].port,
-                ),
+                ) + &auth,
             )
             .expect("sentinel config");
             // `redis-server --sentinel` is the same program as `redis-sentinel`, which
@@ -108,13 +137,25 @@ impl SentinelSet {
         set
     }
 
-    /// The sentinels as `--redis-sentinel` takes them: `127.0.0.1:port,...`.
+    /// The sentinels as `--redis-sentinel` takes them: `127.0.0.1:port,...`, or URLs with
+    /// the password when the sentinels require one.
     pub fn addresses(&self) -> String {
         self.sentinels
             .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
+            .map(|s| match &self.sentinel_password {
+                Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", s.port),
+                None => format!("127.0.0.1:{}", s.port),
+            })
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The harness's own URL of one sentinel (with the password, if any).
+    fn sentinel_url(&self, port: u16) -> String {
+        match &self.sentinel_password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{port}/"),
+            None => format!("redis://127.0.0.1:{port}/"),
+        }
     }
 
     /// Runs one command on the first sentinel that answers.
@@ -124,7 +165,7 @@ impl SentinelSet {
             if s.child.is_none() {
                 continue;
             }
-            let client = redis::Client::open(format!("redis://127.0.0.1:{}/", s.port))?;
+            let client = redis::Client::open(self.sentinel_url(s.port))?;
             let mut conn = match client.get_connection_with_timeout(Duration::from_secs(2)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -204,7 +245,7 @@ impl SentinelSet {
         let deadline = Instant::now() + WAIT;
         for s in &self.sentinels {
             loop {
-                let known = redis::Client::open(format!("redis://127.0.0.1:{}/", s.port))
+                let known = redis::Client::open(self.sentinel_url(s.port))
                     .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
                     .and_then(|mut conn| {
                         redis::cmd("SENTINEL")
