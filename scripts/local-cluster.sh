@@ -3,10 +3,19 @@
 #
 #   redis-server  127.0.0.1:$REDIS_PORT        private, persists nothing (never 6379)
 #   herald1..3    127.0.0.1:$PORT_BASE+1..+3   one Redis, one prefix
+#
+# or, with --redis sentinel, the Redis Sentinel shape:
+#
+#   redis master  127.0.0.1:$REDIS_PORT        named "herald" by the sentinels
+#   redis replica 127.0.0.1:$REDIS_PORT+1
+#   sentinel1..3  127.0.0.1:$REDIS_PORT+11..13 (down-after 2 s; `kill -9` the master's
+#                                              pid from $RUN_DIR/pids/redis.pid to watch a
+#                                              failover)
+#   herald1..3    --redis-sentinel ... --redis-master-name herald
 #   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl (clients)
 #                 127.0.0.1:$PORT_BASE+4       the producer API (/api/), internal
 #
-# Usage:
+# Usage (--redis single|sentinel may come first; single is the default):
 #   scripts/local-cluster.sh [run]     in the foreground (the default); Ctrl-C or SIGTERM
 #                                      stops everything: the nodes first (they drain,
 #                                      closing sessions with 1012 through nginx), then
@@ -20,7 +29,9 @@
 # Environment:
 #   PORT_BASE=8080            nginx port; the nodes take the next three, the producer API
 #                             the one after
-#   REDIS_PORT=6390           the private redis-server
+#   REDIS_PORT=6390           the private redis-server (sentinel: the master; the replica
+#                             and sentinels take the ports listed above)
+#   REDIS_MODE=single         the same as --redis
 #   RUN_DIR=target/local-cluster   configs, logs and pid files
 #   HERALD_BIN=<path>         use this binary instead of building one
 #   PROFILE=debug|release     which `cargo build` to run when HERALD_BIN is unset (debug)
@@ -41,6 +52,15 @@ RUN_DIR=${RUN_DIR:-$ROOT/target/local-cluster}
 PROFILE=${PROFILE:-debug}
 DEV=${DEV:-0}
 NODE_ARGS=${NODE_ARGS:-}
+REDIS_MODE=${REDIS_MODE:-single}
+if [[ ${1:-} == --redis ]]; then
+    REDIS_MODE=${2:-}
+    shift 2 || true
+fi
+[[ $REDIS_MODE == single || $REDIS_MODE == sentinel ]] ||
+    { printf 'local-cluster: --redis takes single or sentinel, not %q\n' "$REDIS_MODE" >&2; exit 1; }
+# `start` runs this script again in the background: the mode goes with it.
+export REDIS_MODE
 export HERALD_JWT_SECRET=${HERALD_JWT_SECRET:-change-me-please-0123456789abcdef}
 export HERALD_API_KEY=${HERALD_API_KEY:-change-me-please-0123456789abcdef}
 # herald's drain grace (default 30s) plus a margin, before a node is killed on stop.
@@ -49,6 +69,9 @@ STOP_WAIT=${STOP_WAIT:-35}
 LB_PORT=$PORT_BASE
 API_PORT=$((PORT_BASE + 4))
 NODE_PORTS=("$((PORT_BASE + 1))" "$((PORT_BASE + 2))" "$((PORT_BASE + 3))")
+REPLICA_PORT=$((REDIS_PORT + 1))
+SENTINEL_PORTS=("$((REDIS_PORT + 11))" "$((REDIS_PORT + 12))" "$((REDIS_PORT + 13))")
+MASTER_NAME=herald
 
 say() { printf 'local-cluster: %s\n' "$*" >&2; }
 die() {
@@ -211,7 +234,10 @@ cleanup() {
     done
     for i in 1 2 3; do stop_child "herald$i" - "$STOP_WAIT"; done
     stop_child nginx TERM 5
+    # The sentinels first, so they do not fail over while the data nodes stop.
+    for i in 1 2 3; do stop_child "sentinel$i" TERM 5; done
     stop_child redis TERM 5
+    stop_child redis-replica TERM 5
     rm -f "$RUN_DIR/cluster.pid"
     say "stopped"
 }
@@ -231,6 +257,7 @@ cmd_run() {
         die "already running (pid $(cat "$RUN_DIR/cluster.pid")); use: $0 stop"
     fi
     check_free "$LB_PORT" "${NODE_PORTS[@]}" "$REDIS_PORT"
+    [[ $REDIS_MODE != sentinel ]] || check_free "$REPLICA_PORT" "${SENTINEL_PORTS[@]}"
 
     ensure_installed redis-server redis-server redis-server
     ensure_installed nginx nginx nginx
@@ -252,13 +279,23 @@ cmd_run() {
     trap 'cleanup; exit 143' TERM
     trap cleanup EXIT
 
+    # With a replica, its first full sync starts at once (Redis waits 5 s by default for
+    # more replicas to share a diskless sync).
     spawn redis "$RUN_DIR/redis.log" "$redis_bin" --port "$REDIS_PORT" --bind 127.0.0.1 \
-        --save "" --appendonly no --protected-mode no --dir "$RUN_DIR/redis"
+        --save "" --appendonly no --protected-mode no --dir "$RUN_DIR/redis" \
+        --repl-diskless-sync-delay 0
     local deadline=$((SECONDS + 10))
     until port_busy "$REDIS_PORT"; do
         ((SECONDS < deadline)) || die "redis-server did not start; see $RUN_DIR/redis.log"
         sleep 0.1
     done
+    local redis_args=(--redis-url "redis://127.0.0.1:$REDIS_PORT/")
+    if [[ $REDIS_MODE == sentinel ]]; then
+        start_sentinel_set "$redis_bin"
+        local addrs
+        addrs=$(printf '127.0.0.1:%s,' "${SENTINEL_PORTS[@]}")
+        redis_args=(--redis-sentinel "${addrs%,}" --redis-master-name "$MASTER_NAME")
+    fi
 
     local i mode=()
     [[ $DEV == 1 ]] && mode=(--dev)
@@ -269,7 +306,7 @@ cmd_run() {
     for i in 1 2 3; do
         spawn "herald$i" "$RUN_DIR/herald$i.log" env HERALD_LOG="${HERALD_LOG:-info}" \
             "$HERALD_BIN" --listen "127.0.0.1:${NODE_PORTS[$((i - 1))]}" \
-            --redis-url "redis://127.0.0.1:$REDIS_PORT/" --node-id "herald$i" \
+            "${redis_args[@]}" --node-id "herald$i" \
             "${mode[@]}" "${extra[@]}"
     done
     for i in 1 2 3; do
@@ -298,7 +335,7 @@ herald local cluster is up ($([[ $DEV == 1 ]] && echo "--dev" || echo "JWT + API
   load balancer  http://127.0.0.1:$LB_PORT      WebSocket: ws://127.0.0.1:$LB_PORT/ws?token=<token>
   producer API   http://127.0.0.1:$API_PORT/api/  (nginx's internal server; /api/ is 404 on $LB_PORT)
   nodes          http://127.0.0.1:${NODE_PORTS[0]} .. ${NODE_PORTS[2]}  (/readyz, /metrics per node)
-  redis          redis://127.0.0.1:$REDIS_PORT/
+  redis          $(redis_banner)
   files          $RUN_DIR  (herald*.log, redis.log, nginx/)
 
 Smoke test without a WebSocket client (curl shows the raw frames; the welcome names the node):
@@ -327,6 +364,92 @@ EOF
         wait "$SLEEPER" 2>/dev/null || true
         SLEEPER=""
     done
+}
+
+# The replica and three sentinels of --redis sentinel (the master is `redis`, already up).
+# Each sentinel gets its own config file, which it rewrites as it learns the topology.
+start_sentinel_set() {
+    local redis_bin=$1 i port dir
+    mkdir -p "$RUN_DIR/redis-replica"
+    spawn redis-replica "$RUN_DIR/redis-replica.log" "$redis_bin" --port "$REPLICA_PORT" \
+        --bind 127.0.0.1 --save "" --appendonly no --protected-mode no \
+        --dir "$RUN_DIR/redis-replica" --replicaof 127.0.0.1 "$REDIS_PORT"
+    for i in 1 2 3; do
+        port=${SENTINEL_PORTS[$((i - 1))]}
+        dir=$RUN_DIR/sentinel$i
+        mkdir -p "$dir"
+        printf '%s\n' "port $port" "bind 127.0.0.1" "protected-mode no" "dir $dir" \
+            "sentinel monitor $MASTER_NAME 127.0.0.1 $REDIS_PORT 2" \
+            "sentinel down-after-milliseconds $MASTER_NAME 2000" \
+            "sentinel failover-timeout $MASTER_NAME 5000" \
+            "sentinel parallel-syncs $MASTER_NAME 1" >"$dir/sentinel.conf"
+        # `redis-server --sentinel` is redis-sentinel (a Debian package of its own).
+        spawn "sentinel$i" "$RUN_DIR/sentinel$i.log" "$redis_bin" "$dir/sentinel.conf" --sentinel
+    done
+    local deadline=$((SECONDS + 10))
+    for port in "$REPLICA_PORT" "${SENTINEL_PORTS[@]}"; do
+        until port_busy "$port"; do
+            ((SECONDS < deadline)) || die "the Sentinel set did not start; see $RUN_DIR/sentinel*.log"
+            sleep 0.1
+        done
+    done
+    # Nodes start only once the replica holds a copy: a master killed before its replica's
+    # first sync would be replaced by an empty one (the sentinels promote it all the same).
+    until replica_in_sync "$REPLICA_PORT"; do
+        ((SECONDS < deadline)) || die "the replica did not sync; see $RUN_DIR/redis-replica.log"
+        sleep 0.1
+    done
+    # And once every sentinel knows the two others (hello messages, every 2 s): before
+    # that a failover may need a second election, which waits twice the failover timeout.
+    deadline=$((SECONDS + 15))
+    for port in "${SENTINEL_PORTS[@]}"; do
+        until sentinel_sees_peers "$port"; do
+            ((SECONDS < deadline)) || die "the sentinels did not find each other; see $RUN_DIR/sentinel*.log"
+            sleep 0.2
+        done
+    done
+}
+
+# True when the sentinel on 127.0.0.1:$1 knows two other sentinels for the master.
+sentinel_sees_peers() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf 'SENTINEL MASTER %s\r\n' "$MASTER_NAME" >&3
+        local want=0
+        while IFS= read -r -t 2 line <&3; do
+            line=${line%$'\r'}
+            if ((want)); then
+                [[ $line == \$* ]] && continue
+                [[ $line == 2 ]] && exit 0
+                exit 1
+            fi
+            [[ $line == num-other-sentinels ]] && want=1
+        done
+        exit 1
+    ) 2>/dev/null
+}
+
+# True when the Redis on 127.0.0.1:$1 reports master_link_status:up (plain bash, no
+# redis-cli needed).
+replica_in_sync() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf 'INFO replication\r\n' >&3
+        while IFS= read -r -t 2 line <&3; do
+            [[ $line == master_link_status:up* ]] && exit 0
+            [[ $line == $'\r' ]] && break
+        done
+        exit 1
+    ) 2>/dev/null
+}
+
+redis_banner() {
+    if [[ $REDIS_MODE == sentinel ]]; then
+        printf 'master 127.0.0.1:%s, replica :%s, sentinels :%s (master name %s)' \
+            "$REDIS_PORT" "$REPLICA_PORT" "${SENTINEL_PORTS[*]}" "$MASTER_NAME"
+    else
+        printf 'redis://127.0.0.1:%s/' "$REDIS_PORT"
+    fi
 }
 
 # ---------- start / stop / status ----------

@@ -15,10 +15,37 @@ pub struct Config {
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://host:port/db). Without it the node runs standalone with an
-    /// in-memory broker and presence.
+    /// Redis URL (redis://host:port/db). Without it (or --redis-sentinel) the node runs
+    /// standalone with an in-memory broker and presence.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Redis Sentinel addresses, comma-separated: `host:port`, or a URL
+    /// (`redis://:password@host:port`, `rediss://` for TLS) when the sentinels need a
+    /// password. Every Redis connection goes to the master they name (--redis-master-name)
+    /// and follows failovers.
+    #[arg(
+        long,
+        env = "HERALD_REDIS_SENTINEL",
+        value_delimiter = ',',
+        conflicts_with = "redis_url",
+        requires = "redis_master_name"
+    )]
+    pub redis_sentinel: Vec<String>,
+
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    #[arg(long, env = "HERALD_REDIS_MASTER_NAME", requires = "redis_sentinel")]
+    pub redis_master_name: Option<String>,
+
+    /// Password of the Redis master and replicas found through the sentinels (their
+    /// `requirepass`; the sentinels' own password goes in their URLs).
+    #[arg(
+        long,
+        env = "HERALD_REDIS_MASTER_PASSWORD",
+        hide_env_values = true,
+        requires = "redis_sentinel"
+    )]
+    pub redis_master_password: Option<String>,
 
     /// HMAC secret (HS256/384/512, at least 32 bytes) that verifies client JWTs. A secret,
     /// or a public key, is required unless --dev.
@@ -437,6 +464,11 @@ impl Config {
         }
     }
 
+    /// Whether the node runs on Redis (a URL, or sentinels), rather than standalone.
+    pub(crate) fn uses_redis(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_sentinel.is_empty()
+    }
+
     /// How often presence is refreshed: a third of the TTL, so two heartbeats may be lost
     /// before anything expires.
     pub(crate) fn heartbeat_interval(&self) -> Duration {
@@ -598,6 +630,31 @@ mod tests {
     }
 
     const SECRET32: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn sentinel_flags_need_each_other_and_exclude_a_redis_url() {
+        let c = base(&[
+            "--redis-sentinel",
+            "127.0.0.1:26379,127.0.0.1:26380",
+            "--redis-master-name",
+            "m",
+        ]);
+        assert_eq!(c.redis_sentinel, vec!["127.0.0.1:26379", "127.0.0.1:26380"]);
+        assert!(c.uses_redis());
+        assert!(!base(&[]).uses_redis());
+        assert!(Config::try_parse_from(["herald", "--redis-sentinel", "h:1"]).is_err());
+        assert!(Config::try_parse_from(["herald", "--redis-master-name", "m"]).is_err());
+        assert!(Config::try_parse_from([
+            "herald",
+            "--redis-sentinel",
+            "h:1",
+            "--redis-master-name",
+            "m",
+            "--redis-url",
+            "redis://h:6379"
+        ])
+        .is_err());
+    }
 
     #[test]
     fn production_mode_refuses_to_start_without_secrets() {

@@ -30,17 +30,30 @@ impl RedisError {
         matches!(self, RedisError::Redis(e) if e.to_string().contains("Function not found"))
     }
 
-    /// True when the connection, not the command, failed (or none could be had): pooled
-    /// connections may be broken.
+    /// True when the connection, not the command, failed (or none could be had), or when
+    /// it reached an instance that is no longer the master: pooled connections may be
+    /// broken, or open to the wrong instance, and the next ones must be made afresh.
     pub(crate) fn is_connection_error(&self) -> bool {
         match self {
             RedisError::Pool(_) | RedisError::Timeout => true,
             RedisError::Redis(e) => {
-                e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || is_readonly(e)
             }
             RedisError::Reply(_) => false,
         }
     }
+}
+
+/// True for `-READONLY`: the command reached a replica. Under Sentinel that means the master
+/// moved (a failover demoted the instance this connection was made to), so the connection
+/// must be replaced by one to the master the sentinels name now.
+pub(crate) fn is_readonly(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        // A script that writes on a replica may report it inside its own error text.
+        || e.to_string().contains("READONLY")
 }
 
 /// Upper bound on any single Redis operation, so a hung Redis never stalls a session, a

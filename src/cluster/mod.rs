@@ -8,6 +8,7 @@
 //! bounded in time.
 
 pub(crate) mod broker;
+pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod inbox;
 pub(crate) mod keys;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 pub(crate) use error::RedisError;
 
 use broker::{Broker, MemoryBroker, RedisBroker};
+use connect::{Connector, RedisTarget};
 use inbox::{Inbox, InboxPolicy, MemoryInbox, RedisInbox};
 use keys::Keys;
 use pool::Pool;
@@ -30,8 +32,8 @@ use crate::delivery::Fanout;
 /// Why the engines could not be built.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BuildError {
-    #[error("invalid Redis URL: {0}")]
-    Url(#[from] redis::RedisError),
+    #[error(transparent)]
+    Target(#[from] connect::TargetError),
     #[error(transparent)]
     Pool(#[from] pool::BuildError),
 }
@@ -47,8 +49,9 @@ pub(crate) struct Engines {
 }
 
 impl Engines {
-    /// Builds the engines for `config`: Redis when it has a URL, else memory. Connects to
-    /// nothing yet, so a node starts (not ready) before Redis is reachable.
+    /// Builds the engines for `config`: Redis when it names one (a URL, or sentinels and a
+    /// master name), else memory. Connects to nothing yet, so a node starts (not ready)
+    /// before Redis is reachable.
     pub(crate) fn build(
         config: &Config,
         node_id: &str,
@@ -60,7 +63,7 @@ impl Engines {
             max_bytes: config.max_message_bytes,
             idempotency_window: config.idempotency_window,
         };
-        let Some(url) = &config.redis_url else {
+        let Some(target) = RedisTarget::from_config(config)? else {
             let broker = MemoryBroker::new();
             return Ok(Engines {
                 inbox: Arc::new(Inbox::Memory(MemoryInbox::new(policy, broker.clone()))),
@@ -69,10 +72,10 @@ impl Engines {
                 pool: None,
             });
         };
-        let client = redis::Client::open(url.as_str())?;
-        let pool = pool::build(url, config.redis_pool)?;
+        let connector = Connector::new(&target)?;
+        let pool = pool::build(&target, config.redis_pool)?;
         Ok(Engines {
-            broker: Broker::Redis(RedisBroker::new(client, pool.clone(), keys.clone())),
+            broker: Broker::Redis(RedisBroker::new(connector, pool.clone(), keys.clone())),
             presence: Presence::Redis(RedisPresence::new(
                 pool.clone(),
                 keys.clone(),

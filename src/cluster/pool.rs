@@ -1,16 +1,20 @@
-//! The Redis command pool: deadpool with deadpool-redis's connection factory, a recycle
-//! check that runs only now and then instead of on every checkout, and a gate that keeps
-//! a storm of waiting callers cheap.
+//! The Redis command pool: deadpool with deadpool-redis's connection factory (to one URL,
+//! or to the master the sentinels name), a recycle check that runs only now and then
+//! instead of on every checkout, a reset that retires every connection made before it, and
+//! a gate that keeps a storm of waiting callers cheap.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use deadpool::managed::{self, Metrics, RecycleResult};
 use redis::aio::MultiplexedConnection;
 use redis::RedisError;
+
+use super::connect::RedisTarget;
 
 /// A connection unused for longer than this is checked (UNWATCH + PING) before reuse.
 const CHECK_WHEN_IDLE: Duration = Duration::from_secs(1);
@@ -22,9 +26,30 @@ const CHECK_EVERY: usize = 64;
 /// doubled the round trips of most herald operations (bench/history.md, "Profiling the
 /// delivery path", finding 2: -15 % Redis CPU per connect/disconnect, -19 % replay time
 /// without it). A broken connection still fails its next command, and is replaced at the
-/// next check (within a second of idleness or 64 checkouts).
+/// next check (within a second of idleness or 64 checkouts), or at once after a
+/// [`Pool::reset`].
 pub(crate) struct Manager {
-    inner: deadpool_redis::Manager,
+    factory: Factory,
+    /// When the manager was made; `reset_us` counts from it.
+    born: Instant,
+    /// Microseconds after `born` of the last [`Pool::reset`] (0: never). A connection
+    /// created before it is not handed out again, even one that was checked out while the
+    /// reset ran (deadpool's `retain` sees only idle ones).
+    reset_us: AtomicU64,
+}
+
+/// Who makes the connections: deadpool-redis's manager for one URL, or its Sentinel manager,
+/// which asks the sentinels for the current master before every connection it makes (so
+/// connections made after a failover reach the promoted replica).
+enum Factory {
+    Single(deadpool_redis::Manager),
+    Sentinel(deadpool_redis::sentinel::Manager),
+}
+
+impl Manager {
+    fn micros_since_born(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.born).as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 impl managed::Manager for Manager {
@@ -32,7 +57,10 @@ impl managed::Manager for Manager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
-        self.inner.create().await
+        match &self.factory {
+            Factory::Single(m) => m.create().await,
+            Factory::Sentinel(m) => m.create().await,
+        }
     }
 
     async fn recycle(
@@ -40,12 +68,20 @@ impl managed::Manager for Manager {
         conn: &mut MultiplexedConnection,
         metrics: &Metrics,
     ) -> RecycleResult<RedisError> {
+        if self.micros_since_born(metrics.created) < self.reset_us.load(Ordering::Relaxed) {
+            return Err(managed::RecycleError::message(
+                "made before the pool was reset",
+            ));
+        }
         if metrics.last_used() < CHECK_WHEN_IDLE
             && !metrics.recycle_count.is_multiple_of(CHECK_EVERY)
         {
             return Ok(());
         }
-        self.inner.recycle(conn, metrics).await
+        match &self.factory {
+            Factory::Single(m) => m.recycle(conn, metrics).await,
+            Factory::Sentinel(m) => m.recycle(conn, metrics).await,
+        }
     }
 }
 
@@ -104,10 +140,15 @@ impl Pool {
         })
     }
 
-    /// Drops every idle pooled connection, so the next operations connect afresh. Called
-    /// after a failed operation: the pool checks connections only now and then, and a
-    /// connection broken by a Redis restart would otherwise be handed out again.
+    /// Drops every idle pooled connection, and retires the checked-out ones when they come
+    /// back, so the next operations connect afresh (with Sentinel: to the master the
+    /// sentinels name now). Called after a failed operation: the pool checks connections
+    /// only now and then, and a connection broken by a Redis restart, or still open to a
+    /// master that was demoted, would otherwise be handed out again.
     pub(crate) fn reset(&self) {
+        let manager = self.inner.manager();
+        let now = manager.micros_since_born(Instant::now());
+        manager.reset_us.fetch_max(now, Ordering::Relaxed);
         self.inner.retain(|_, _| false);
     }
 }
@@ -120,14 +161,32 @@ pub(crate) type PoolError = managed::PoolError<RedisError>;
 pub(crate) enum BuildError {
     #[error("invalid Redis URL: {0}")]
     Url(#[from] RedisError),
+    #[error("invalid Redis Sentinel configuration: {0}")]
+    Sentinel(#[source] RedisError),
     #[error("cannot build the Redis pool: {0}")]
     Build(#[from] managed::BuildError),
 }
 
-/// Builds a pool of `size` connections to `url` with bounded waits.
-pub(crate) fn build(url: &str, size: usize) -> Result<Pool, BuildError> {
-    let inner = deadpool_redis::Manager::new(url)?;
-    let inner = managed::Pool::builder(Manager { inner })
+/// Builds a pool of `size` connections to `target` with bounded waits.
+pub(crate) fn build(target: &RedisTarget, size: usize) -> Result<Pool, BuildError> {
+    let factory = match target {
+        RedisTarget::Single { url } => Factory::Single(deadpool_redis::Manager::new(url.as_str())?),
+        RedisTarget::Sentinel(s) => Factory::Sentinel(
+            deadpool_redis::sentinel::Manager::new(
+                s.sentinels.iter().map(String::as_str).collect(),
+                s.master.clone(),
+                Some(s.pool_node_info()),
+                deadpool_redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(BuildError::Sentinel)?,
+        ),
+    };
+    let manager = Manager {
+        factory,
+        born: Instant::now(),
+        reset_us: AtomicU64::new(0),
+    };
+    let inner = managed::Pool::builder(manager)
         .max_size(size)
         .wait_timeout(Some(WAIT))
         .create_timeout(Some(WAIT))

@@ -98,7 +98,7 @@ impl Node {
         let keys = Keys::new(&config.prefix, &node_id);
         // The recorder goes first: components resolve their metric handles when built.
         let metrics = m::install();
-        let health = Arc::new(Health::new(config.redis_url.is_none()));
+        let health = Arc::new(Health::new(!config.uses_redis()));
         let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
         let hub = Arc::new(Hub::new(sub_tx));
         let fanout = Arc::new(Fanout::new(

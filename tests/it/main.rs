@@ -33,6 +33,7 @@ mod lb;
 mod lifecycle;
 mod limits;
 mod redis_access;
+mod sentinel;
 mod sse;
 mod standalone;
 mod tokens;

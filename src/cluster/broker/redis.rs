@@ -1,6 +1,8 @@
 //! The Redis broker: PUBLISH through the deadpool pool, and one dedicated pub/sub connection
 //! whose reconnection, resubscription and liveness (ping and canary) this module drives
 //! itself, because redis-rs pub/sub streams end on connection loss and never reconnect.
+//! Every reconnection goes through the [`Connector`], so under Sentinel it asks the
+//! sentinels for the master again and follows a failover.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use tokio::time::{interval, sleep, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::router::{ControlMessage, Router};
+use crate::cluster::connect::Connector;
 use crate::cluster::error::{bounded, RedisError};
 use crate::cluster::keys::Keys;
 use crate::cluster::pool::Pool;
@@ -27,9 +30,8 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const RESUBSCRIBE_CHUNK: usize = 1000;
 /// Most hub commands applied in one batch.
 const MAX_BATCH: usize = 1024;
-/// Reconnect backoff bounds.
+/// Reconnect backoff bounds (the upper one is the connector's: shorter under Sentinel).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// What the subscription loop needs besides the broker itself.
 pub(crate) struct SubscriberSettings {
@@ -50,14 +52,18 @@ pub(crate) struct SubscriberSettings {
 /// Redis-backed broker.
 #[derive(Clone)]
 pub(crate) struct RedisBroker {
-    client: ::redis::Client,
+    connector: Connector,
     pool: Pool,
     keys: Keys,
 }
 
 impl RedisBroker {
-    pub(crate) fn new(client: ::redis::Client, pool: Pool, keys: Keys) -> Self {
-        RedisBroker { client, pool, keys }
+    pub(crate) fn new(connector: Connector, pool: Pool, keys: Keys) -> Self {
+        RedisBroker {
+            connector,
+            pool,
+            keys,
+        }
     }
 
     pub(crate) async fn publish(
@@ -82,7 +88,7 @@ impl RedisBroker {
     }
 
     async fn publish_on(&self, channel: &str, payload: &[u8]) -> Result<u64, RedisError> {
-        bounded(async {
+        let result = bounded(async {
             let mut conn = self.pool.get().await?;
             let n: u64 = ::redis::cmd("PUBLISH")
                 .arg(channel)
@@ -91,7 +97,13 @@ impl RedisBroker {
                 .await?;
             Ok(n)
         })
-        .await
+        .await;
+        if result.as_ref().is_err_and(RedisError::is_connection_error) {
+            // The canary publishes through here too: after a failover its failure is what
+            // retires the connections to the old master, even with no API traffic.
+            self.pool.reset();
+        }
+        result
     }
 
     pub(crate) async fn run_subscriber(
@@ -112,11 +124,12 @@ impl RedisBroker {
         .into_iter()
         .collect();
         let mut backoff = BACKOFF_MIN;
+        let backoff_max = self.connector.backoff_max();
         let mut canary_seq = 0u64;
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub()) => r,
+                r = timeout(CONNECT_TIMEOUT, self.connector.pubsub()) => r,
             };
             let pubsub = match connected {
                 Ok(Ok(p)) => p,
@@ -126,7 +139,7 @@ impl RedisBroker {
                     if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff = (backoff * 2).min(backoff_max);
                     continue;
                 }
                 Err(_) => {
@@ -135,7 +148,7 @@ impl RedisBroker {
                     if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff = (backoff * 2).min(backoff_max);
                     continue;
                 }
             };
@@ -168,7 +181,7 @@ impl RedisBroker {
                 if !wait_offline(&mut cmds, &keys, &mut desired, backoff, &shutdown).await {
                     return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = (backoff * 2).min(backoff_max);
                 continue;
             }
             backoff = BACKOFF_MIN;

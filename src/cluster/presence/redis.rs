@@ -328,8 +328,10 @@ mod tests {
     /// boxes it.
     #[tokio::test]
     async fn presence_futures_stay_small_while_waiting_for_a_connection() {
-        let pool = crate::cluster::pool::build("redis://127.0.0.1:1", 2)
-            .unwrap_or_else(|e| panic!("pool: {e}"));
+        let target = crate::cluster::connect::RedisTarget::Single {
+            url: "redis://127.0.0.1:1".into(),
+        };
+        let pool = crate::cluster::pool::build(&target, 2).unwrap_or_else(|e| panic!("pool: {e}"));
         let p = RedisPresence::new(
             pool,
             Keys::new("p", "n"),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::redis::RedisServer;
+use super::sentinel::SentinelSet;
 use super::{eventually, free_port, log_dir, prom, API_KEY, JWT_SECRET, WAIT};
 
 /// Options for one herald process.
@@ -37,6 +38,21 @@ impl NodeOpts {
             env: Vec::new(),
             wrapper: Vec::new(),
         }
+    }
+
+    /// A node that finds its Redis master through the sentinels of `set`.
+    pub fn sentinel(set: &SentinelSet, prefix: &str, node_id: &str) -> Self {
+        NodeOpts {
+            redis_url: None,
+            prefix: prefix.to_string(),
+            node_id: node_id.to_string(),
+            presence_ttl: "3".into(),
+            dev: false,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+        .arg("--redis-sentinel", &set.addresses())
+        .arg("--redis-master-name", &set.master_name)
     }
 
     pub fn standalone(node_id: &str) -> Self {
@@ -119,6 +135,9 @@ impl Herald {
             .args(&opts.extra)
             .env("HERALD_LOG", "herald=debug,info")
             .env_remove("HERALD_REDIS_URL")
+            .env_remove("HERALD_REDIS_SENTINEL")
+            .env_remove("HERALD_REDIS_MASTER_NAME")
+            .env_remove("HERALD_REDIS_MASTER_PASSWORD")
             .env_remove("HERALD_JWT_SECRET")
             .env_remove("HERALD_API_KEY")
             .envs(opts.env.iter().map(|(k, v)| (k, v)))

@@ -38,10 +38,17 @@ impl RedisServer {
     /// Starts a server whose default user needs `password` (the harness's own commands
     /// authenticate with it).
     pub fn start_with_password(password: &str) -> Self {
+        Self::start_with_password_and(password, &[])
+    }
+
+    /// The same, with extra `--name value` config arguments.
+    pub fn start_with_password_and(password: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--requirepass".to_string(), password.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut r = RedisServer {
             port: free_port(),
             child: None,
-            extra: vec!["--requirepass".into(), password.into()],
+            extra: args,
             password: Some(password.into()),
             tls: false,
         };
