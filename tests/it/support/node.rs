@@ -50,6 +50,7 @@ impl NodeOpts {
             dev: false,
             extra: Vec::new(),
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
         .arg("--redis-sentinel", &set.addresses())
         .arg("--redis-master-name", &set.master_name)
