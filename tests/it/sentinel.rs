@@ -140,6 +140,62 @@ async fn sentinel_and_data_node_passwords_are_used_and_without_them_the_node_sta
     assert_eq!(status, 503, "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_the_node_to_the_new_master_without_losing_the_inbox() {
+    let set = SentinelSet::start("sw");
+    let a = Herald::spawn(NodeOpts::sentinel(&set, "sw", "a")).await;
+    a.wait_ready().await;
+    let mut c = connect(&a, "u", &[]).await;
+    let first = publish_durable(&a, "u", json!(1)).await;
+    assert_eq!(
+        recv_message(&mut c.ws, WAIT).await.expect("first")["id"],
+        first.as_str()
+    );
+
+    // A switchover: the old master stays up and becomes a replica, so connections to it
+    // still answer, but writes get READONLY. The node must move every connection.
+    let old = set.master_port();
+    let _: String = set
+        .sentinel_cmd(&["SENTINEL", "FAILOVER", &set.master_name])
+        .expect("sentinel failover");
+    eventually(
+        WAIT,
+        "the replica promoted and the old master demoted",
+        || async {
+            let new = set.master_port();
+            (new != old
+                && set.role(new).as_deref() == Some("master")
+                && set.role(old).as_deref() == Some("slave"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Durable publishes work again (retried while the node switches; the idempotency key
+    // keeps a retry from storing twice), and the session gets the message live.
+    let id = eventually(
+        WAIT,
+        "a durable publish accepted after the switchover",
+        || async {
+            let (status, body) = a
+                .api_post(
+                    "/api/publish",
+                    &json!({"user": "u", "durable": true, "data": 2, "idempotency_key": "after"}),
+                )
+                .await;
+            (status == 200).then(|| body["ids"]["u"].as_str().expect("id").to_string())
+        },
+    )
+    .await;
+    let m = recv_message(&mut c.ws, WAIT)
+        .await
+        .expect("live after the switchover");
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(inbox_ids(&set, "sw", "u"), vec![first, id]);
+    a.wait_ready().await;
+    assert_silent(&mut c.ws, Duration::from_millis(300)).await;
+}
+
 /// What one client received, read by its own task.
 #[derive(Default)]
 struct Received {
