@@ -364,6 +364,8 @@ async fn sentinel_failover_under_durable_load_loses_and_duplicates_nothing() {
     let new = set.master_port();
     assert_ne!(new, old, "the sentinels promoted the replica");
     assert_eq!(set.role(new).as_deref(), Some("master"));
+    // Presence is on the new master: both sessions, each on its node.
+    a.wait_presence_nodes("fo", &["a", "b"]).await;
 
     // Twenty more after both nodes are back, then stop.
     let after = accepted.load(Ordering::Relaxed);
