@@ -50,7 +50,7 @@ impl RedisError {
 /// True for `-READONLY`: the command reached a replica. Under Sentinel that means the master
 /// moved (a failover demoted the instance this connection was made to), so the connection
 /// must be replaced by one to the master the sentinels name now.
-pub(crate) fn is_readonly(e: &redis::RedisError) -> bool {
+fn is_readonly(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         // A script that writes on a replica may report it inside its own error text.
         || e.to_string().contains("READONLY")
