@@ -141,6 +141,31 @@ async fn sentinel_and_data_node_passwords_are_used_and_without_them_the_node_sta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinels_mean_tls_to_the_sentinels_and_the_data_nodes() {
+    let ca = TestCa::new("sentinel");
+    // Every process listens on TLS only, so a node that reached anything in plain text
+    // would fail.
+    let set = SentinelSet::start_tls("st", &ca);
+    let ca_file = ca.ca().display().to_string();
+    let a = Herald::spawn(NodeOpts::sentinel(&set, "st", "a").env("SSL_CERT_FILE", &ca_file)).await;
+    a.wait_ready().await;
+    let mut c = connect(&a, "u", &[]).await;
+    let id = publish_durable(&a, "u", json!("over tls")).await;
+    let m = recv_message(&mut c.ws, WAIT)
+        .await
+        .expect("durable over tls");
+    assert_eq!(m["id"], id.as_str());
+
+    // A node that does not trust the CA gets no connection, and says why.
+    let b = Herald::spawn(NodeOpts::sentinel(&set, "st", "b")).await;
+    eventually(WAIT, "b refuses the unknown certificate", || async {
+        b.log_text().contains("UnknownIssuer").then_some(())
+    })
+    .await;
+    assert_eq!(b.readyz().await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_moves_the_node_to_the_new_master_without_losing_the_inbox() {
     let set = SentinelSet::start("sw");
     let a = Herald::spawn(NodeOpts::sentinel(&set, "sw", "a")).await;
