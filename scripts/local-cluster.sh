@@ -3,17 +3,18 @@
 #
 #   redis-server  127.0.0.1:$REDIS_PORT        private, persists nothing (never 6379)
 #   herald1..3    127.0.0.1:$PORT_BASE+1..+3   one Redis, one prefix
+#   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl (clients)
+#                 127.0.0.1:$PORT_BASE+4       the producer API (/api/), internal
 #
-# or, with --redis sentinel, the Redis Sentinel shape:
+# With --redis sentinel, the one redis-server becomes a Sentinel set:
 #
 #   redis master  127.0.0.1:$REDIS_PORT        named "herald" by the sentinels
 #   redis replica 127.0.0.1:$REDIS_PORT+1
 #   sentinel1..3  127.0.0.1:$REDIS_PORT+11..13 (down-after 2 s; `kill -9` the master's
 #                                              pid from $RUN_DIR/pids/redis.pid to watch a
 #                                              failover)
-#   herald1..3    --redis-sentinel ... --redis-master-name herald
-#   nginx         127.0.0.1:$PORT_BASE         deploy/nginx-local.conf.tmpl (clients)
-#                 127.0.0.1:$PORT_BASE+4       the producer API (/api/), internal
+#
+# and the nodes run with --redis-sentinel ... --redis-master-name herald.
 #
 # Usage (--redis single|sentinel may come first; single is the default):
 #   scripts/local-cluster.sh [run]     in the foreground (the default); Ctrl-C or SIGTERM

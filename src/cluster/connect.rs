@@ -23,6 +23,7 @@ use crate::config::Config;
 pub(crate) enum TargetError {
     #[error("invalid Redis URL: {0}")]
     Url(#[source] redis::RedisError),
+    /// The address is shown without its credentials.
     #[error("invalid --redis-sentinel address {0:?}: {1}")]
     Sentinel(String, #[source] redis::RedisError),
 }
@@ -71,7 +72,7 @@ impl RedisTarget {
             let url = sentinel_url(entry);
             url.as_str()
                 .into_connection_info()
-                .map_err(|e| TargetError::Sentinel(entry.clone(), e))?;
+                .map_err(|e| TargetError::Sentinel(redacted(entry), e))?;
             sentinels.push(url);
         }
         let tls = sentinels.iter().any(|u| u.starts_with("rediss://"));
@@ -81,6 +82,16 @@ impl RedisTarget {
             password: config.redis_master_password.clone(),
             tls,
         })))
+    }
+}
+
+/// `entry` with any `user:password@` replaced by `***@`, for error messages and logs.
+fn redacted(entry: &str) -> String {
+    match (entry.find("://"), entry.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &entry[..scheme_end + 3], &entry[at..])
+        }
+        _ => entry.to_string(),
     }
 }
 
@@ -155,7 +166,10 @@ impl Connector {
             RedisTarget::Sentinel(s) => s
                 .client()
                 .map(|c| Connector::Sentinel(Arc::new(tokio::sync::Mutex::new(c))))
-                .map_err(|e| TargetError::Sentinel(s.sentinels.join(","), e)),
+                .map_err(|e| {
+                    let all: Vec<String> = s.sentinels.iter().map(|u| redacted(u)).collect();
+                    TargetError::Sentinel(all.join(","), e)
+                }),
         }
     }
 
@@ -189,6 +203,24 @@ impl Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_never_reach_an_error_message() {
+        assert_eq!(redacted("redis://:pw@s1:26379"), "redis://***@s1:26379");
+        assert_eq!(redacted("rediss://u:p@ss@s1:1"), "rediss://***@s1:1");
+        assert_eq!(redacted("s1:26379"), "s1:26379");
+        let c = config(&[
+            "--redis-sentinel",
+            "redis://:hunter2@h:notaport",
+            "--redis-master-name",
+            "m",
+        ]);
+        let e = RedisTarget::from_config(&c).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| !e.contains("hunter2")),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn sentinel_entries_may_be_bare_addresses_or_urls() {

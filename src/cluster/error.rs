@@ -50,7 +50,7 @@ impl RedisError {
 /// True for `-READONLY`: the command reached a replica. Under Sentinel that means the master
 /// moved (a failover demoted the instance this connection was made to), so the connection
 /// must be replaced by one to the master the sentinels name now.
-pub(crate) fn is_readonly(e: &redis::RedisError) -> bool {
+fn is_readonly(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         // A script that writes on a replica may report it inside its own error text.
         || e.to_string().contains("READONLY")
@@ -75,4 +75,33 @@ pub(crate) async fn bounded<T>(
     f: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, RedisError> {
     bounded_by(CALL_TIMEOUT, f).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use redis::{ErrorKind, ServerErrorKind};
+
+    #[test]
+    fn readonly_means_the_master_moved_and_counts_as_a_connection_error() {
+        let readonly = RedisError::Redis(redis::RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        )));
+        assert!(readonly.is_connection_error());
+        // A script's error may carry it only in its text.
+        let in_script = RedisError::Redis(redis::RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "script failed",
+            "READONLY You can't write against a read only replica.".to_string(),
+        )));
+        assert!(in_script.is_connection_error());
+        let plain = RedisError::Redis(redis::RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "wrong number of arguments",
+        )));
+        assert!(!plain.is_connection_error());
+        assert!(!RedisError::Reply("x").is_connection_error());
+    }
 }

@@ -140,6 +140,87 @@ async fn sentinel_and_data_node_passwords_are_used_and_without_them_the_node_sta
     assert_eq!(status, 503, "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinels_mean_tls_to_the_sentinels_and_the_data_nodes() {
+    let ca = TestCa::new("sentinel");
+    // Every process listens on TLS only, so a node that reached anything in plain text
+    // would fail.
+    let set = SentinelSet::start_tls("st", &ca);
+    let ca_file = ca.ca().display().to_string();
+    let a = Herald::spawn(NodeOpts::sentinel(&set, "st", "a").env("SSL_CERT_FILE", &ca_file)).await;
+    a.wait_ready().await;
+    let mut c = connect(&a, "u", &[]).await;
+    let id = publish_durable(&a, "u", json!("over tls")).await;
+    let m = recv_message(&mut c.ws, WAIT)
+        .await
+        .expect("durable over tls");
+    assert_eq!(m["id"], id.as_str());
+
+    // A node that does not trust the CA gets no connection, and says why.
+    let b = Herald::spawn(NodeOpts::sentinel(&set, "st", "b")).await;
+    eventually(WAIT, "b refuses the unknown certificate", || async {
+        b.log_text().contains("UnknownIssuer").then_some(())
+    })
+    .await;
+    assert_eq!(b.readyz().await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_the_node_to_the_new_master_without_losing_the_inbox() {
+    let set = SentinelSet::start("sw");
+    let a = Herald::spawn(NodeOpts::sentinel(&set, "sw", "a")).await;
+    a.wait_ready().await;
+    let mut c = connect(&a, "u", &[]).await;
+    let first = publish_durable(&a, "u", json!(1)).await;
+    assert_eq!(
+        recv_message(&mut c.ws, WAIT).await.expect("first")["id"],
+        first.as_str()
+    );
+
+    // A switchover: the old master stays up and becomes a replica, so connections to it
+    // still answer, but writes get READONLY. The node must move every connection.
+    let old = set.master_port();
+    let _: String = set
+        .sentinel_cmd(&["SENTINEL", "FAILOVER", &set.master_name])
+        .expect("sentinel failover");
+    eventually(
+        WAIT,
+        "the replica promoted and the old master demoted",
+        || async {
+            let new = set.master_port();
+            (new != old
+                && set.role(new).as_deref() == Some("master")
+                && set.role(old).as_deref() == Some("slave"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Durable publishes work again (retried while the node switches; the idempotency key
+    // keeps a retry from storing twice), and the session gets the message live.
+    let id = eventually(
+        WAIT,
+        "a durable publish accepted after the switchover",
+        || async {
+            let (status, body) = a
+                .api_post(
+                    "/api/publish",
+                    &json!({"user": "u", "durable": true, "data": 2, "idempotency_key": "after"}),
+                )
+                .await;
+            (status == 200).then(|| body["ids"]["u"].as_str().expect("id").to_string())
+        },
+    )
+    .await;
+    let m = recv_message(&mut c.ws, WAIT)
+        .await
+        .expect("live after the switchover");
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(inbox_ids(&set, "sw", "u"), vec![first, id]);
+    a.wait_ready().await;
+    assert_silent(&mut c.ws, Duration::from_millis(300)).await;
+}
+
 /// What one client received, read by its own task.
 #[derive(Default)]
 struct Received {
@@ -308,6 +389,8 @@ async fn sentinel_failover_under_durable_load_loses_and_duplicates_nothing() {
     let new = set.master_port();
     assert_ne!(new, old, "the sentinels promoted the replica");
     assert_eq!(set.role(new).as_deref(), Some("master"));
+    // Presence is on the new master: both sessions, each on its node.
+    a.wait_presence_nodes("fo", &["a", "b"]).await;
 
     // Twenty more after both nodes are back, then stop.
     let after = accepted.load(Ordering::Relaxed);

@@ -58,20 +58,27 @@ impl RedisServer {
 
     /// Starts a server that speaks TLS only, with `cert`/`key` (PEM files).
     pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        Self::start_tls_with(cert, key, &[])
+    }
+
+    /// The same, with extra `--name value` config arguments.
+    pub fn start_tls_with(cert: &std::path::Path, key: &std::path::Path, extra: &[&str]) -> Self {
         let port = free_port();
+        let mut args: Vec<String> = vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut r = RedisServer {
             port,
             child: None,
-            extra: vec![
-                "--tls-port".into(),
-                port.to_string(),
-                "--tls-cert-file".into(),
-                cert.display().to_string(),
-                "--tls-key-file".into(),
-                key.display().to_string(),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ],
+            extra: args,
             password: None,
             tls: true,
         };

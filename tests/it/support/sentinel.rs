@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::redis::RedisServer;
+use super::tls::TestCa;
 use super::{free_port, WAIT};
 
 /// How long the sentinels wait before calling an unreachable master down. Short, so a
@@ -28,6 +29,11 @@ pub struct SentinelSet {
     pub master_name: String,
     /// The sentinels' own password (`requirepass` on each), if any.
     sentinel_password: Option<String>,
+    /// The data nodes' password, if any.
+    data_password: Option<String>,
+    /// Everything speaks TLS only, with certificates from this CA (PEM), which the harness
+    /// trusts for its own connections.
+    tls_ca: Option<Vec<u8>>,
     /// The data nodes: `[0]` starts as the master, `[1]` as its replica. A killed one stays
     /// in the list, stopped.
     pub servers: Vec<RedisServer>,
@@ -42,12 +48,27 @@ impl SentinelSet {
         Self::start_with_auth(master_name, None, None)
     }
 
+    /// Starts a set where every process (data nodes, replication, sentinels) speaks TLS
+    /// only, with `ca`'s server certificate.
+    pub fn start_tls(master_name: &str, ca: &TestCa) -> SentinelSet {
+        Self::start_inner(master_name, None, None, Some(ca))
+    }
+
     /// Starts a set whose data nodes require `data_password` (the replica and the
     /// sentinels authenticate with it) and whose sentinels require `sentinel_password`.
     pub fn start_with_auth(
         master_name: &str,
         data_password: Option<&str>,
         sentinel_password: Option<&str>,
+    ) -> SentinelSet {
+        Self::start_inner(master_name, data_password, sentinel_password, None)
+    }
+
+    fn start_inner(
+        master_name: &str,
+        data_password: Option<&str>,
+        sentinel_password: Option<&str>,
+        tls: Option<&TestCa>,
     ) -> SentinelSet {
         // Each data node works in a directory of its own: a replica writes the RDB of its
         // full sync there, not into the crate's directory.
@@ -61,13 +82,33 @@ impl SentinelSet {
         };
         // The replica's first full sync starts at once, not after Redis's default 5 s wait
         // for more replicas to share it.
-        let start = |extra: &[&str]| match data_password {
-            Some(pw) => {
+        let (ca_file, tls_args) = match tls {
+            Some(ca) => (
+                ca.ca().display().to_string(),
+                vec![
+                    ca.cert().display().to_string(),
+                    ca.key().display().to_string(),
+                ],
+            ),
+            None => (String::new(), Vec::new()),
+        };
+        let start = |extra: &[&str]| match (data_password, tls) {
+            (Some(pw), _) => {
                 let mut args = extra.to_vec();
                 args.extend_from_slice(&["--masterauth", pw]);
                 RedisServer::start_with_password_and(pw, &args)
             }
-            None => RedisServer::start_with(extra),
+            (None, Some(ca)) => {
+                let mut args = extra.to_vec();
+                args.extend_from_slice(&[
+                    "--tls-replication",
+                    "yes",
+                    "--tls-ca-cert-file",
+                    &ca_file,
+                ]);
+                RedisServer::start_tls_with(&ca.cert(), &ca.key(), &args)
+            }
+            (None, None) => RedisServer::start_with(extra),
         };
         let master = start(&[
             "--dir",
@@ -85,6 +126,8 @@ impl SentinelSet {
         let mut set = SentinelSet {
             master_name: master_name.to_string(),
             sentinel_password: sentinel_password.map(str::to_string),
+            data_password: data_password.map(str::to_string),
+            tls_ca: tls.map(|ca| std::fs::read(ca.ca()).expect("CA certificate")),
             servers: vec![master, replica],
             sentinels: Vec::new(),
             dir,
@@ -98,6 +141,14 @@ impl SentinelSet {
             let mut auth = String::new();
             if let Some(pw) = data_password {
                 auth += &format!("sentinel auth-pass {master_name} {pw}\n");
+            }
+            if tls_args.len() == 2 {
+                // TLS only: `port 0` turns the plain port off (it comes after `port` above).
+                auth += &format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {ca_file}\ntls-replication yes\ntls-auth-clients no\n",
+                    tls_args[0], tls_args[1]
+                );
             }
             if let Some(pw) = sentinel_password {
                 // Sentinels that require a password must also give it to each other.
@@ -142,20 +193,64 @@ impl SentinelSet {
     pub fn addresses(&self) -> String {
         self.sentinels
             .iter()
-            .map(|s| match &self.sentinel_password {
-                Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", s.port),
-                None => format!("127.0.0.1:{}", s.port),
+            .map(|s| {
+                let scheme = if self.tls_ca.is_some() {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                match &self.sentinel_password {
+                    Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{}", s.port),
+                    None if self.tls_ca.is_some() => format!("rediss://127.0.0.1:{}", s.port),
+                    None => format!("127.0.0.1:{}", s.port),
+                }
             })
             .collect::<Vec<_>>()
             .join(",")
     }
 
-    /// The harness's own URL of one sentinel (with the password, if any).
-    fn sentinel_url(&self, port: u16) -> String {
-        match &self.sentinel_password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{port}/"),
-            None => format!("redis://127.0.0.1:{port}/"),
+    /// The harness's own client for one sentinel or data node (with its password, over
+    /// TLS trusting the set's CA when the set speaks TLS).
+    fn client(&self, port: u16, password: Option<&String>) -> redis::RedisResult<redis::Client> {
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let url = match password {
+            Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{port}/"),
+            None => format!("{scheme}://127.0.0.1:{port}/"),
+        };
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
         }
+    }
+
+    fn sentinel_client(&self, port: u16) -> redis::RedisResult<redis::Client> {
+        self.client(port, self.sentinel_password.as_ref())
+    }
+
+    /// Runs one command on the data node on `port`.
+    fn data_cmd<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let mut conn = self
+            .client(port, self.data_password.as_ref())?
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut conn)
     }
 
     /// Runs one command on the first sentinel that answers.
@@ -165,7 +260,7 @@ impl SentinelSet {
             if s.child.is_none() {
                 continue;
             }
-            let client = redis::Client::open(self.sentinel_url(s.port))?;
+            let client = self.sentinel_client(s.port)?;
             let mut conn = match client.get_connection_with_timeout(Duration::from_secs(2)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -216,8 +311,7 @@ impl SentinelSet {
 
     /// What the data node on `port` says it is (`ROLE`): "master" or "slave".
     pub fn role(&self, port: u16) -> Option<String> {
-        let server = self.servers.iter().find(|s| s.port == port)?;
-        let role: Vec<redis::Value> = server.cmd(&["ROLE"]).ok()?;
+        let role: Vec<redis::Value> = self.data_cmd(port, &["ROLE"]).ok()?;
         match role.first()? {
             redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             redis::Value::SimpleString(s) => Some(s.clone()),
@@ -228,8 +322,8 @@ impl SentinelSet {
     fn wait_replica_synced(&self) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let info: String = self.servers[1]
-                .cmd(&["INFO", "replication"])
+            let info: String = self
+                .data_cmd(self.servers[1].port, &["INFO", "replication"])
                 .unwrap_or_default();
             if info.contains("master_link_status:up") {
                 return;
@@ -245,7 +339,8 @@ impl SentinelSet {
         let deadline = Instant::now() + WAIT;
         for s in &self.sentinels {
             loop {
-                let known = redis::Client::open(self.sentinel_url(s.port))
+                let known = self
+                    .sentinel_client(s.port)
                     .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
                     .and_then(|mut conn| {
                         redis::cmd("SENTINEL")
