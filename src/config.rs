@@ -469,6 +469,16 @@ impl Config {
         self.redis_url.is_some() || !self.redis_sentinel.is_empty()
     }
 
+    /// The liveness limits the sweeper applies to every session.
+    pub(crate) fn liveness(&self) -> crate::transport::LivenessSettings {
+        crate::transport::LivenessSettings {
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
+            token_grace: self.token_grace,
+        }
+    }
+
     /// How often presence is refreshed: a third of the TTL, so two heartbeats may be lost
     /// before anything expires.
     pub(crate) fn heartbeat_interval(&self) -> Duration {

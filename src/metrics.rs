@@ -76,6 +76,18 @@ pub(crate) const OFFLINE_EVENTS_REAPED: &str = "herald_offline_events_reaped_tot
 /// Counter: times this node found the herald Functions library loaded with other settings
 /// than its own (and replaced it).
 pub(crate) const FUNCTION_CONFLICTS: &str = "herald_function_conflicts_total";
+/// Gauge: sessions with something queued in their outbox (frames the socket did not take
+/// at once, or deliveries parked behind a welcome, replay or catch-up), counted by the
+/// sweeper over its last full rotation (at most a second old).
+pub(crate) const OUTBOX_BACKLOG_SESSIONS: &str = "herald_outbox_backlog_sessions";
+/// Histogram: payload bytes queued in one session's outbox, sampled by the sweeper once
+/// per rotation for every session that has a backlog (sessions with none are not recorded:
+/// the gauge above counts those that have one).
+pub(crate) const OUTBOX_QUEUED_BYTES: &str = "herald_outbox_queued_bytes";
+/// Histogram: seconds a queued frame waited in a session's outbox before the socket took
+/// it in full (or an SSE body took it). Frames written at once are not queued and not
+/// recorded; `herald_messages_out_total` counts every frame.
+pub(crate) const OUTBOX_WAIT_SECONDS: &str = "herald_outbox_wait_seconds";
 /// Histogram: seconds a presence heartbeat took.
 pub(crate) const HEARTBEAT_SECONDS: &str = "herald_heartbeat_seconds";
 

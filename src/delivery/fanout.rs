@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn a_full_outbox_marks_a_slow_consumer_and_spares_the_others() {
         let (stx, _srx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(stx));
+        let hub = Arc::new(Hub::new(stx, crate::delivery::WheelShape::default()));
         let (slow, fast) = (Arc::new(Client::default()), Arc::new(Client::default()));
         for (user, ctl) in [("slow", &slow), ("fast", &fast)] {
             let _ = hub.register(
@@ -408,7 +408,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spread_deliveries_reach_everyone_once_and_in_order() {
         let (stx, _srx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(stx));
+        let hub = Arc::new(Hub::new(stx, crate::delivery::WheelShape::default()));
         let n = 2 * SPREAD_CHUNK + 5;
         let ctls: Vec<Arc<Client>> = (0..n).map(|_| Arc::new(Client::default())).collect();
         for (i, ctl) in ctls.iter().enumerate() {

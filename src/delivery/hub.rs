@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::wheel::{Wheel, WheelShape};
 use crate::protocol::CloseReason;
 use crate::transport::Client;
 
@@ -49,13 +50,17 @@ pub(crate) struct SessionInfo {
 struct Entry {
     info: SessionInfo,
     client: Arc<Client>,
+    /// Its place in the sweeper's wheel.
+    place: u32,
 }
 
-#[derive(Default)]
 struct Inner {
     sessions: HashMap<Uuid, Entry>,
     users: HashMap<Arc<str>, Vec<Uuid>>,
     topics: HashMap<Arc<str>, HashSet<Uuid>>,
+    /// Which sweep tick visits (and pings) each session: placed on register, removed on
+    /// unregister, under the same lock as the maps.
+    wheel: Wheel<Arc<Client>>,
 }
 
 /// What registering a session changed.
@@ -90,11 +95,29 @@ pub(crate) struct Hub {
 impl Hub {
     /// `subs` receives subscription changes; the queue is unbounded but holds at most one
     /// command per join or leave in flight, so it is bounded by the connection limit.
-    pub(crate) fn new(subs: mpsc::UnboundedSender<SubCommand>) -> Self {
+    /// `wheel` is how the sweeper's visits are spread (see [`Hub::sweep_tick`]).
+    pub(crate) fn new(subs: mpsc::UnboundedSender<SubCommand>, wheel: WheelShape) -> Self {
         Hub {
-            inner: RwLock::new(Inner::default()),
+            inner: RwLock::new(Inner {
+                sessions: HashMap::new(),
+                users: HashMap::new(),
+                topics: HashMap::new(),
+                wheel: Wheel::new(wheel),
+            }),
             subs,
         }
+    }
+
+    /// The shape of the sweeper's wheel: how often it ticks.
+    pub(crate) fn wheel_shape(&self) -> WheelShape {
+        self.read().wheel.shape()
+    }
+
+    /// Appends the sessions sweep tick `tick` visits to `out`, each with whether a ping is
+    /// due: about 1/slots of the sessions, each session once per rotation and pinged once
+    /// per ping interval, however they connected.
+    pub(crate) fn sweep_tick(&self, tick: u64, out: &mut Vec<(Arc<Client>, bool)>) {
+        self.read().wheel.visit(tick, out);
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -136,7 +159,15 @@ impl Hub {
             }
             members.insert(info.id);
         }
-        inner.sessions.insert(info.id, Entry { info, client });
+        let place = inner.wheel.insert(client.clone());
+        inner.sessions.insert(
+            info.id,
+            Entry {
+                info,
+                client,
+                place,
+            },
+        );
         // Sent under the lock so the broker sees joins and leaves in the order decided here.
         // A send error means the broker is gone (node shutting down); the receiver then
         // resolves with an error and the session proceeds without waiting.
@@ -159,6 +190,9 @@ impl Hub {
     pub(crate) fn unregister(&self, id: Uuid) -> Option<Removed> {
         let mut inner = self.write();
         let entry = inner.sessions.remove(&id)?;
+        inner
+            .wheel
+            .remove(entry.place, |c| Arc::ptr_eq(c, &entry.client));
         let mut interests = Vec::new();
         let mut last_of_user = false;
         if let Some(list) = inner.users.get_mut(&entry.info.user) {
@@ -282,7 +316,7 @@ mod tests {
 
     fn hub() -> (Hub, mpsc::UnboundedReceiver<SubCommand>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Hub::new(tx), rx)
+        (Hub::new(tx, WheelShape::default()), rx)
     }
 
     fn info(user: &str, topics: &[&str]) -> SessionInfo {
@@ -364,5 +398,38 @@ mod tests {
         assert_eq!(hub.close_user("a", CloseReason::Kicked), 1);
         assert_eq!(a.reason(), Some(CloseReason::Kicked));
         assert!(!b.is_closed());
+    }
+
+    #[test]
+    fn the_sweeper_visits_registered_sessions_only_once_per_rotation() {
+        let shape = WheelShape::new(&crate::transport::LivenessSettings {
+            ping_interval: std::time::Duration::from_secs(25),
+            idle_timeout: std::time::Duration::from_secs(60),
+            write_timeout: std::time::Duration::from_secs(10),
+            token_grace: std::time::Duration::from_secs(10),
+        });
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Hub::new(tx, shape);
+        let infos: Vec<SessionInfo> = (0..120).map(|i| info(&format!("u{i}"), &[])).collect();
+        let clients: Vec<Arc<Client>> = (0..120).map(|_| Arc::new(Client::default())).collect();
+        for (i, c) in infos.iter().zip(&clients) {
+            assert!(hub.register(i.clone(), c.clone(), usize::MAX).is_some());
+        }
+        for i in infos.iter().step_by(2) {
+            assert!(hub.unregister(i.id).is_some());
+        }
+        let mut seen = vec![0u32; 120];
+        let mut out = Vec::new();
+        for t in 0..u64::from(shape.slots()) {
+            hub.sweep_tick(t, &mut out);
+            assert!(out.len() <= 120usize.div_ceil(shape.slots() as usize));
+            for (c, _) in out.drain(..) {
+                let i = clients.iter().position(|x| Arc::ptr_eq(x, &c)).unwrap();
+                seen[i] += 1;
+            }
+        }
+        for (i, n) in seen.iter().enumerate() {
+            assert_eq!(*n, u32::from(i % 2 == 1), "session {i}");
+        }
     }
 }

@@ -8,9 +8,11 @@
 
 pub(crate) mod fanout;
 pub(crate) mod hub;
+pub(crate) mod wheel;
 
 pub(crate) use fanout::{Durable, Fanout, InboxEvent, Outcome, Source, Target};
 pub(crate) use hub::{Counts, Hub, Interest, SessionInfo, SubCommand};
+pub(crate) use wheel::WheelShape;
 
 /// Test fixtures shared by delivery's and the broker's unit tests.
 #[cfg(test)]
@@ -26,7 +28,7 @@ pub(crate) mod testing {
     /// of 8 messages and payloads up to `max_bytes`.
     pub(crate) fn fanout_with_one_session(max_bytes: usize) -> (Arc<Fanout>, Arc<Client>) {
         let (stx, _srx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(stx));
+        let hub = Arc::new(Hub::new(stx, super::wheel::WheelShape::default()));
         let client = Arc::new(Client::default());
         let _ = hub.register(
             SessionInfo {

@@ -25,7 +25,7 @@ use crate::cluster::keys::Keys;
 use crate::cluster::presence::{PresenceSession, Stats};
 use crate::cluster::{BuildError, Engines, RedisError};
 use crate::config::Config;
-use crate::delivery::{Fanout, Hub, SubCommand, Target};
+use crate::delivery::{Fanout, Hub, SubCommand, Target, WheelShape};
 use crate::health::{Health, ReadyStatus};
 use crate::metrics as m;
 use crate::protocol::{CloseReason, StreamId};
@@ -100,7 +100,7 @@ impl Node {
         let metrics = m::install();
         let health = Arc::new(Health::new(!config.uses_redis()));
         let (sub_tx, sub_rx) = mpsc::unbounded_channel::<SubCommand>();
-        let hub = Arc::new(Hub::new(sub_tx));
+        let hub = Arc::new(Hub::new(sub_tx, WheelShape::new(&config.liveness())));
         let fanout = Arc::new(Fanout::new(
             hub.clone(),
             config.max_message_bytes,

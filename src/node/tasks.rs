@@ -11,7 +11,7 @@ use tokio::time::{sleep, Instant, MissedTickBehavior};
 use super::Node;
 use crate::clock::{mono_ms, unix_ms};
 use crate::metrics as m;
-use crate::transport::{replay, LivenessSettings, Now};
+use crate::transport::{replay, Now};
 
 /// Sessions caught up at once after a broken subscription: bounds the Redis reads in
 /// flight (and the node memory they hold) however many sessions there are.
@@ -20,33 +20,48 @@ const CATCH_UP_CONCURRENCY: usize = 32;
 /// Heartbeat retry interval while Redis is failing (bounded by the normal interval).
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Visits every session a few times per ping interval: sends due pings and closes sessions
-/// that stayed silent past the idle timeout or whose backlog made no progress within the
-/// write timeout. One task instead of a timer per session: an idle session then holds no
-/// timer at all.
+/// Ticks the hub's wheel: each tick visits one slot of sessions (about 1/slots of them),
+/// pings those whose place in the ping cycle has come, and closes those that stayed silent
+/// past the idle timeout, whose backlog made no progress within the write timeout, or whose
+/// token expired. One task instead of a timer per session: an idle session then holds no
+/// timer at all; and one slot per tick instead of every session per sweep, so sessions that
+/// connected together are not pinged together (see `delivery::wheel`).
 pub(super) async fn sweep_loop(node: Arc<Node>) {
-    let live = LivenessSettings {
-        ping_interval: node.config.ping_interval,
-        idle_timeout: node.config.idle_timeout,
-        write_timeout: node.config.write_timeout,
-        token_grace: node.config.token_grace,
-    };
+    let live = node.config.liveness();
     let limits = node.config.outbox_limits();
-    let mut tick = tokio::time::interval(live.sweep_period());
+    let shape = node.hub.wheel_shape();
+    let mut tick = tokio::time::interval(shape.tick());
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut clients = Vec::new();
+    let slots = u64::from(shape.slots());
+    let queued_bytes = metrics::histogram!(m::OUTBOX_QUEUED_BYTES);
+    let backlog_gauge = metrics::gauge!(m::OUTBOX_BACKLOG_SESSIONS);
+    let mut visits = Vec::new();
+    let mut turn: u64 = 0;
+    // Sessions with a backlog seen so far in this rotation: published once per rotation,
+    // when every session has been looked at once.
+    let mut backlogged = 0u64;
     loop {
         tokio::select! {
             _ = node.stop_background.cancelled() => return,
             _ = tick.tick() => {}
         }
-        node.hub.all_sessions(&mut clients);
+        node.hub.sweep_tick(turn, &mut visits);
+        turn = turn.wrapping_add(1);
         let now = Now {
             mono_ms: mono_ms(),
             unix_s: unix_ms() / 1000,
         };
-        for client in clients.drain(..) {
-            client.sweep(now, &live, limits);
+        for (client, ping_due) in visits.drain(..) {
+            let queued = client.queued_bytes();
+            if queued > 0 {
+                backlogged += 1;
+                queued_bytes.record(queued as f64);
+            }
+            client.sweep(now, &live, limits, ping_due);
+        }
+        if turn.is_multiple_of(slots) {
+            backlog_gauge.set(backlogged as f64);
+            backlogged = 0;
         }
     }
 }

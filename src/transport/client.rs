@@ -145,7 +145,7 @@ impl Client {
         self.liveness.heard(mono_ms());
     }
 
-    #[cfg(test)]
+    /// Payload bytes waiting in the outbox (read without its lock).
     pub(crate) fn queued_bytes(&self) -> usize {
         self.outbox.queued_bytes()
     }
@@ -235,12 +235,22 @@ impl Client {
         self.outbox.finish(last, wait).await;
     }
 
-    /// The sweeper's visit: closes an idle or stalled session, or sends a ping when due.
-    pub(crate) fn sweep(&self, now: Now, live: &LivenessSettings, limits: OutboxLimits) {
+    /// The sweeper's visit: closes an idle, stalled or expired session, or sends a ping
+    /// when this visit is its place in the ping cycle (`ping_due`).
+    pub(crate) fn sweep(
+        &self,
+        now: Now,
+        live: &LivenessSettings,
+        limits: OutboxLimits,
+        ping_due: bool,
+    ) {
         if self.is_closed() {
             return;
         }
-        match self.liveness.judge(now, live, self.outbox.stalled_since()) {
+        match self
+            .liveness
+            .judge(now, live, self.outbox.stalled_since(), ping_due)
+        {
             Verdict::Fine => {}
             Verdict::Close(reason) => self.close(reason),
             Verdict::Ping => {
@@ -479,23 +489,24 @@ mod tests {
             unix_s: 1_000,
         };
         let t0 = mono_ms();
-        ctl.sweep(at(t0), &live, LIMITS);
+        ctl.sweep(at(t0), &live, LIMITS, false);
         assert!(!ctl.is_closed());
-        ctl.sweep(at(t0 + 150), &live, LIMITS);
+        ctl.sweep(at(t0 + 150), &live, LIMITS, true);
         assert_eq!(read_frames(&mut client, 1).await, vec![(0x9, vec![])]);
-        ctl.sweep(at(t0 + 400), &live, LIMITS);
+        // Closing wins over a ping due at the same visit.
+        ctl.sweep(at(t0 + 400), &live, LIMITS, true);
         assert_eq!(ctl.reason(), Some(CloseReason::IdleTimeout));
 
         let (stalled, _client) = released_with_small_send_buffer().await;
         let big = Outgoing::text("s".repeat(64 * 1024), None);
         while stalled.offer(&big, LIMITS) == Offered::Written {}
         assert!(!stalled.is_closed());
-        stalled.sweep(at(mono_ms() + 100), &live, LIMITS);
+        stalled.sweep(at(mono_ms() + 100), &live, LIMITS, false);
         assert!(
             !stalled.is_closed(),
             "stalled for less than the write timeout"
         );
-        stalled.sweep(at(mono_ms() + 250), &live, LIMITS);
+        stalled.sweep(at(mono_ms() + 250), &live, LIMITS, false);
         assert_eq!(stalled.reason(), Some(CloseReason::SlowConsumer));
 
         // A token expiry ends the session after the grace, unless it was refreshed.
@@ -507,12 +518,12 @@ mod tests {
             mono_ms: now,
             unix_s,
         };
-        expiring.sweep(wall(2_009), &live, LIMITS);
+        expiring.sweep(wall(2_009), &live, LIMITS, false);
         assert!(!expiring.is_closed(), "within the grace");
         expiring.refreshed(Some(3_000));
-        expiring.sweep(wall(2_011), &live, LIMITS);
+        expiring.sweep(wall(2_011), &live, LIMITS, false);
         assert!(!expiring.is_closed(), "refreshed");
-        expiring.sweep(wall(3_010), &live, LIMITS);
+        expiring.sweep(wall(3_010), &live, LIMITS, false);
         assert_eq!(expiring.reason(), Some(CloseReason::TokenExpired));
     }
 

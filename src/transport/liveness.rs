@@ -1,8 +1,9 @@
 //! Whether one session is still alive and keeping up: when its client was last heard, when
-//! it was last pinged, and the verdict the node's sweeper acts on.
+//! its token expires, and the verdict the node's sweeper acts on.
 //!
 //! There is no timer per session. One sweeper task per node visits every session a few
-//! times per interval and asks [`Liveness::judge`] what to do, so an idle session owns two
+//! times per interval (the hub's wheel decides which tick visits which session, and which
+//! visit pings it) and asks [`Liveness::judge`] what to do, so an idle session owns two
 //! integers here and nothing that wakes up by itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,29 +49,29 @@ impl LivenessSettings {
 pub(crate) enum Verdict {
     /// Nothing is due.
     Fine,
-    /// A ping is due (the sweep recorded it as sent).
+    /// The wheel says this visit pings the session.
     Ping,
     /// The session must close.
     Close(CloseReason),
 }
 
-/// One session's liveness clocks, in [`crate::clock::mono_ms`] milliseconds, and its
-/// token's expiry.
+/// When one session was last heard, in [`crate::clock::mono_ms`] milliseconds, and its
+/// token's expiry. When it is pinged is not its own business: the sweeper's wheel pings each
+/// session at its place in the ping cycle, so pings are spread evenly over the interval
+/// instead of following connect times.
 #[derive(Debug, Default)]
 pub(crate) struct Liveness {
     last_heard: AtomicU64,
-    last_ping: AtomicU64,
     /// Unix seconds; 0 when the token does not expire (--dev).
     token_exp: AtomicU64,
 }
 
 impl Liveness {
-    /// A session that was just heard from and pinged at `now`, whose token expires at
-    /// `token_exp` (Unix seconds).
+    /// A session that was just heard from at `now`, whose token expires at `token_exp`
+    /// (Unix seconds).
     pub(crate) fn new(now: u64, token_exp: Option<u64>) -> Self {
         Liveness {
             last_heard: AtomicU64::new(now),
-            last_ping: AtomicU64::new(now),
             token_exp: AtomicU64::new(token_exp.unwrap_or(0)),
         }
     }
@@ -95,12 +96,14 @@ impl Liveness {
     }
 
     /// Judges the session at `now`. `stalled_since` is when its backlog last made progress,
-    /// if it has one. A due ping is recorded as sent.
+    /// if it has one; `ping_due` says whether this visit is the session's place in the ping
+    /// cycle. Closing wins over pinging.
     pub(crate) fn judge(
         &self,
         now: Now,
         s: &LivenessSettings,
         stalled_since: Option<u64>,
+        ping_due: bool,
     ) -> Verdict {
         let exp = self.token_exp.load(Ordering::Relaxed);
         if exp != 0 && now.unix_s >= exp.saturating_add(s.token_grace.as_secs()) {
@@ -115,8 +118,7 @@ impl Liveness {
         if heard != u64::MAX && now.saturating_sub(heard) >= ms(s.idle_timeout) {
             return Verdict::Close(CloseReason::IdleTimeout);
         }
-        if now.saturating_sub(self.last_ping.load(Ordering::Relaxed)) >= ms(s.ping_interval) {
-            self.last_ping.store(now, Ordering::Relaxed);
+        if ping_due {
             return Verdict::Ping;
         }
         Verdict::Fine

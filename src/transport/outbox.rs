@@ -28,7 +28,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::codec::{self, Kind};
-use crate::clock::mono_ms;
+use crate::clock::{mono_ms, mono_us};
+use crate::metrics as m;
 use crate::protocol::{CloseReason, StreamId};
 
 /// Frames gathered into one `writev` when draining a backlog.
@@ -42,6 +43,10 @@ pub(crate) struct Outgoing {
     pub(crate) kind: Kind,
     pub(crate) payload: Bytes,
     pub(crate) id: Option<StreamId>,
+    /// [`mono_us`] when this copy entered a session's queue (0: not queued). Only queued
+    /// copies carry one, so a frame written at once costs no clock read, and an idle session
+    /// (no queue) holds none.
+    queued_at: u64,
 }
 
 impl Outgoing {
@@ -50,6 +55,7 @@ impl Outgoing {
             kind: Kind::Text,
             payload: Bytes::from(text),
             id,
+            queued_at: 0,
         }
     }
 
@@ -58,6 +64,7 @@ impl Outgoing {
             kind,
             payload: payload.into(),
             id: None,
+            queued_at: 0,
         }
     }
 
@@ -71,6 +78,27 @@ impl Outgoing {
     /// Payload bytes: what the outbox byte budget counts.
     pub(crate) fn len(&self) -> usize {
         self.payload.len()
+    }
+
+    /// This session's copy, stamped with the time it was queued.
+    fn queued(&self, now_us: u64) -> Self {
+        Outgoing {
+            queued_at: now_us.max(1),
+            ..self.clone()
+        }
+    }
+}
+
+/// Records how long the frames that just left a queue waited in it (`now_us` is when they
+/// were written in full, or taken by an SSE body).
+fn record_waits<'a>(frames: impl Iterator<Item = &'a Outgoing>, now_us: u64) {
+    let mut waits = frames.filter(|m| m.queued_at != 0).peekable();
+    if waits.peek().is_none() {
+        return;
+    }
+    let h = metrics::histogram!(m::OUTBOX_WAIT_SECONDS);
+    for f in waits {
+        h.record(now_us.saturating_sub(f.queued_at) as f64 / 1e6);
     }
 }
 
@@ -239,7 +267,7 @@ impl Outbox {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    #[cfg(test)]
+    /// Payload bytes queued (the sweeper samples it without the lock).
     pub(crate) fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
     }
@@ -281,7 +309,7 @@ impl Outbox {
                     }
                     Ok(n) => {
                         out.head_sent = n;
-                        out.queue.push_back(msg.clone());
+                        out.queue.push_back(msg.queued(mono_us()));
                         out.saw(msg.id);
                         self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
                         self.start_backlog();
@@ -296,7 +324,7 @@ impl Outbox {
             return Pushed::Full;
         }
         let was_empty = out.queue.is_empty();
-        out.queue.push_back(msg.clone());
+        out.queue.push_back(msg.queued(mono_us()));
         self.queued_bytes.fetch_add(msg.len(), Ordering::Relaxed);
         if held {
             // Parked: the hold's end decides whether it is a duplicate and starts the
@@ -337,14 +365,14 @@ impl Outbox {
                     Ok(n) if n == hl + msg.payload.len() => return Ok(Queued::Sent),
                     Ok(n) => {
                         out.head_sent = n;
-                        out.queue.push_front(msg.clone());
+                        out.queue.push_front(msg.queued(mono_us()));
                     }
                     Err(_) => return Err(CloseReason::ConnectionLost),
                 }
             }
             _ => {
                 let at = out.ready;
-                out.queue.insert(at, msg.clone());
+                out.queue.insert(at, msg.queued(mono_us()));
             }
         }
         out.ready += 1;
@@ -549,20 +577,24 @@ impl Outbox {
             let mut left = out.head_sent + written;
             out.head_sent = 0;
             let held = out.held();
-            while let Some(m) = out.queue.front() {
+            let mut done = 0usize;
+            let mut bytes = 0usize;
+            for m in out.queue.iter() {
                 let wire = codec::header(m.kind, m.payload.len()).1 + m.payload.len();
                 if left < wire {
-                    out.head_sent = left;
                     break;
                 }
                 left -= wire;
-                let len = m.len();
-                out.queue.pop_front();
-                if held {
-                    out.ready -= 1;
-                }
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                done += 1;
+                bytes += m.len();
             }
+            out.head_sent = left;
+            record_waits(out.queue.iter().take(done), mono_us());
+            out.queue.drain(..done);
+            if held {
+                out.ready -= done;
+            }
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
     }
 
@@ -605,6 +637,7 @@ impl Outbox {
             return None;
         }
         let msg = out.queue.pop_front()?;
+        record_waits(std::iter::once(&msg), mono_us());
         if out.held() {
             out.ready -= 1;
         }

@@ -296,6 +296,81 @@ async fn a_client_whose_socket_stays_blocked_past_write_timeout_is_disconnected(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_metrics_show_a_slow_consumer_backing_up_and_draining() {
+    let redis = RedisServer::start();
+    // Neither limit nor the write timeout cuts this client: only the metrics show it.
+    let n = node(&redis, "cl-obx", |o| {
+        o.arg("--outbox-messages", "1000000")
+            .arg("--outbox-bytes", "1000000000")
+            .arg("--write-timeout", "120")
+            .arg("--idle-timeout", "300")
+    })
+    .await;
+    let mut slow = connect_small_rcvbuf(&n, "slow").await;
+    // The sweeper publishes the backlog gauge once per rotation (at most a second), from
+    // the start: zero while nothing is queued.
+    eventually(WAIT, "herald_outbox_backlog_sessions exported", || async {
+        prom::has(&n.metrics_text().await, "herald_outbox_backlog_sessions").then_some(())
+    })
+    .await;
+    assert_eq!(n.metric("herald_outbox_backlog_sessions").await, 0.0);
+    assert_eq!(n.metric("herald_outbox_wait_seconds_count").await, 0.0);
+
+    // Flood the unread session until the sweeper sees its backlog (bounded: 40 MB at most).
+    let payload = format!("\"{}\"", "q".repeat(4000));
+    let mut published = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = n.metrics_text().await;
+        if prom::sum(&text, "herald_outbox_backlog_sessions") >= 1.0
+            && prom::sum(&text, "herald_outbox_queued_bytes_count") >= 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && published < 10_000,
+            "no backlog seen after {published} messages"
+        );
+        assert_eq!(
+            redis.publish_many("cl-obx:user:slow", payload.as_bytes(), 50),
+            50
+        );
+        published += 50;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sampled = n.metric("herald_outbox_queued_bytes_sum").await;
+    assert!(sampled >= 4000.0, "queued bytes sampled: {sampled}");
+
+    // The client reads everything: the frames that waited are recorded, the backlog goes.
+    for i in 0..published {
+        let m = recv_message(&mut slow.ws, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("message {i} of {published}"));
+        assert_eq!(m["data"].as_str().map(str::len), Some(4000));
+    }
+    let waited = eventually(
+        WAIT,
+        "frame waits recorded and the backlog gone",
+        || async {
+            let text = n.metrics_text().await;
+            let count = prom::sum(&text, "herald_outbox_wait_seconds_count");
+            (count >= 1.0 && prom::sum(&text, "herald_outbox_backlog_sessions") == 0.0)
+                .then(|| (count, prom::sum(&text, "herald_outbox_wait_seconds_sum")))
+        },
+    )
+    .await;
+    assert!(
+        waited.0 <= published as f64,
+        "at most one wait per queued frame: {waited:?} for {published}"
+    );
+    assert!(waited.1 > 0.0, "queued frames waited: {waited:?}");
+    assert_eq!(
+        n.metric("herald_slow_consumer_disconnects_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_answers_pings_is_closed_after_idle_timeout() {
     let redis = RedisServer::start();
     let n = node(&redis, "cl-idle", |o| {

@@ -39,6 +39,16 @@ pub(crate) struct FanoutArgs {
     /// measured phase starts when the ready file is written.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) hold: f64,
+
+    /// The server's ping interval in seconds (herald's and Socket.IO's default is 25; 0: do
+    /// not care). Sessions are pinged for the first time one interval after they connect;
+    /// a phase that starts at once and publishes for less than that is over before any
+    /// ping, so it cannot see what pings do to delivery latency. With this set, the start
+    /// of the measured phase (the producer, or the ready file an external producer waits
+    /// for) is delayed to at least `interval + 1 - duration` seconds after the last connect,
+    /// so the first ping round falls inside it.
+    #[arg(long, default_value_t = 25.0)]
+    pub(crate) cover_pings: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -133,6 +143,8 @@ pub(crate) struct FanoutResult {
     pub(crate) producer: ProducerKind,
     pub(crate) rate: f64,
     pub(crate) duration_s: f64,
+    /// Seconds between the last connect and the start of the measured phase.
+    pub(crate) hold_s: f64,
     pub(crate) payload_bytes: usize,
     pub(crate) topics: Option<usize>,
     pub(crate) produced: Produced,
@@ -201,6 +213,17 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     let p = &args.producer;
     p.check()?;
     check_secs(args.hold, "--hold", true)?;
+    check_secs(args.cover_pings, "--cover-pings", true)?;
+    if args.cover_pings > 600.0 {
+        bail!("--cover-pings above 600 s would hold the sessions for too long");
+    }
+    // When the measured phase starts, counted from the last connect: late enough that the
+    // first ping round (one interval after the connects) falls inside it.
+    let hold = if args.cover_pings > 0.0 {
+        args.hold.max(args.cover_pings + 1.0 - p.duration)
+    } else {
+        args.hold
+    };
     prepare_fd_limit(c.sessions)?;
     let dialer = Arc::new(Dialer::new(c).await?);
     // For --producer http and the slow scenario's /metrics reads.
@@ -276,11 +299,16 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         )
         .await
     };
-    write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
     eprintln!(
         "herald-bench: {} connected, {} failed in {:.1} s",
         connect.connected, connect.failed, connect.duration_s
     );
+    if p.producer == ProducerKind::External && hold > 0.0 && args.cover_pings > 0.0 {
+        // The external producer starts when the ready file appears.
+        eprintln!("herald-bench: holding {hold:.1} s so the phase covers a ping round");
+        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+    }
+    write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
     if connect.connected == 0 {
         bail!("no session connected: {:?}", connect.errors);
     }
@@ -343,8 +371,8 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         max_batch: p.max_batch,
     });
 
-    if p.producer != ProducerKind::External && args.hold > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    if p.producer != ProducerKind::External && hold > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
     }
     let metrics_before = match &slow_opts {
         Some(o) => metrics_sum(&http, &o.metrics_urls).await,
@@ -452,6 +480,11 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         producer: p.producer,
         rate: p.rate,
         duration_s: p.duration,
+        hold_s: if p.producer == ProducerKind::External && args.cover_pings == 0.0 {
+            0.0
+        } else {
+            hold
+        },
         payload_bytes: p.payload_bytes,
         topics: match mode {
             Mode::Topic(k) => Some(k),
