@@ -624,7 +624,12 @@ fn print(r: &Report<DurableResult>) {
             m.errors,
             m.calls_per_s,
             m.call_ms.short(),
-            m.end_to_end_ms.short(),
+            // Nothing delivered (idem_repeat): no latency to show.
+            if m.end_to_end_ms.count == 0 {
+                "-".to_string()
+            } else {
+                m.end_to_end_ms.short()
+            },
             f(m.redis_cpu_s_per_10k),
             f(m.server_cpu_s_per_10k)
         );
