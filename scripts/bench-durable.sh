@@ -2,7 +2,9 @@
 # Durable-inbox benchmark against one herald node and a private redis-server:
 #   (a) MESSAGES x PUBLISH <prefix>:user:<u> against MESSAGES x FCALL herald_notify (same
 #       payloads, back to back or at RATE/s) to SESSIONS live users: per-call latency,
-#       end-to-end latency, Redis and node CPU per 10k;
+#       end-to-end latency, Redis and node CPU per 10k; with IDEMPOTENCY=1 (the default)
+#       also MESSAGES x FCALL herald_notify ... idem <new key> and MESSAGES retries of those
+#       calls (same key and payload: each must return the first id and deliver nothing);
 #   (b) REPLAYS fresh users with REPLAY_MESSAGES pending durable messages each reconnect
 #       with since=<id before the first> (REPLAY_FROM_CURSOR=1: without since): time from
 #       connect start to the last replayed message.
@@ -11,7 +13,7 @@
 #
 # Knobs (environment):
 #   MESSAGES=20000  RATE=0 (back to back)  PAYLOAD_BYTES=100  SESSIONS=1000
-#   REPLAYS=50  REPLAY_MESSAGES=100  REPLAY_FROM_CURSOR=0
+#   REPLAYS=50  REPLAY_MESSAGES=100  REPLAY_FROM_CURSOR=0  IDEMPOTENCY=1
 #   OUT_DIR=target/bench-durable/<utc time>
 #   HERALD_*  any node setting, passed to the node as is; NODE_ENV="VAR=value ..." too
 #
@@ -27,6 +29,7 @@ SESSIONS=${SESSIONS:-1000}
 REPLAYS=${REPLAYS:-50}
 REPLAY_MESSAGES=${REPLAY_MESSAGES:-100}
 REPLAY_FROM_CURSOR=${REPLAY_FROM_CURSOR:-0}
+IDEMPOTENCY=${IDEMPOTENCY:-1}
 OUT_DIR=${OUT_DIR:-target/bench-durable/$(date -u +%Y%m%dT%H%M%SZ)}
 BENCH_NAME=bench-durable
 
@@ -49,6 +52,7 @@ wait_quiet
 
 extra=()
 [ "$REPLAY_FROM_CURSOR" = 1 ] && extra+=(--replay-from-cursor)
+[ "$IDEMPOTENCY" = 1 ] && extra+=(--idempotency)
 "$BENCH" durable --target "ws://127.0.0.1:$NODE_PORT" --sessions "$SESSIONS" \
     --source-ips 127.0.0.2-127.0.0.20 --concurrency 100 --pids "$NODE_PID" \
     --redis-pid "$REDIS_PID" --redis-url "$REDIS_URL" --messages "$MESSAGES" --rate "$RATE" \

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Idle-memory benchmark: RSS of one herald node per idle authenticated session.
+# Idle-memory benchmark: RSS of one herald node per idle authenticated session, over
+# WebSocket (GET /ws, the default) or SSE (TRANSPORT=sse: GET /sse streams held open and read,
+# keep-alive comments counted).
 #
 # Builds release binaries, starts a private redis-server (never on 6379) and one herald node
 # in cluster mode, opens $SESSIONS authenticated sessions with herald-bench from source
@@ -13,6 +15,7 @@
 #                           one node's own open-file limit is 20,000)
 #   HOLD=35                 seconds to hold after all connected (> the 25 s ping interval)
 #   MODES="cluster standalone"
+#   TRANSPORT=ws            ws or sse (results of sse runs are named idle-<mode>-sse.*)
 #   SOURCE_IPS=127.0.0.2-127.0.0.20
 #   CONCURRENCY=256         handshakes in flight
 #   OUT_DIR=target/bench-idle/<utc time>   JSON results and logs
@@ -30,6 +33,15 @@ cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-10000}
 HOLD=${HOLD:-35}
 MODES=${MODES:-cluster standalone}
+TRANSPORT=${TRANSPORT:-ws}
+case $TRANSPORT in
+ws) SUFFIX="" ;;
+sse) SUFFIX="-sse" ;;
+*)
+    echo "TRANSPORT must be ws or sse" >&2
+    exit 2
+    ;;
+esac
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.20}
 CONCURRENCY=${CONCURRENCY:-256}
 OUT_DIR=${OUT_DIR:-target/bench-idle/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -101,7 +113,8 @@ bench_single() {
     local mode=$1
     "$BENCH" idle --target "ws://127.0.0.1:$NODE_PORT" --sessions "$SESSIONS" \
         --source-ips "$SOURCE_IPS" --concurrency "$CONCURRENCY" --hold "$HOLD" \
-        --pids "$NODE_PID" --json "$OUT_DIR/idle-$mode.json" | tee "$OUT_DIR/idle-$mode.txt"
+        --transport "$TRANSPORT" --pids "$NODE_PID" --json "$OUT_DIR/idle-$mode$SUFFIX.json" |
+        tee "$OUT_DIR/idle-$mode$SUFFIX.txt"
 }
 
 # Several bench processes (each <= $PER_PROCESS sessions, distinct users); this script
@@ -119,7 +132,7 @@ bench_multi() {
         rm -f "$OUT_DIR/ready-$mode-$k.json"
         "$BENCH" idle --target "ws://127.0.0.1:$NODE_PORT" --sessions "$n" --first-user "$offset" \
             --source-ips "$SOURCE_IPS" --concurrency "$((CONCURRENCY / procs + 1))" \
-            --hold $((HOLD + 30)) --ready-file "$OUT_DIR/ready-$mode-$k.json" \
+            --transport "$TRANSPORT" --hold $((HOLD + 30)) --ready-file "$OUT_DIR/ready-$mode-$k.json" \
             --json "$OUT_DIR/idle-$mode-$k.json" >"$OUT_DIR/idle-$mode-$k.txt" 2>&1 &
         bench_pids+=($!)
         PIDS+=($!)
@@ -144,7 +157,7 @@ bench_multi() {
     after_cpu=$(cpu_ticks "$NODE_PID")
     for k in "${bench_pids[@]}"; do stop_pid "$k"; done
     {
-        echo "== herald-bench idle, $procs processes ($mode) =="
+        echo "== herald-bench idle, $procs processes ($mode, $TRANSPORT) =="
         echo "sessions requested      $SESSIONS"
         echo "sessions connected      $total_connected"
         awk -v b="$before" -v a="$after" -v n="$total_connected" -v c0="$connected_cpu" \
@@ -154,7 +167,7 @@ bench_multi() {
                 printf "%8d %9d %12d %12d %12d %12.2f %10.2f %8.2f\n", pid, n, b, a, a - b,
                     (n > 0 ? (a - b) / n : 0), (c1 - c0) / 100, (c1 - c0) / h;
             }'
-    } | tee "$OUT_DIR/idle-$mode.txt"
+    } | tee "$OUT_DIR/idle-$mode$SUFFIX.txt"
 }
 
 for mode in $MODES; do
@@ -186,9 +199,9 @@ echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "node settings from the environment: $(env | grep '^HERALD_' | grep -v -e SECRET -e API_KEY | tr '\n' ' ')${NODE_ENV:-}"
 if command -v jq >/dev/null; then
     echo
-    echo "== summary (KiB of node RSS per idle session) =="
+    echo "== summary (KiB of node RSS per idle $TRANSPORT session) =="
     for mode in $MODES; do
-        f="$OUT_DIR/idle-$mode.json"
+        f="$OUT_DIR/idle-$mode$SUFFIX.json"
         [ -f "$f" ] || continue
         jq -r --arg mode "$mode" '.result.nodes[] | "\($mode): \(.sessions) sessions, RSS \(.rss_before_kib) -> \(.rss_after_kib) KiB, \(.kib_per_session) KiB/session, CPU at rest \(.cpu_pct_hold)% of a core"' "$f"
     done

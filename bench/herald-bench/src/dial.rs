@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::hist::{new_hist, Lat};
+use crate::sse::SseConn;
 use crate::util::{require_loopback, round3, unix_secs};
 use crate::wire::{handshake, session_url, Protocol, Ws};
 
@@ -244,6 +245,8 @@ pub(crate) struct Dialer {
     tokens: Tokens,
     pub(crate) first_user: usize,
     ws_config: WebSocketConfig,
+    /// Read buffer of an SSE session (the WebSocket one is in `ws_config`).
+    read_buffer: usize,
     timeout: Duration,
 }
 
@@ -282,6 +285,7 @@ impl Dialer {
             ws_config: WebSocketConfig::default()
                 .read_buffer_size(args.client_read_buffer.max(256))
                 .write_buffer_size(0),
+            read_buffer: args.client_read_buffer.max(256),
             timeout: Duration::from_secs_f64(args.connect_timeout),
         })
     }
@@ -324,7 +328,9 @@ impl Dialer {
         }
     }
 
-    async fn open_inner(&self, spec: &DialSpec) -> Result<Session, String> {
+    /// TCP from the spec's source address to its target; returns the stream and the
+    /// target's index.
+    async fn connect_tcp(&self, spec: &DialSpec) -> Result<(tokio::net::TcpStream, usize), String> {
         let t = self.target_of(spec.index);
         let target = &self.targets[t];
         let socket = if target.addr.is_ipv4() {
@@ -348,6 +354,12 @@ impl Dialer {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
+        Ok((stream, t))
+    }
+
+    async fn open_inner(&self, spec: &DialSpec) -> Result<Session, String> {
+        let (stream, t) = self.connect_tcp(spec).await?;
+        let target = &self.targets[t];
         let token = self
             .tokens
             .token(&spec.user, &spec.topics)
@@ -373,6 +385,61 @@ impl Dialer {
             target: t,
             index: spec.index,
         })
+    }
+
+    /// Opens one herald SSE session (`GET /sse?token=...[&since=...]` on the target's
+    /// host, whatever path its URL has) and reads up to its welcome event.
+    pub(crate) async fn open_sse(&self, spec: &DialSpec) -> Result<SseSession, String> {
+        let opened = async {
+            if self.protocol != Protocol::Herald {
+                return Err("SSE is herald's transport: use --protocol herald".to_string());
+            }
+            let (stream, t) = self.connect_tcp(spec).await?;
+            let token = self
+                .tokens
+                .token(&spec.user, &spec.topics)
+                .map_err(|e| format!("{e:#}"))?;
+            let mut path = format!("/sse?token={token}");
+            if let Some(s) = &spec.since {
+                path.push_str("&since=");
+                path.push_str(s);
+            }
+            if self.tokens.is_dev() && !spec.topics.is_empty() {
+                path.push_str("&topics=");
+                path.push_str(&spec.topics.join(","));
+            }
+            let mut conn =
+                SseConn::start(stream, &self.targets[t].authority, &path, self.read_buffer).await?;
+            conn.welcome().await?;
+            Ok(SseSession { conn, target: t })
+        };
+        match tokio::time::timeout(self.timeout, opened).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timeout after {:?}", self.timeout)),
+        }
+    }
+}
+
+/// An SSE session past its welcome event.
+pub(crate) struct SseSession {
+    pub(crate) conn: SseConn,
+    pub(crate) target: usize,
+}
+
+/// A session [`open_sessions_with`] can count: which target it went to.
+pub(crate) trait Opened: Send + 'static {
+    fn target(&self) -> usize;
+}
+
+impl Opened for Session {
+    fn target(&self) -> usize {
+        self.target
+    }
+}
+
+impl Opened for SseSession {
+    fn target(&self) -> usize {
+        self.target
     }
 }
 
@@ -405,9 +472,9 @@ pub(crate) struct Held {
     pub(crate) ended: Arc<AtomicUsize>,
 }
 
-/// Opens `count` sessions (specs from `spec(i)`) with at most `concurrency` handshakes in
-/// flight. Each connected session is handed to `hold`, which runs in the session's own task
-/// after the handshake permit is released.
+/// Opens `count` WebSocket sessions (specs from `spec(i)`) with at most `concurrency`
+/// handshakes in flight. Each connected session is handed to `hold`, which runs in the
+/// session's own task after the handshake permit is released.
 pub(crate) async fn open_sessions<S, F, Fut>(
     dialer: Arc<Dialer>,
     count: usize,
@@ -420,15 +487,45 @@ where
     F: Fn(Session) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    open_sessions_with(
+        dialer,
+        count,
+        concurrency,
+        spec,
+        |d: Arc<Dialer>, s: DialSpec| async move { d.open(&s).await },
+        hold,
+    )
+    .await
+}
+
+/// [`open_sessions`] for any transport: `open` opens one session of it.
+pub(crate) async fn open_sessions_with<T, S, O, OFut, F, Fut>(
+    dialer: Arc<Dialer>,
+    count: usize,
+    concurrency: usize,
+    spec: S,
+    open: O,
+    hold: F,
+) -> (ConnectStats, Held)
+where
+    T: Opened,
+    S: Fn(usize) -> DialSpec,
+    O: Fn(Arc<Dialer>, DialSpec) -> OFut + Send + Sync + 'static,
+    OFut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let hold = Arc::new(hold);
+    let open = Arc::new(open);
     let ended = Arc::new(AtomicUsize::new(0));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(usize, usize, u64), String>>();
     for i in 0..count {
         let dialer = dialer.clone();
         let permits = permits.clone();
         let hold = hold.clone();
+        let open = open.clone();
         let ended = ended.clone();
         let done = done_tx.clone();
         let spec = spec(i);
@@ -438,12 +535,12 @@ where
                 Err(_) => return,
             };
             let t0 = Instant::now();
-            let opened = dialer.open(&spec).await;
+            let opened = open(dialer, spec).await;
             drop(permit);
             match opened {
                 Ok(session) => {
                     let micros = t0.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
-                    let _ = done.send(Ok((i, session.target, micros)));
+                    let _ = done.send(Ok((i, session.target(), micros)));
                     drop(done);
                     hold(session).await;
                     ended.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,9 @@
 //! `durable` (herald only): (a) what a durable publish costs next to a plain one — M
 //! `PUBLISH <prefix>:user:<u>` against M `FCALL herald_notify 1 <prefix>:inbox:<u>` with the
-//! same payloads and pacing, per-call latency and Redis CPU per 10k; (b) how long replaying
-//! N pending durable messages takes on connect, over R fresh users.
+//! same payloads and pacing, per-call latency and Redis CPU per 10k; with `--idempotency`,
+//! also M calls with `idem <new key>` and M retries of those calls (same key, same payload),
+//! which must return the first id and store and deliver nothing; (b) how long replaying N
+//! pending durable messages takes on connect, over R fresh users.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +70,13 @@ pub(crate) struct DurableArgs {
     /// Seconds between the last connect and part (a).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) hold: f64,
+
+    /// Part (a) also measures idempotent durable publishes: --messages calls of
+    /// `FCALL herald_notify ... idem <key>` with a new key each ("idem_new"), then the same
+    /// calls again with the same keys and payloads ("idem_repeat", a producer retrying after
+    /// a timeout), each of which must return the id of the first call and deliver nothing.
+    #[arg(long)]
+    pub(crate) idempotency: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +84,8 @@ pub(crate) struct MethodCost {
     pub(crate) method: &'static str,
     pub(crate) calls: u64,
     pub(crate) errors: u64,
+    /// idem_repeat only: replies that were not the id the first call with that key got.
+    pub(crate) wrong_ids: u64,
     pub(crate) seconds: f64,
     pub(crate) calls_per_s: f64,
     /// Round trip of one call, producer side.
@@ -107,9 +118,16 @@ pub(crate) struct ReplayResult {
 pub(crate) struct DurableResult {
     pub(crate) publish: MethodCost,
     pub(crate) fcall: MethodCost,
+    /// With --idempotency: FCALL with a new idempotency key each.
+    pub(crate) idem_new: Option<MethodCost>,
+    /// With --idempotency: the same calls retried (same key and payload).
+    pub(crate) idem_repeat: Option<MethodCost>,
     /// FCALL cost over PUBLISH cost.
     pub(crate) redis_cpu_ratio: Option<f64>,
     pub(crate) call_p50_ratio: Option<f64>,
+    /// Redis CPU per call of idem_new and idem_repeat over plain FCALL.
+    pub(crate) idem_new_redis_cpu_ratio: Option<f64>,
+    pub(crate) idem_repeat_redis_cpu_ratio: Option<f64>,
     pub(crate) tally: Tally,
     pub(crate) replay: ReplayResult,
 }
@@ -138,34 +156,84 @@ async fn fcall(
     inbox: &str,
     body: &str,
 ) -> redis::RedisResult<String> {
-    redis::cmd("FCALL")
-        .arg("herald_notify")
-        .arg(1)
-        .arg(inbox)
-        .arg(body)
-        .query_async(conn)
-        .await
+    fcall_idem(conn, inbox, body, None).await
 }
 
-/// Part (a) for one method.
+/// `FCALL herald_notify 1 <inbox> <body> [idem <key>]` (docs/redis.md).
+async fn fcall_idem(
+    conn: &mut redis::aio::MultiplexedConnection,
+    inbox: &str,
+    body: &str,
+    idem: Option<&str>,
+) -> redis::RedisResult<String> {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("herald_notify").arg(1).arg(inbox).arg(body);
+    if let Some(key) = idem {
+        cmd.arg("idem").arg(key);
+    }
+    cmd.query_async(conn).await
+}
+
+/// One call of part (a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Publish,
+    Fcall,
+    IdemNew,
+    IdemRepeat,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Publish => "publish",
+            Method::Fcall => "fcall",
+            Method::IdemNew => "idem_new",
+            Method::IdemRepeat => "idem_repeat",
+        }
+    }
+}
+
+/// What an idempotent call sent and got, so that its retry can send the same and check the
+/// reply: user index, payload, key and the id of the first call.
+struct IdemCall {
+    user: usize,
+    body: String,
+    key: String,
+    id: String,
+}
+
+/// Part (a) for one method. `idem` collects the idempotent calls of [`Method::IdemNew`]
+/// and is what [`Method::IdemRepeat`] retries.
 #[allow(clippy::too_many_arguments)]
 async fn phase(
-    method: &'static str,
+    method: Method,
     args: &DurableArgs,
     conn: &mut redis::aio::MultiplexedConnection,
     users: &[String],
     last_seq: &mut [u64],
     shared: &RecvShared,
     pad: &str,
+    idem: &mut Vec<IdemCall>,
 ) -> MethodCost {
     let meter = Meter::start(&args.probe);
     let mut calls = new_hist();
     let mut errors = 0u64;
+    let mut wrong_ids = 0u64;
     let started = Instant::now();
     let mut calls_made = 0u64;
-    for m in 0..args.messages {
+    // Keys unique to this run: a rerun against the same Redis within the idempotency
+    // window must not find the previous run's keys.
+    let run_id = format!("{}-{}", std::process::id(), unix_secs());
+    let total = if method == Method::IdemRepeat {
+        idem.len() as u64
+    } else {
+        args.messages
+    };
+    for m in 0..total {
         if started.elapsed() > PHASE_LIMIT {
-            eprintln!("herald-bench: {method} phase stopped after {PHASE_LIMIT:?} ({m} calls)");
+            let name = method.name();
+            eprintln!("herald-bench: {name} phase stopped after {PHASE_LIMIT:?} ({m} calls)");
             break;
         }
         calls_made += 1;
@@ -173,27 +241,67 @@ async fn phase(
             let due = started + Duration::from_secs_f64(m as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let k = (m % users.len() as u64) as usize;
-        last_seq[k] += 1;
-        let body = payload(last_seq[k], mono_ns(), pad);
-        let t0 = Instant::now();
-        let ok = if method == "publish" {
-            redis::cmd("PUBLISH")
-                .arg(format!("{}:user:{}", args.prefix, users[k]))
-                .arg(&body)
-                .query_async::<i64>(conn)
-                .await
-                .is_ok()
-        } else {
-            fcall(conn, &format!("{}:inbox:{}", args.prefix, users[k]), &body)
-                .await
-                .is_ok()
+        let ok = match method {
+            Method::IdemRepeat => {
+                let call = &idem[m as usize];
+                let inbox = format!("{}:inbox:{}", args.prefix, users[call.user]);
+                let t0 = Instant::now();
+                let r = fcall_idem(conn, &inbox, &call.body, Some(&call.key)).await;
+                calls.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+                match r {
+                    Ok(id) => {
+                        if id != call.id {
+                            wrong_ids += 1;
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => {
+                let k = (m % users.len() as u64) as usize;
+                last_seq[k] += 1;
+                let body = payload(last_seq[k], mono_ns(), pad);
+                let key = format!("bench-{run_id}-{m}");
+                let t0 = Instant::now();
+                let r = match method {
+                    Method::Publish => redis::cmd("PUBLISH")
+                        .arg(format!("{}:user:{}", args.prefix, users[k]))
+                        .arg(&body)
+                        .query_async::<i64>(conn)
+                        .await
+                        .map(|_| String::new()),
+                    Method::Fcall => {
+                        fcall(conn, &format!("{}:inbox:{}", args.prefix, users[k]), &body).await
+                    }
+                    _ => {
+                        let inbox = format!("{}:inbox:{}", args.prefix, users[k]);
+                        fcall_idem(conn, &inbox, &body, Some(&key)).await
+                    }
+                };
+                calls.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+                match r {
+                    Ok(id) => {
+                        if method == Method::IdemNew {
+                            idem.push(IdemCall {
+                                user: k,
+                                body,
+                                key,
+                                id,
+                            });
+                        }
+                        true
+                    }
+                    Err(_) => {
+                        // Not published: the receiver must not wait for it.
+                        last_seq[k] -= 1;
+                        false
+                    }
+                }
+            }
         };
-        calls.saturating_record((t0.elapsed().as_micros() as u64).max(1));
         if !ok {
             errors += 1;
-            // Not published: the receiver must not wait for it.
-            last_seq[k] -= 1;
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -203,9 +311,10 @@ async fn phase(
     let per10k =
         |s: f64| (calls_made > errors).then(|| round3(s * 10_000.0 / (calls_made - errors) as f64));
     MethodCost {
-        method,
+        method: method.name(),
         calls: calls_made,
         errors,
+        wrong_ids,
         seconds: round3(seconds),
         calls_per_s: round3(calls_made as f64 / seconds.max(1e-9)),
         call_ms: Lat::of(&calls),
@@ -363,8 +472,15 @@ pub(crate) async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     };
     write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
     eprintln!(
-        "herald-bench durable: {} sessions connected; {} PUBLISH then {} FCALL",
-        connect.connected, args.messages, args.messages
+        "herald-bench durable: {} sessions connected; {} PUBLISH then {} FCALL{}",
+        connect.connected,
+        args.messages,
+        args.messages,
+        if args.idempotency {
+            " then as many with new idempotency keys, then their retries"
+        } else {
+            ""
+        }
     );
     let users: Vec<String> = if connect.connected > 0 {
         connect
@@ -379,26 +495,31 @@ pub(crate) async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     let _ = shared.latency.merged(true);
 
     let mut last_seq = vec![0u64; users.len()];
-    let publish = phase(
-        "publish",
-        &args,
-        &mut conn,
-        &users,
-        &mut last_seq,
-        &shared,
-        &pad,
-    )
-    .await;
-    let fcall_cost = phase(
-        "fcall",
-        &args,
-        &mut conn,
-        &users,
-        &mut last_seq,
-        &shared,
-        &pad,
-    )
-    .await;
+    let mut idem = Vec::new();
+    // One phase after the other, each with the same connection, users and receivers.
+    macro_rules! cost {
+        ($method:expr) => {
+            phase(
+                $method,
+                &args,
+                &mut conn,
+                &users,
+                &mut last_seq,
+                &shared,
+                &pad,
+                &mut idem,
+            )
+            .await
+        };
+    }
+    let publish = cost!(Method::Publish);
+    let fcall_cost = cost!(Method::Fcall);
+    let (idem_new, idem_repeat) = if args.idempotency {
+        let new = cost!(Method::IdemNew);
+        (Some(new), Some(cost!(Method::IdemRepeat)))
+    } else {
+        (None, None)
+    };
     let rss = rss_map(&args.probe.pids);
 
     shared.stop.cancel();
@@ -419,29 +540,53 @@ pub(crate) async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     let result = DurableResult {
         redis_cpu_ratio: ratio(fcall_cost.redis_cpu_s_per_10k, publish.redis_cpu_s_per_10k),
         call_p50_ratio: ratio(Some(fcall_cost.call_ms.p50), Some(publish.call_ms.p50)),
+        idem_new_redis_cpu_ratio: idem_new
+            .as_ref()
+            .and_then(|m| ratio(m.redis_cpu_s_per_10k, fcall_cost.redis_cpu_s_per_10k)),
+        idem_repeat_redis_cpu_ratio: idem_repeat
+            .as_ref()
+            .and_then(|m| ratio(m.redis_cpu_s_per_10k, fcall_cost.redis_cpu_s_per_10k)),
         publish,
         fcall: fcall_cost.clone(),
+        idem_new,
+        idem_repeat,
         tally: tally.clone(),
         replay,
     };
     let mut report = Report::new("durable", &dialer, c.concurrency, connect, result);
-    report.set_tally(
-        &tally,
-        report.result.publish.seconds + report.result.fcall.seconds,
-    );
+    let active_s = [
+        Some(&report.result.publish),
+        Some(&report.result.fcall),
+        report.result.idem_new.as_ref(),
+        report.result.idem_repeat.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|m| m.seconds)
+    .sum();
+    report.set_tally(&tally, active_s);
     // The top-level latency and CPU are the durable (FCALL) phase's.
     report.latency_ms = report.result.fcall.end_to_end_ms.clone();
     report.rss_kib = rss;
     report.set_cpu(fcall_cost.cpu);
-    // Either phase being noisy makes the run noisy.
-    if report.result.publish.cpu.noisy {
+    // Any phase being noisy makes the run noisy.
+    let others: Vec<(&'static str, Vec<String>)> = [
+        Some(&report.result.publish),
+        report.result.idem_new.as_ref(),
+        report.result.idem_repeat.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|m| m.cpu.noisy)
+    .map(|m| (m.method, m.cpu.noisy_reasons.clone()))
+    .collect();
+    for (method, reasons) in others {
         report.noisy = true;
-        let reasons = report.result.publish.cpu.noisy_reasons.clone();
+        report.cpu.noisy = true;
         report
             .cpu
             .noisy_reasons
-            .extend(reasons.into_iter().map(|r| format!("publish phase: {r}")));
-        report.cpu.noisy = true;
+            .extend(reasons.into_iter().map(|r| format!("{method} phase: {r}")));
     }
     warn_if_noisy(&report.cpu);
     print(&report);
@@ -454,7 +599,7 @@ fn print(r: &Report<DurableResult>) {
     let res = &r.result;
     println!();
     println!(
-        "{:<8} {:>8} {:>7} {:>10} {:>22} {:>22} {:>11} {:>12}",
+        "{:<11} {:>8} {:>7} {:>10} {:>22} {:>22} {:>11} {:>12}",
         "method",
         "calls",
         "errors",
@@ -464,16 +609,27 @@ fn print(r: &Report<DurableResult>) {
         "redis s/10k",
         "server s/10k"
     );
-    for m in [&res.publish, &res.fcall] {
+    let methods = [
+        Some(&res.publish),
+        Some(&res.fcall),
+        res.idem_new.as_ref(),
+        res.idem_repeat.as_ref(),
+    ];
+    for m in methods.into_iter().flatten() {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<8} {:>8} {:>7} {:>10.0} {:>22} {:>22} {:>11} {:>12}",
+            "{:<11} {:>8} {:>7} {:>10.0} {:>22} {:>22} {:>11} {:>12}",
             m.method,
             m.calls,
             m.errors,
             m.calls_per_s,
             m.call_ms.short(),
-            m.end_to_end_ms.short(),
+            // Nothing delivered (idem_repeat): no latency to show.
+            if m.end_to_end_ms.count == 0 {
+                "-".to_string()
+            } else {
+                m.end_to_end_ms.short()
+            },
             f(m.redis_cpu_s_per_10k),
             f(m.server_cpu_s_per_10k)
         );
@@ -484,6 +640,15 @@ fn print(r: &Report<DurableResult>) {
     }
     if let Some(v) = res.call_p50_ratio {
         row("call p50, FCALL / PUBLISH", format!("{v:.2}x"));
+    }
+    if let Some(v) = res.idem_new_redis_cpu_ratio {
+        row("redis CPU, idem_new / FCALL", format!("{v:.2}x"));
+    }
+    if let Some(v) = res.idem_repeat_redis_cpu_ratio {
+        row("redis CPU, idem_repeat / FCALL", format!("{v:.2}x"));
+    }
+    if let Some(m) = &res.idem_repeat {
+        row("idem_repeat: replies not the first id", m.wrong_ids);
     }
     r.print_delivery();
     let rp = &res.replay;

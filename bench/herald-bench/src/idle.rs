@@ -1,16 +1,21 @@
-//! `idle`: N sessions held idle (pings answered); node RSS per session and CPU at rest.
+//! `idle`: N sessions held idle (WebSocket pings answered, or SSE streams read, keep-alive
+//! comments counted); node RSS per session and CPU at rest.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
 
-use crate::dial::{open_sessions, prepare_fd_limit, write_ready_file, ClientArgs, Dialer};
+use crate::dial::{
+    open_sessions, open_sessions_with, prepare_fd_limit, write_ready_file, ClientArgs, Dialer,
+    SseSession,
+};
 use crate::probe::{sample_all, warn_if_noisy, Meter, ProbeArgs, ProcSample};
 use crate::recv::{receive, RecvShared};
 use crate::report::{row, Report};
+use crate::sse::SseItem;
 use crate::util::{check_secs, round3};
 
 #[derive(Debug, Clone, Args)]
@@ -25,6 +30,50 @@ pub(crate) struct IdleArgs {
     /// longer than the node's ping interval so a ping round is included).
     #[arg(long, default_value_t = 30.0)]
     pub(crate) hold: f64,
+
+    /// How sessions connect: WebSocket (GET /ws) or server-sent events (GET /sse on the
+    /// target's host and port, whatever path its URL has; herald only).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub(crate) transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Transport {
+    Ws,
+    Sse,
+}
+
+/// Counters of the held SSE streams.
+#[derive(Default)]
+struct SseCounters {
+    keep_alives: AtomicU64,
+    events: AtomicU64,
+}
+
+/// Holds one SSE stream until `stop`, reading it (the node's writes must not back up) and
+/// counting its keep-alive comments and events.
+async fn hold_sse(
+    mut s: SseSession,
+    stop: tokio_util::sync::CancellationToken,
+    counters: Arc<SseCounters>,
+) {
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            item = s.conn.next() => item,
+        };
+        match item {
+            Ok(Some(SseItem::Comment(_))) => {
+                counters.keep_alives.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some(SseItem::Event { .. })) => {
+                counters.events.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
 }
 
 /// Memory and CPU of one node over an idle run.
@@ -51,7 +100,12 @@ pub(crate) struct NodeIdle {
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct IdleResult {
+    transport: Transport,
     hold_s: f64,
+    /// SSE only: `:keep-alive` comments received during the hold (the node's pings), and
+    /// events (anything else it sent).
+    keep_alives_during_hold: Option<u64>,
+    events_during_hold: Option<u64>,
     /// Held sessions whose connection ended during the hold.
     ended_during_hold: usize,
     nodes: Vec<NodeIdle>,
@@ -75,8 +129,12 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
         );
     }
     eprintln!(
-        "herald-bench idle: {} sessions to {} target(s) from {} source address(es), {} in flight, open-file limit {}",
+        "herald-bench idle: {} {} sessions to {} target(s) from {} source address(es), {} in flight, open-file limit {}",
         c.sessions,
+        match args.transport {
+            Transport::Ws => "WebSocket",
+            Transport::Sse => "SSE",
+        },
         dialer.targets.len(),
         dialer.source_ips.len().max(1),
         c.concurrency,
@@ -85,16 +143,34 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
 
     let before = sample_all(&args.probe.pids)?;
     let (shared, _rx) = RecvShared::new(c.protocol);
+    let counters = Arc::new(SseCounters::default());
     let d = dialer.clone();
-    let sh = shared.clone();
-    let (connect, held) = open_sessions(
-        dialer.clone(),
-        c.sessions,
-        c.concurrency,
-        move |i| d.spec(i),
-        move |s| receive(s, sh.clone()),
-    )
-    .await;
+    let (connect, held) = match args.transport {
+        Transport::Ws => {
+            let sh = shared.clone();
+            open_sessions(
+                dialer.clone(),
+                c.sessions,
+                c.concurrency,
+                move |i| d.spec(i),
+                move |s| receive(s, sh.clone()),
+            )
+            .await
+        }
+        Transport::Sse => {
+            let stop = shared.stop.clone();
+            let counters = counters.clone();
+            open_sessions_with(
+                dialer.clone(),
+                c.sessions,
+                c.concurrency,
+                move |i| d.spec(i),
+                |d: Arc<Dialer>, spec| async move { d.open_sse(&spec).await },
+                move |s| hold_sse(s, stop.clone(), counters.clone()),
+            )
+            .await
+        }
+    };
     let connected_sample = sample_all(&args.probe.pids)?;
     write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
     eprintln!(
@@ -103,6 +179,8 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
     );
 
     let ended_at_start = held.ended.load(Ordering::Relaxed);
+    let keep_alives_at_start = counters.keep_alives.load(Ordering::Relaxed);
+    let events_at_start = counters.events.load(Ordering::Relaxed);
     let meter = Meter::start(&args.probe);
     let hold_started = Instant::now();
     tokio::select! {
@@ -113,6 +191,10 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
     let cpu = meter.finish();
     let after = sample_all(&args.probe.pids)?;
     let ended_during_hold = held.ended.load(Ordering::Relaxed) - ended_at_start;
+    let sse = args.transport == Transport::Sse;
+    let keep_alives =
+        sse.then(|| counters.keep_alives.load(Ordering::Relaxed) - keep_alives_at_start);
+    let events = sse.then(|| counters.events.load(Ordering::Relaxed) - events_at_start);
 
     let pair_up = args.probe.pids.len() == dialer.targets.len();
     let nodes: Vec<NodeIdle> = args
@@ -160,7 +242,10 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
         c.concurrency,
         connect,
         IdleResult {
+            transport: args.transport,
             hold_s: round3(hold_s),
+            keep_alives_during_hold: keep_alives,
+            events_during_hold: events,
             ended_during_hold,
             nodes,
             bench_rss_kib: ProcSample::read("self").ok().map(|s| s.rss_kib),
@@ -181,8 +266,21 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<u8> {
 
 fn print(r: &Report<IdleResult>) {
     r.print_head();
+    row(
+        "transport",
+        match r.result.transport {
+            Transport::Ws => "WebSocket",
+            Transport::Sse => "SSE",
+        },
+    );
     row("hold (s)", format!("{:.1}", r.result.hold_s));
     row("ended during hold", r.result.ended_during_hold);
+    if let Some(k) = r.result.keep_alives_during_hold {
+        row("SSE keep-alives during hold", k);
+    }
+    if let Some(e) = r.result.events_during_hold {
+        row("SSE events during hold", e);
+    }
     if let Some(b) = r.result.bench_rss_kib {
         row("bench process RSS (KiB)", b);
     }

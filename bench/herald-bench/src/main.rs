@@ -4,17 +4,22 @@
 //! Each scenario is a subcommand; every one prints one summary table and, with `--json`,
 //! writes a report whose top-level fields are the same for all (see [`report::Report`]).
 //!
-//! - `idle`: N sessions held idle; node RSS per session and CPU at rest.
+//! - `idle`: N sessions (WebSocket, or SSE with `--transport sse`) held idle; node RSS per
+//!   session and CPU at rest.
 //! - `connect`: N sessions with bounded handshakes in flight; handshakes/s and latency.
 //! - `fanout` / `broadcast` / `topic`: N sessions, a paced producer (Redis, HTTP or
 //!   external); end-to-end latency, loss, duplicates, reordering, CPU per 100k deliveries.
 //! - `slow`: like fanout, while a share of sessions never reads and is flooded.
 //! - `churn`: connect/disconnect loops; node RSS and Redis keys over time, back to baseline.
-//! - `durable`: PUBLISH vs `FCALL herald_notify` cost, and replay time of 100 messages.
+//! - `durable`: PUBLISH vs `FCALL herald_notify` cost (plain and idempotent), and replay
+//!   time of 100 messages.
+//! - `catchup`: time to catch N live sessions up on the durable messages stored while the
+//!   node's subscription was cut.
 //! - `flood`: N connections each sending an unfinished request head; node RSS before, at
 //!   the peak, while held, after the close and after a settle time.
 //!
-//! Module map: [`dial`] opens sessions, [`wire`] is the protocol-specific part, [`recv`]
+//! Module map: [`dial`] opens sessions, [`wire`] is the protocol-specific part, [`sse`] the
+//! client side of herald's SSE transport, [`recv`]
 //! tracks what sessions receive, [`producer`] publishes, [`probe`] reads /proc, Redis and
 //! metrics, [`node_http`] makes the HTTP requests to nodes (reqwest), [`report`] prints and
 //! serialises, [`hist`] holds latency histograms.
@@ -22,6 +27,7 @@
 // The bench's output is its summary tables on stdout (progress and errors go to stderr).
 #![allow(clippy::print_stdout)]
 
+mod catchup;
 mod churn;
 mod connect;
 mod dial;
@@ -35,6 +41,7 @@ mod probe;
 mod producer;
 mod recv;
 mod report;
+mod sse;
 mod util;
 mod wire;
 
@@ -56,8 +63,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Open N authenticated sessions, hold them idle, and report node RSS per session and
-    /// node CPU at rest.
+    /// Open N authenticated sessions (WebSocket, or SSE with --transport sse), hold them
+    /// idle, and report node RSS per session and node CPU at rest.
     Idle(idle::IdleArgs),
     /// Open N sessions with a bounded number of handshakes in flight; report handshakes/s
     /// and connect latency.
@@ -79,6 +86,10 @@ enum Command {
     /// A pre-authentication flood: N connections each send M KiB of a request head that
     /// never ends; node RSS before, at the peak, held, after close and after --settle.
     Flood(flood::FloodArgs),
+    /// Catch-up of N live sessions after the node's subscription was cut and healed: per
+    /// session and total time, missing/duplicated messages, node and Redis CPU (herald
+    /// only; changes the ACL of the Redis it is given: use a private one).
+    Catchup(catchup::CatchupArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -104,6 +115,7 @@ fn main() -> std::process::ExitCode {
             Command::Churn(a) => churn::run(a).await,
             Command::Durable(a) => durable::run(a).await,
             Command::Flood(a) => flood::run(a).await,
+            Command::Catchup(a) => catchup::run(a).await,
         }
     });
     // Dropping thousands of held sessions is quick; do not wait for their tasks.
@@ -203,6 +215,47 @@ mod tests {
             );
             assert!(r.is_ok(), "{sub}: {:?}", r.err());
         }
+        let r = Cli::try_parse_from([
+            "herald-bench",
+            "catchup",
+            "--target",
+            "ws://127.0.0.1:1",
+            "--dev",
+            "--pids",
+            "1",
+            "--redis-pid",
+            "2",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--messages-per-user",
+            "3",
+            "--cut",
+            "2",
+            "--timeout",
+            "60",
+        ]);
+        assert!(r.is_ok(), "{:?}", r.err());
+        let r = Cli::try_parse_from([
+            "herald-bench",
+            "idle",
+            "--target",
+            "ws://127.0.0.1:1",
+            "--dev",
+            "--transport",
+            "sse",
+        ]);
+        assert!(r.is_ok(), "{:?}", r.err());
+        let r = Cli::try_parse_from([
+            "herald-bench",
+            "durable",
+            "--target",
+            "ws://127.0.0.1:1",
+            "--dev",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--idempotency",
+        ]);
+        assert!(r.is_ok(), "{:?}", r.err());
         let r = Cli::try_parse_from([
             "herald-bench",
             "topic",
