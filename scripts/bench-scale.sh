@@ -17,8 +17,6 @@
 # Usage: scripts/bench-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=scripts/bench-lib.sh
-source scripts/bench-lib.sh
 
 NODES=${NODES:-8}
 PROCS=${PROCS:-10}
@@ -30,21 +28,12 @@ IDLE_WINDOW=${IDLE_WINDOW:-10}
 CONCURRENCY=${CONCURRENCY:-200}
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.40}
 OUT_DIR=${OUT_DIR:-target/bench-scale/$(date -u +%Y%m%dT%H%M%SZ)}
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 PREFIX=hscale
+BENCH_NAME=bench-scale
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-log() { printf '[bench-scale %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
     cargo build --release --bins -p herald >&2
@@ -55,9 +44,8 @@ BENCH=${BENCH_BIN:-target/release/herald-bench}
 new_secrets
 SECRET=$JWT_SECRET
 
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-sum_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(ticks "$p"))); done; echo "$t"; }
+# Sums over several processes of bench-lib.sh's rss_kib and cpu_ticks.
+sum_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
 sum_rss() { local t=0 p; for p in "$@"; do t=$((t + $(rss_kib "$p"))); done; echo "$t"; }
 
 REDIS_PORT=$(free_port)
@@ -107,9 +95,9 @@ done
 connect_s=$((SECONDS - t0))
 sleep 2
 # At rest: every session open, nothing published yet (each process holds HOLD s).
-a_nodes=$(sum_ticks "${NODE_PIDS[@]}") a_redis=$(ticks "$REDIS_PID")
+a_nodes=$(sum_ticks "${NODE_PIDS[@]}") a_redis=$(cpu_ticks "$REDIS_PID")
 sleep "$IDLE_WINDOW"
-b_nodes=$(sum_ticks "${NODE_PIDS[@]}") b_redis=$(ticks "$REDIS_PID")
+b_nodes=$(sum_ticks "${NODE_PIDS[@]}") b_redis=$(cpu_ticks "$REDIS_PID")
 rss_nodes1=$(sum_rss "${NODE_PIDS[@]}")
 rss_redis1=$(rss_kib "$REDIS_PID")
 sessions=0
