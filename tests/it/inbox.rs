@@ -7,20 +7,6 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use serde_json::{json, Value};
 
-async fn publish_durable(node: &Herald, user: &str, data: Value) -> String {
-    let (status, body) = node
-        .api_post(
-            "/api/publish",
-            &json!({"user": user, "durable": true, "data": data}),
-        )
-        .await;
-    assert_eq!(status, 200, "durable publish: {body}");
-    body["ids"][user]
-        .as_str()
-        .expect("id in response")
-        .to_string()
-}
-
 fn connect_since(node: &Herald, user: &str, since: &str) -> String {
     node.ws_url(&format!("?token={}&since={since}", token(user, &[])))
 }
@@ -51,24 +37,24 @@ async fn durable_messages_carry_ids_and_replay_after_since_without_gap_or_duplic
     b.wait_ready().await;
 
     let mut c = connect(&a, "42", &[]).await;
-    let id1 = publish_durable(&b, "42", json!({"n": 1})).await;
+    let id1 = b.publish_durable("42", json!({"n": 1})).await;
     let m = recv_message(&mut c.ws, WAIT).await.expect("live durable");
     assert_eq!(m["id"], id1.as_str());
     assert_eq!(m["data"], json!({"n": 1}));
     drop(c);
 
     // While the user is away, two more arrive; a plain publish is not stored.
-    let id2 = publish_durable(&b, "42", json!({"n": 2})).await;
+    let id2 = b.publish_durable("42", json!({"n": 2})).await;
     b.publish(json!({"user": "42", "data": "fire and forget"}))
         .await;
-    let id3 = publish_durable(&b, "42", json!({"n": 3})).await;
+    let id3 = b.publish_durable("42", json!({"n": 3})).await;
 
     let mut c = connect_url(&connect_since(&b, "42", &id1)).await;
     let (msgs, gaps) = read_messages(&mut c.ws, 2).await;
     assert!(gaps.is_empty(), "no gap expected: {gaps:?}");
     assert_eq!(msgs[0]["id"], id2.as_str());
     assert_eq!(msgs[1]["id"], id3.as_str());
-    let id4 = publish_durable(&a, "42", json!({"n": 4})).await;
+    let id4 = a.publish_durable("42", json!({"n": 4})).await;
     let m = recv_message(&mut c.ws, WAIT)
         .await
         .expect("live after replay");
@@ -82,7 +68,7 @@ async fn reconnect_during_a_stream_of_durable_messages_loses_and_duplicates_noth
     let a = Herald::spawn(NodeOpts::cluster(&redis, "hs", "a")).await;
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
-    let first = publish_durable(&a, "u", json!(0)).await;
+    let first = a.publish_durable("u", json!(0)).await;
     assert_eq!(
         recv_message(&mut c.ws, WAIT).await.expect("first")["id"],
         first.as_str()
@@ -130,9 +116,9 @@ async fn since_older_than_the_inbox_retains_gets_a_gap_frame_first() {
     let redis = RedisServer::start_with(&["--stream-node-max-entries", "4"]);
     let a = Herald::spawn(NodeOpts::cluster(&redis, "gp", "a").arg("--inbox-max-len", "5")).await;
     a.wait_ready().await;
-    let first = publish_durable(&a, "u", json!(0)).await;
+    let first = a.publish_durable("u", json!(0)).await;
     for i in 1..40 {
-        publish_durable(&a, "u", json!(i)).await;
+        a.publish_durable("u", json!(i)).await;
     }
     let mut c = connect_url(&connect_since(&a, "u", &first)).await;
     let v = recv_json(&mut c.ws, WAIT).await.expect("frame");
@@ -155,7 +141,7 @@ async fn acks_move_the_cursor_and_the_next_login_replays_only_unacknowledged() {
     let ids: Vec<String> = {
         let mut v = Vec::new();
         for i in 0..4 {
-            v.push(publish_durable(&a, "u", json!(i)).await);
+            v.push(a.publish_durable("u", json!(i)).await);
         }
         v
     };
@@ -210,7 +196,7 @@ async fn replay_is_capped_per_connection_with_a_trailing_gap() {
     let a = Herald::spawn(NodeOpts::cluster(&redis, "rl", "a").arg("--replay-limit", "3")).await;
     a.wait_ready().await;
     for i in 0..5 {
-        publish_durable(&a, "u", json!(i)).await;
+        a.publish_durable("u", json!(i)).await;
     }
     let mut c = connect(&a, "u", &[]).await;
     let (msgs, _) = read_messages(&mut c.ws, 3).await;
@@ -254,12 +240,12 @@ async fn redis_function_is_reloaded_after_a_redis_restart_and_durable_rejects_to
 async fn standalone_node_keeps_an_inbox_in_memory() {
     let a = Herald::spawn(NodeOpts::standalone("solo")).await;
     a.wait_ready().await;
-    let id1 = publish_durable(&a, "u", json!("one")).await;
-    let id2 = publish_durable(&a, "u", json!("two")).await;
+    let id1 = a.publish_durable("u", json!("one")).await;
+    let id2 = a.publish_durable("u", json!("two")).await;
     let mut c = connect_url(&connect_since(&a, "u", &id1)).await;
     let (msgs, _) = read_messages(&mut c.ws, 1).await;
     assert_eq!(msgs[0]["id"], id2.as_str());
-    let id3 = publish_durable(&a, "u", json!("three")).await;
+    let id3 = a.publish_durable("u", json!("three")).await;
     assert_eq!(
         recv_message(&mut c.ws, WAIT).await.expect("live")["id"],
         id3.as_str()

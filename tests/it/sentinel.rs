@@ -21,20 +21,6 @@ use crate::support::*;
 /// slack for a loaded 2-core machine.
 const READY_AGAIN_WITHIN: Duration = Duration::from_secs(15);
 
-async fn publish_durable(node: &Herald, user: &str, data: Value) -> String {
-    let (status, body) = node
-        .api_post(
-            "/api/publish",
-            &json!({"user": user, "durable": true, "data": data}),
-        )
-        .await;
-    assert_eq!(status, 200, "durable publish: {body}");
-    body["ids"][user]
-        .as_str()
-        .expect("id in response")
-        .to_string()
-}
-
 /// Message frames until `n` arrived (gap frames fail the test: nothing may be missing).
 async fn messages(ws: &mut Ws, n: usize) -> Vec<Value> {
     let mut out = Vec::new();
@@ -80,14 +66,14 @@ async fn sentinel_nodes_deliver_across_nodes_and_keep_the_inbox_on_the_master() 
         recv_message(&mut c.ws, WAIT).await.expect("topic")["data"],
         "topic"
     );
-    let id1 = publish_durable(&b, "u", json!(1)).await;
+    let id1 = b.publish_durable("u", json!(1)).await;
     let m = recv_message(&mut c.ws, WAIT).await.expect("live durable");
     assert_eq!(m["id"], id1.as_str());
     close_client(c.ws).await;
 
     // While the user is away two more are stored, on the master the sentinels name.
-    let id2 = publish_durable(&a, "u", json!(2)).await;
-    let id3 = publish_durable(&b, "u", json!(3)).await;
+    let id2 = a.publish_durable("u", json!(2)).await;
+    let id3 = b.publish_durable("u", json!(3)).await;
     assert_eq!(
         inbox_ids(&set, "sx", "u"),
         vec![id1.clone(), id2.clone(), id3.clone()]
@@ -122,7 +108,7 @@ async fn sentinel_and_data_node_passwords_are_used_and_without_them_the_node_sta
     .await;
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
-    let id = publish_durable(&a, "u", json!(1)).await;
+    let id = a.publish_durable("u", json!(1)).await;
     assert_eq!(
         recv_message(&mut c.ws, WAIT).await.expect("durable")["id"],
         id.as_str()
@@ -150,7 +136,7 @@ async fn rediss_sentinels_mean_tls_to_the_sentinels_and_the_data_nodes() {
     let a = Herald::spawn(NodeOpts::sentinel(&set, "st", "a").env("SSL_CERT_FILE", &ca_file)).await;
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
-    let id = publish_durable(&a, "u", json!("over tls")).await;
+    let id = a.publish_durable("u", json!("over tls")).await;
     let m = recv_message(&mut c.ws, WAIT)
         .await
         .expect("durable over tls");
@@ -171,7 +157,7 @@ async fn a_switchover_moves_the_node_to_the_new_master_without_losing_the_inbox(
     let a = Herald::spawn(NodeOpts::sentinel(&set, "sw", "a")).await;
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
-    let first = publish_durable(&a, "u", json!(1)).await;
+    let first = a.publish_durable("u", json!(1)).await;
     assert_eq!(
         recv_message(&mut c.ws, WAIT).await.expect("first")["id"],
         first.as_str()

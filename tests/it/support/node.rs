@@ -294,6 +294,22 @@ impl Herald {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Publishes `data` to `user` as a durable message through the API (asserting 200) and
+    /// returns its inbox id.
+    pub async fn publish_durable(&self, user: &str, data: Value) -> String {
+        let (status, body) = self
+            .api_post(
+                "/api/publish",
+                &serde_json::json!({"user": user, "durable": true, "data": data}),
+            )
+            .await;
+        assert_eq!(status, 200, "durable publish: {body}");
+        body["ids"][user]
+            .as_str()
+            .expect("id in response")
+            .to_string()
+    }
+
     /// DELETE with the API key; returns (status, JSON body or Null).
     pub async fn api_delete(&self, path: &str) -> (u16, Value) {
         let r = self
