@@ -16,7 +16,15 @@
 #
 # and the nodes run with --redis-sentinel ... --redis-master-name herald.
 #
-# Usage (--redis single|sentinel may come first; single is the default):
+# With --redis cluster, it becomes a Redis Cluster of three masters and three replicas:
+#
+#   redis, redis-c1..c5  127.0.0.1:$REDIS_PORT..+5 (cluster bus on each port + 10000, so
+#                        REDIS_PORT must stay below 55530; node timeout 2 s: `kill -9` a
+#                        master's pid from $RUN_DIR/pids/ to watch its replica take over)
+#
+# and the nodes run with --redis-cluster (every node a seed).
+#
+# Usage (--redis single|sentinel|cluster may come first; single is the default):
 #   scripts/local-cluster.sh [run]     in the foreground (the default); Ctrl-C or SIGTERM
 #                                      stops everything: the nodes first (they drain,
 #                                      closing sessions with 1012 through nginx), then
@@ -31,7 +39,8 @@
 #   PORT_BASE=8080            nginx port; the nodes take the next three, the producer API
 #                             the one after
 #   REDIS_PORT=6390           the private redis-server (sentinel: the master; the replica
-#                             and sentinels take the ports listed above)
+#                             and sentinels take the ports listed above; cluster: the
+#                             first of six nodes)
 #   REDIS_MODE=single         the same as --redis
 #   RUN_DIR=target/local-cluster   configs, logs and pid files
 #   HERALD_BIN=<path>         use this binary instead of building one
@@ -58,8 +67,8 @@ if [[ ${1:-} == --redis ]]; then
     REDIS_MODE=${2:-}
     shift 2 || true
 fi
-[[ $REDIS_MODE == single || $REDIS_MODE == sentinel ]] ||
-    { printf 'local-cluster: --redis takes single or sentinel, not %q\n' "$REDIS_MODE" >&2; exit 1; }
+[[ $REDIS_MODE == single || $REDIS_MODE == sentinel || $REDIS_MODE == cluster ]] ||
+    { printf 'local-cluster: --redis takes single, sentinel or cluster, not %q\n' "$REDIS_MODE" >&2; exit 1; }
 # `start` runs this script again in the background: the mode goes with it.
 export REDIS_MODE
 export HERALD_JWT_SECRET=${HERALD_JWT_SECRET:-change-me-please-0123456789abcdef}
@@ -72,6 +81,8 @@ API_PORT=$((PORT_BASE + 4))
 NODE_PORTS=("$((PORT_BASE + 1))" "$((PORT_BASE + 2))" "$((PORT_BASE + 3))")
 REPLICA_PORT=$((REDIS_PORT + 1))
 SENTINEL_PORTS=("$((REDIS_PORT + 11))" "$((REDIS_PORT + 12))" "$((REDIS_PORT + 13))")
+# --redis cluster: `redis` on REDIS_PORT, then these five.
+CLUSTER_PORTS=("$((REDIS_PORT + 1))" "$((REDIS_PORT + 2))" "$((REDIS_PORT + 3))" "$((REDIS_PORT + 4))" "$((REDIS_PORT + 5))")
 MASTER_NAME=herald
 
 say() { printf 'local-cluster: %s\n' "$*" >&2; }
@@ -239,6 +250,7 @@ cleanup() {
     for i in 1 2 3; do stop_child "sentinel$i" TERM 5; done
     stop_child redis TERM 5
     stop_child redis-replica TERM 5
+    for i in 1 2 3 4 5; do stop_child "redis-c$i" TERM 5; done
     rm -f "$RUN_DIR/cluster.pid"
     say "stopped"
 }
@@ -259,6 +271,12 @@ cmd_run() {
     fi
     check_free "$LB_PORT" "${NODE_PORTS[@]}" "$REDIS_PORT"
     [[ $REDIS_MODE != sentinel ]] || check_free "$REPLICA_PORT" "${SENTINEL_PORTS[@]}"
+    if [[ $REDIS_MODE == cluster ]]; then
+        ((REDIS_PORT + 5 < 55535)) || die "REDIS_PORT must stay below 55530 (cluster bus ports are port + 10000)"
+        check_free "${CLUSTER_PORTS[@]}"
+        local p
+        for p in "$REDIS_PORT" "${CLUSTER_PORTS[@]}"; do check_free "$((p + 10000))"; done
+    fi
 
     ensure_installed redis-server redis-server redis-server
     ensure_installed nginx nginx nginx
@@ -282,9 +300,12 @@ cmd_run() {
 
     # With a replica, its first full sync starts at once (Redis waits 5 s by default for
     # more replicas to share a diskless sync).
+    local cluster_args=()
+    [[ $REDIS_MODE != cluster ]] || cluster_args=(--cluster-enabled yes
+        --cluster-config-file "$RUN_DIR/redis/nodes.conf" --cluster-node-timeout 2000)
     spawn redis "$RUN_DIR/redis.log" "$redis_bin" --port "$REDIS_PORT" --bind 127.0.0.1 \
         --save "" --appendonly no --protected-mode no --dir "$RUN_DIR/redis" \
-        --repl-diskless-sync-delay 0
+        --repl-diskless-sync-delay 0 "${cluster_args[@]}"
     local deadline=$((SECONDS + 10))
     until port_busy "$REDIS_PORT"; do
         ((SECONDS < deadline)) || die "redis-server did not start; see $RUN_DIR/redis.log"
@@ -296,6 +317,12 @@ cmd_run() {
         local addrs
         addrs=$(printf '127.0.0.1:%s,' "${SENTINEL_PORTS[@]}")
         redis_args=(--redis-sentinel "${addrs%,}" --redis-master-name "$MASTER_NAME")
+    fi
+    if [[ $REDIS_MODE == cluster ]]; then
+        start_redis_cluster "$redis_bin"
+        local addrs
+        addrs=$(printf '127.0.0.1:%s,' "$REDIS_PORT" "${CLUSTER_PORTS[@]}")
+        redis_args=(--redis-cluster "${addrs%,}")
     fi
 
     local i mode=()
@@ -411,6 +438,43 @@ start_sentinel_set() {
     done
 }
 
+# The five other nodes of --redis cluster (the first is `redis`, already up), joined into
+# three masters with one replica each by redis-cli (Debian's redis-tools, which
+# redis-server depends on).
+start_redis_cluster() {
+    local redis_bin=$1 i port dir
+    for i in 1 2 3 4 5; do
+        port=${CLUSTER_PORTS[$((i - 1))]}
+        dir=$RUN_DIR/redis-c$i
+        mkdir -p "$dir"
+        spawn "redis-c$i" "$RUN_DIR/redis-c$i.log" "$redis_bin" --port "$port" --bind 127.0.0.1 \
+            --save "" --appendonly no --protected-mode no --dir "$dir" \
+            --repl-diskless-sync-delay 0 --cluster-enabled yes \
+            --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000
+    done
+    local deadline=$((SECONDS + 10))
+    for port in "${CLUSTER_PORTS[@]}"; do
+        until port_busy "$port"; do
+            ((SECONDS < deadline)) || die "the cluster nodes did not start; see $RUN_DIR/redis-c*.log"
+            sleep 0.1
+        done
+    done
+    local cli
+    cli=$(find_bin redis-cli) || die "redis-cli is missing: install redis-tools"
+    local addrs=()
+    for port in "$REDIS_PORT" "${CLUSTER_PORTS[@]}"; do addrs+=("127.0.0.1:$port"); done
+    "$cli" --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+        >"$RUN_DIR/cluster-create.log" 2>&1 </dev/null ||
+        die "redis-cli --cluster create failed; see $RUN_DIR/cluster-create.log"
+    deadline=$((SECONDS + 20))
+    for port in "$REDIS_PORT" "${CLUSTER_PORTS[@]}"; do
+        until [[ $("$cli" -p "$port" CLUSTER INFO 2>/dev/null) == *cluster_state:ok* ]]; do
+            ((SECONDS < deadline)) || die "the cluster is not ok; see $RUN_DIR/redis*.log"
+            sleep 0.2
+        done
+    done
+}
+
 # True when the sentinel on 127.0.0.1:$1 knows two other sentinels for the master.
 sentinel_sees_peers() {
     (
@@ -445,7 +509,10 @@ replica_in_sync() {
 }
 
 redis_banner() {
-    if [[ $REDIS_MODE == sentinel ]]; then
+    if [[ $REDIS_MODE == cluster ]]; then
+        printf 'cluster of 3 masters + 3 replicas on 127.0.0.1:%s..%s' \
+            "$REDIS_PORT" "${CLUSTER_PORTS[4]}"
+    elif [[ $REDIS_MODE == sentinel ]]; then
         printf 'master 127.0.0.1:%s, replica :%s, sentinels :%s (master name %s)' \
             "$REDIS_PORT" "$REPLICA_PORT" "${SENTINEL_PORTS[*]}" "$MASTER_NAME"
     else

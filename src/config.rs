@@ -47,6 +47,19 @@ pub struct Config {
     )]
     pub redis_master_password: Option<String>,
 
+    /// Redis Cluster seed nodes, comma-separated: `host:port`, or a URL
+    /// (`redis://:password@host:port`, `rediss://` for TLS) when the nodes need a password.
+    /// The node learns the rest of the cluster from them and follows failovers, MOVED/ASK
+    /// redirections and resharding. User and topic channels become sharded channels
+    /// (SSUBSCRIBE/SPUBLISH; docs/redis.md).
+    #[arg(
+        long,
+        env = "HERALD_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with_all = ["redis_url", "redis_sentinel"]
+    )]
+    pub redis_cluster: Vec<String>,
+
     /// HMAC secret (HS256/384/512, at least 32 bytes) that verifies client JWTs. A secret,
     /// or a public key, is required unless --dev.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
@@ -466,7 +479,7 @@ impl Config {
 
     /// Whether the node runs on Redis (a URL, or sentinels), rather than standalone.
     pub(crate) fn uses_redis(&self) -> bool {
-        self.redis_url.is_some() || !self.redis_sentinel.is_empty()
+        self.redis_url.is_some() || !self.redis_sentinel.is_empty() || !self.redis_cluster.is_empty()
     }
 
     /// The liveness limits the sweeper applies to every session.

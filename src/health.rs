@@ -1,7 +1,9 @@
 //! Readiness state shared by the broker, presence heartbeat, drain and `/readyz`, plus the
 //! pub/sub canary bookkeeping that catches a subscription which is connected but silent.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -19,6 +21,10 @@ pub(crate) struct Health {
     /// [`mono_ms`] when the last canary was published.
     canary_sent_at_ms: AtomicU64,
     canary_seen: AtomicU64,
+    /// Under Redis Cluster, one canary channel per shard (by its tag), each with the last
+    /// sequence number seen on it: the canary counts as back only when every shard has
+    /// returned it, so a subscription dead on one shard shows. Empty otherwise.
+    shard_canaries: Mutex<HashMap<String, u64>>,
 }
 
 /// Body of `/readyz`.
@@ -42,6 +48,7 @@ impl Health {
             canary_sent: AtomicU64::new(0),
             canary_sent_at_ms: AtomicU64::new(0),
             canary_seen: AtomicU64::new(0),
+            shard_canaries: Mutex::new(HashMap::new()),
         }
     }
 
@@ -108,8 +115,64 @@ impl Health {
         self.canary_seen.fetch_max(seq, Ordering::Relaxed);
     }
 
+    /// Under Redis Cluster: the shards whose canaries must come back, by tag. A shard new to
+    /// the set counts as answered until the next canary is sent.
+    pub(crate) fn set_shard_canaries(&self, tags: &[String]) {
+        let sent = self.canary_sent.load(Ordering::Relaxed);
+        let Ok(mut shards) = self.shard_canaries.lock() else {
+            return;
+        };
+        shards.retain(|tag, _| tags.contains(tag));
+        for tag in tags {
+            shards.entry(tag.clone()).or_insert(sent);
+        }
+        let lowest = shards.values().copied().min().unwrap_or(sent);
+        drop(shards);
+        self.canary_seen.store(lowest, Ordering::Relaxed);
+    }
+
+    /// Called by the sharded subscriber when the canary comes back on the shard `tag`: the
+    /// canary as a whole is back when the last shard has returned it.
+    pub(crate) fn shard_canary_received(&self, tag: &str, payload: &[u8]) {
+        let Some(seq) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let lowest = {
+            let Ok(mut shards) = self.shard_canaries.lock() else {
+                return;
+            };
+            let Some(seen) = shards.get_mut(tag) else {
+                return;
+            };
+            *seen = (*seen).max(seq);
+            shards.values().copied().min().unwrap_or(seq)
+        };
+        self.canary_received(lowest.to_string().as_bytes());
+    }
+
+    /// The shards whose canary has not come back (tags), for the log.
+    pub(crate) fn silent_shards(&self) -> Vec<String> {
+        let sent = self.canary_sent.load(Ordering::Relaxed);
+        self.shard_canaries
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter(|(_, seen)| **seen < sent)
+                    .map(|(tag, _)| tag.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Forgets an outstanding canary, for a fresh subscription.
     pub(crate) fn canary_reset(&self) {
+        if let Ok(mut shards) = self.shard_canaries.lock() {
+            let sent = self.canary_sent.load(Ordering::Relaxed);
+            shards.values_mut().for_each(|seen| *seen = (*seen).max(sent));
+        }
         self.canary_seen
             .store(self.canary_sent.load(Ordering::Relaxed), Ordering::Relaxed);
     }
@@ -174,6 +237,33 @@ mod tests {
         h.canary_received(b"1");
         assert!(h.canary_answered());
         h.canary_received(b"garbage");
+        assert!(h.canary_answered());
+    }
+
+    #[test]
+    fn a_sharded_canary_is_back_only_when_every_shard_returned_it() {
+        let h = Health::new(false);
+        h.set_shard_canaries(&["a".into(), "b".into()]);
+        assert!(h.canary_answered());
+        h.canary_sending(1);
+        h.shard_canary_received("a", b"1");
+        assert!(!h.canary_answered());
+        assert_eq!(h.silent_shards(), vec!["b".to_string()]);
+        // Another node's shard tag, or garbage, changes nothing.
+        h.shard_canary_received("z", b"1");
+        h.shard_canary_received("b", b"x");
+        assert!(!h.canary_answered());
+        h.shard_canary_received("b", b"1");
+        assert!(h.canary_answered());
+        assert!(h.silent_shards().is_empty());
+        // A shard that appears (a new master) is not condemned for a canary it never got.
+        h.set_shard_canaries(&["a".into(), "b".into(), "c".into()]);
+        assert!(h.canary_answered());
+        h.canary_sending(2);
+        h.shard_canary_received("a", b"2");
+        h.shard_canary_received("b", b"2");
+        assert!(!h.canary_answered());
+        h.canary_reset();
         assert!(h.canary_answered());
     }
 }

@@ -99,7 +99,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("################################################################");
     }
     let listen = config.listen;
-    let mode = if !config.redis_sentinel.is_empty() {
+    let mode = if !config.redis_cluster.is_empty() {
+        "cluster (redis cluster)"
+    } else if !config.redis_sentinel.is_empty() {
         "cluster (sentinel)"
     } else if config.redis_url.is_some() {
         "cluster"

@@ -8,6 +8,11 @@
 //! is a master, so a sentinel that has not yet seen the failover cannot send the node to a
 //! demoted instance. The command pool uses deadpool-redis's Sentinel manager, which wraps the
 //! same client; the pub/sub connection uses [`Connector`].
+//!
+//! Or a Redis Cluster (`--redis-cluster`): seed nodes from which redis-rs's `ClusterClient`
+//! learns the topology. Its connection is multiplexed, follows MOVED/ASK and refreshes the
+//! slot map by itself, so the pool shares one of them and the broker holds another, with
+//! RESP3 pushes for sharded pub/sub.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +31,9 @@ pub(crate) enum TargetError {
     /// The address is shown without its credentials.
     #[error("invalid --redis-sentinel address {0:?}: {1}")]
     Sentinel(String, #[source] redis::RedisError),
+    /// The addresses are shown without their credentials.
+    #[error("invalid --redis-cluster nodes {0:?}: {1}")]
+    Cluster(String, #[source] redis::RedisError),
 }
 
 /// What a node connects to.
@@ -35,6 +43,43 @@ pub(crate) enum RedisTarget {
     Single { url: String },
     /// The master that the sentinels name `master`.
     Sentinel(SentinelTarget),
+    /// A Redis Cluster, found from its seed nodes.
+    Cluster(ClusterTarget),
+}
+
+/// A Redis Cluster deployment: the seed nodes as URLs (`redis://host:port`, with credentials
+/// and `rediss://` when the nodes need them; every node of a cluster shares them).
+#[derive(Clone)]
+pub(crate) struct ClusterTarget {
+    pub(crate) nodes: Vec<String>,
+}
+
+impl ClusterTarget {
+    /// A redis-rs cluster client for the seed nodes. Responses may take as long as the
+    /// longest herald script (the caller bounds the whole call anyway, see
+    /// [`crate::cluster::error::bounded`]); a handful of retries with short waits lets a
+    /// command ride out a MOVED or a reconnection without outliving that bound.
+    pub(crate) fn client(
+        &self,
+        push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<redis::cluster::ClusterClient, redis::RedisError> {
+        let mut b = redis::cluster::ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(crate::cluster::error::CALL_TIMEOUT)
+            .retries(4)
+            .min_retry_wait(50)
+            .max_retry_wait(500);
+        if let Some(tx) = push {
+            // Pushes (sharded messages) exist only in RESP3.
+            b = b.use_protocol(redis::ProtocolVersion::RESP3).push_sender(tx);
+        }
+        b.build()
+    }
+
+    fn redacted(&self) -> String {
+        let all: Vec<String> = self.nodes.iter().map(|u| redacted(u)).collect();
+        all.join(",")
+    }
 }
 
 /// A Sentinel deployment: the sentinels' URLs, the master's name, and how to talk to the
@@ -62,6 +107,16 @@ impl RedisTarget {
                 .into_connection_info()
                 .map_err(TargetError::Url)?;
             return Ok(Some(RedisTarget::Single { url: url.clone() }));
+        }
+        if !config.redis_cluster.is_empty() {
+            let target = ClusterTarget {
+                nodes: config.redis_cluster.iter().map(|e| sentinel_url(e)).collect(),
+            };
+            // Building the client parses every URL and checks that they agree on credentials.
+            target
+                .client(None)
+                .map_err(|e| TargetError::Cluster(target.redacted(), e))?;
+            return Ok(Some(RedisTarget::Cluster(target)));
         }
         let (Some(master), false) = (&config.redis_master_name, config.redis_sentinel.is_empty())
         else {
@@ -95,7 +150,8 @@ fn redacted(entry: &str) -> String {
     }
 }
 
-/// `host:port` becomes `redis://host:port`; a URL stays as it is.
+/// `host:port` becomes `redis://host:port`; a URL stays as it is (sentinels and cluster
+/// seed nodes alike).
 fn sentinel_url(entry: &str) -> String {
     let entry = entry.trim();
     if entry.contains("://") {
@@ -155,6 +211,9 @@ pub(crate) enum Connector {
     /// Behind a lock because discovery caches its connections to the sentinels (`&mut`);
     /// only the broker's reconnect loop uses it, so the lock is never contended.
     Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
+    /// A Redis Cluster: the broker subscribes through a cluster connection of its own (see
+    /// `broker::sharded`), not through [`Connector::pubsub`].
+    Cluster(ClusterTarget),
 }
 
 impl Connector {
@@ -170,6 +229,7 @@ impl Connector {
                     let all: Vec<String> = s.sentinels.iter().map(|u| redacted(u)).collect();
                     TargetError::Sentinel(all.join(","), e)
                 }),
+            RedisTarget::Cluster(c) => Ok(Connector::Cluster(c.clone())),
         }
     }
 
@@ -182,7 +242,8 @@ impl Connector {
     pub(crate) fn backoff_max(&self) -> Duration {
         match self {
             Connector::Single(_) => Duration::from_secs(2),
-            Connector::Sentinel(_) => Duration::from_millis(500),
+            // A shard failover, like a Sentinel one, shows only by asking again.
+            Connector::Sentinel(_) | Connector::Cluster(_) => Duration::from_millis(500),
         }
     }
 
@@ -196,6 +257,10 @@ impl Connector {
                 let client = sentinel.lock().await.async_get_client().await?;
                 client.get_async_pubsub().await
             }
+            Connector::Cluster(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a Redis Cluster subscribes through the sharded subscriber",
+            ))),
         }
     }
 }
@@ -261,5 +326,23 @@ mod tests {
             Err(TargetError::Sentinel(..))
         ));
         assert!(matches!(RedisTarget::from_config(&config(&[])), Ok(None)));
+    }
+
+    #[test]
+    fn cluster_seeds_may_be_bare_addresses_or_urls_and_bad_ones_stop_the_start() {
+        let c = config(&["--redis-cluster", "a:1,redis://:pw@b:2"]);
+        match RedisTarget::from_config(&c) {
+            Ok(Some(RedisTarget::Cluster(t))) => {
+                assert_eq!(t.nodes, vec!["redis://a:1", "redis://:pw@b:2"]);
+            }
+            _ => panic!("a cluster target"),
+        }
+        let c = config(&["--redis-cluster", "redis://:hunter2@a:notaport"]);
+        let e = RedisTarget::from_config(&c).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("--redis-cluster") && !e.contains("hunter2")),
+            "{e:?}"
+        );
     }
 }

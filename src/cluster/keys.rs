@@ -20,6 +20,34 @@ pub(crate) enum Channel<'a> {
     Canary,
 }
 
+/// The Redis Cluster slot of a key or sharded channel name: CRC16 (XMODEM) of its hash tag
+/// (the text between the first `{` and the next `}`, when not empty) or of the whole name,
+/// modulo 16384, as Redis computes it.
+pub(crate) fn slot_of(name: &str) -> u16 {
+    let bytes = name.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then_some(&rest[..close])
+        })
+        .unwrap_or(bytes);
+    let mut crc: u16 = 0;
+    for &b in hashed {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// Key and channel builder bound to one prefix and node.
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -143,6 +171,30 @@ impl Keys {
         format!("{}:node:", self.prefix)
     }
 
+    /// Under Redis Cluster, this node's canary channel on one shard:
+    /// `<prefix>:node:<id>:canary:{<tag>}`, where the hash tag is chosen so that the channel's
+    /// slot belongs to that shard (see `broker::sharded`).
+    pub(crate) fn shard_canary_channel(&self, tag: &str) -> String {
+        format!("{}:node:{}:canary:{{{}}}", self.prefix, self.node, tag)
+    }
+
+    /// The shard tag of one of this node's shard canary channels, or `None`.
+    pub(crate) fn parse_shard_canary<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":node:")?
+            .strip_prefix(self.node.as_str())?
+            .strip_prefix(":canary:{")?
+            .strip_suffix('}')
+            .filter(|tag| !tag.is_empty())
+    }
+
+    /// The pattern that matches every channel of this prefix: under Redis Cluster, a classic
+    /// (unsharded) PUBLISH on one of them is seen through it and counted (docs/redis.md).
+    pub(crate) fn all_channels_pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+
     /// Reads a channel name back into what it carries. Channels outside this prefix, or
     /// with an empty user or topic, or another node's canary, yield `None`.
     pub(crate) fn parse_channel<'a>(&self, channel: &'a str) -> Option<Channel<'a>> {
@@ -198,6 +250,29 @@ mod tests {
             Some(Channel::Control)
         );
         assert_eq!(k.parse_channel(&k.canary_channel()), Some(Channel::Canary));
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.0.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("123456789"), 12739);
+        assert_eq!(slot_of("{user1000}.following"), slot_of("user1000"));
+        assert_eq!(slot_of("foo{}{bar}"), slot_of("foo{}{bar}"));
+        assert_ne!(slot_of("foo{}{bar}"), slot_of("bar"));
+        assert_eq!(slot_of("foo{{bar}}zap"), slot_of("{bar"));
+    }
+
+    #[test]
+    fn shard_canaries_round_trip_and_stay_private() {
+        let k = Keys::new("hx", "n1");
+        let ch = k.shard_canary_channel("17");
+        assert_eq!(ch, "hx:node:n1:canary:{17}");
+        assert_eq!(k.parse_shard_canary(&ch), Some("17"));
+        assert_eq!(k.parse_shard_canary("hx:node:n2:canary:{17}"), None);
+        assert_eq!(k.parse_shard_canary("hx:node:n1:canary:{}"), None);
+        assert_eq!(k.parse_shard_canary(&k.canary_channel()), None);
+        assert_eq!(k.parse_channel(&ch), None);
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Engines {
                 pool: None,
             });
         };
+        let sharded = matches!(target, RedisTarget::Cluster(_));
         let connector = Connector::new(&target)?;
         let pool = pool::build(&target, config.redis_pool)?;
         Ok(Engines {
@@ -92,6 +93,7 @@ impl Engines {
                 pool.clone(),
                 keys.clone(),
                 policy,
+                sharded,
             ))),
             pool: Some(pool),
         })

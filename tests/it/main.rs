@@ -33,6 +33,7 @@ mod lb;
 mod lifecycle;
 mod limits;
 mod redis_access;
+mod redis_cluster;
 mod sentinel;
 mod sse;
 mod standalone;

@@ -9,6 +9,7 @@
 mod memory;
 mod redis;
 mod router;
+mod sharded;
 
 pub(crate) use self::memory::MemoryBroker;
 pub(crate) use self::redis::{RedisBroker, SubscriberSettings};

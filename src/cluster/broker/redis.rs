@@ -2,7 +2,8 @@
 //! whose reconnection, resubscription and liveness (ping and canary) this module drives
 //! itself, because redis-rs pub/sub streams end on connection loss and never reconnect.
 //! Every reconnection goes through the [`Connector`], so under Sentinel it asks the
-//! sentinels for the master again and follows a failover.
+//! sentinels for the master again and follows a failover. Under Redis Cluster the
+//! subscription is `sharded.rs`'s instead; publishing stays here (SPUBLISH there).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -87,10 +88,20 @@ impl RedisBroker {
             .map(|_| ())
     }
 
-    async fn publish_on(&self, channel: &str, payload: &[u8]) -> Result<u64, RedisError> {
+    /// Under Redis Cluster every herald channel is a sharded channel (see `sharded.rs`).
+    fn sharded(&self) -> bool {
+        matches!(self.connector, Connector::Cluster(_))
+    }
+
+    pub(super) async fn publish_on(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<u64, RedisError> {
+        let verb = if self.sharded() { "SPUBLISH" } else { "PUBLISH" };
         let result = bounded(async {
             let mut conn = self.pool.get().await?;
-            let n: u64 = ::redis::cmd("PUBLISH")
+            let n: u64 = ::redis::cmd(verb)
                 .arg(channel)
                 .arg(payload)
                 .query_async(&mut *conn)
@@ -107,6 +118,20 @@ impl RedisBroker {
     }
 
     pub(crate) async fn run_subscriber(
+        &self,
+        cmds: mpsc::UnboundedReceiver<SubCommand>,
+        s: SubscriberSettings,
+        shutdown: CancellationToken,
+    ) {
+        if let Connector::Cluster(target) = &self.connector {
+            return super::sharded::run(self, target, cmds, s, shutdown).await;
+        }
+        self.run_classic(cmds, s, shutdown).await
+    }
+
+    /// The subscriber on one instance (or the master the sentinels name): one classic
+    /// pub/sub connection, rebuilt by this loop when it breaks.
+    async fn run_classic(
         &self,
         mut cmds: mpsc::UnboundedReceiver<SubCommand>,
         s: SubscriberSettings,
@@ -291,7 +316,7 @@ impl RedisBroker {
 
 /// While disconnected, keeps `desired` current and acknowledges subscriptions at once (the
 /// next connection subscribes them), for `wait`. Returns false on shutdown.
-async fn wait_offline(
+pub(super) async fn wait_offline(
     cmds: &mut mpsc::UnboundedReceiver<SubCommand>,
     keys: &Keys,
     desired: &mut HashSet<String>,
@@ -318,7 +343,7 @@ async fn wait_offline(
 
 /// Applies hub commands in order to `desired` and returns the net channels to subscribe,
 /// to unsubscribe, and the acknowledgements to send once that is done.
-fn apply(
+pub(super) fn apply(
     keys: &Keys,
     desired: &mut HashSet<String>,
     batch: Vec<SubCommand>,

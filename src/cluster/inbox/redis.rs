@@ -21,10 +21,21 @@ const LIBRARY_VERSION: i64 = 2;
 /// Most entries scanned to count a user's unread messages (the welcome's `unread`).
 pub(crate) const UNREAD_CAP: usize = 1000;
 
+/// The command `herald_notify` publishes with: SPUBLISH under Redis Cluster (`sharded`),
+/// where user channels are sharded channels, else PUBLISH.
+fn publish_command(sharded: bool) -> &'static str {
+    if sharded {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 /// The Functions library with this deployment's settings in place of its placeholders.
-pub(crate) fn function_library(prefix: &str, policy: &InboxPolicy) -> String {
+pub(crate) fn function_library(prefix: &str, policy: &InboxPolicy, sharded: bool) -> String {
     LIBRARY
         .replace("__PREFIX__", prefix)
+        .replace("__PUBLISH__", publish_command(sharded))
         .replace("__MAX_LEN__", &policy.max_len.to_string())
         .replace(
             "__RETENTION_MS__",
@@ -39,7 +50,7 @@ pub(crate) fn function_library(prefix: &str, policy: &InboxPolicy) -> String {
 }
 
 /// What `herald_config` returns: the settings a loaded library was built with.
-type LoadedConfig = (i64, String, i64, i64, i64, i64);
+type LoadedConfig = (i64, String, i64, i64, i64, i64, String);
 
 /// Redis inbox.
 #[derive(Clone)]
@@ -52,8 +63,9 @@ pub(crate) struct RedisInbox {
 }
 
 impl RedisInbox {
-    pub(crate) fn new(pool: Pool, keys: Keys, policy: InboxPolicy) -> Self {
-        let library = function_library(keys.prefix(), &policy).into();
+    /// `sharded`: the deployment runs on Redis Cluster (the library publishes with SPUBLISH).
+    pub(crate) fn new(pool: Pool, keys: Keys, policy: InboxPolicy, sharded: bool) -> Self {
+        let library = function_library(keys.prefix(), &policy, sharded).into();
         let config = (
             LIBRARY_VERSION,
             keys.prefix().to_string(),
@@ -61,6 +73,7 @@ impl RedisInbox {
             policy.retention.as_millis() as i64,
             policy.max_bytes as i64,
             policy.idempotency_window.as_millis() as i64,
+            publish_command(sharded).to_string(),
         );
         RedisInbox {
             pool,
@@ -88,7 +101,7 @@ impl RedisInbox {
                     ours = ?*self.config,
                     "the herald Functions library in Redis was loaded with other settings \
                      (version, prefix, inbox max len, retention ms, max bytes, idempotency \
-                     window ms); replacing it: every node of a deployment must run with the \
+                     window ms, publish command); replacing it: every node of a deployment must run with the \
                      same settings, and one Redis serves one deployment"
                 );
                 metrics::counter!(m::FUNCTION_CONFLICTS).increment(1);

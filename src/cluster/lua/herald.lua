@@ -29,6 +29,9 @@ local RETENTION = __RETENTION_MS__
 local MAX_BYTES = __MAX_BYTES__
 local IDEM_WINDOW = __IDEMPOTENCY_WINDOW_MS__
 local UNREAD_CAP = __UNREAD_CAP__
+-- 'SPUBLISH' under Redis Cluster (user channels are sharded channels there, and the user's
+-- channel shares its inbox key's slot), 'PUBLISH' on one instance or under Sentinel.
+local PUBLISH = '__PUBLISH__'
 local VERSION = 2
 
 local function fail(msg)
@@ -225,7 +228,7 @@ local function trim(inbox, uid, now)
 end
 
 local function publish_meta(uid, meta, payload)
-  redis.call('PUBLISH', key('user', uid), '\0' .. meta .. '\0' .. (payload or ''))
+  redis.call(PUBLISH, key('user', uid), '\0' .. meta .. '\0' .. (payload or ''))
 end
 
 -- herald_notify: stores a durable notification and publishes it, atomically.
@@ -398,9 +401,10 @@ end
 
 -- herald_config: the settings this library was loaded with, so a node can tell whether
 -- another deployment with other settings shares this Redis.
--- Returns {version, prefix, max len, retention ms, max bytes, idempotency window ms}.
+-- Returns {version, prefix, max len, retention ms, max bytes, idempotency window ms,
+-- publish command}.
 local function config()
-  return {VERSION, PREFIX, MAXLEN, RETENTION, MAX_BYTES, IDEM_WINDOW}
+  return {VERSION, PREFIX, MAXLEN, RETENTION, MAX_BYTES, IDEM_WINDOW, PUBLISH}
 end
 
 redis.register_function('herald_notify', notify)

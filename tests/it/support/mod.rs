@@ -1,6 +1,7 @@
 //! Test harness shared by every module of the `it` binary: a private redis-server per test
-//! on a free loopback port ([`RedisServer`]) or a Sentinel set ([`SentinelSet`]: master,
-//! replica, three sentinels), real `herald` processes ([`Herald`]), JWT
+//! on a free loopback port ([`RedisServer`]), a Sentinel set ([`SentinelSet`]: master,
+//! replica, three sentinels) or a Redis Cluster ([`RedisCluster`]: three masters, three
+//! replicas), real `herald` processes ([`Herald`]), JWT
 //! minting, WebSocket clients (tungstenite and raw TCP), a fault-injecting TCP proxy, nginx,
 //! a Prometheus text parser, and polling helpers. Nothing here touches a Redis it did not
 //! start, and nothing waits with a fixed sleep for a condition: [`eventually`] polls it
@@ -21,6 +22,7 @@ mod node;
 pub mod prom;
 mod proxy;
 mod redis;
+mod redis_cluster;
 mod sentinel;
 mod sse;
 mod tls;
@@ -37,6 +39,7 @@ pub use self::nginx::{nginx_bin, Nginx};
 pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;
 pub use self::redis::RedisServer;
+pub use self::redis_cluster::RedisCluster;
 pub use self::sentinel::SentinelSet;
 pub use self::sse::Sse;
 pub use self::tls::TestCa;

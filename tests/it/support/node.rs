@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::redis::RedisServer;
+use super::redis_cluster::RedisCluster;
 use super::sentinel::SentinelSet;
 use super::{eventually, free_port, log_dir, prom, API_KEY, JWT_SECRET, WAIT};
 
@@ -54,6 +55,21 @@ impl NodeOpts {
         }
         .arg("--redis-sentinel", &set.addresses())
         .arg("--redis-master-name", &set.master_name)
+    }
+
+    /// A node on the Redis Cluster `cluster` (every node of it as a seed).
+    pub fn redis_cluster(cluster: &RedisCluster, prefix: &str, node_id: &str) -> Self {
+        NodeOpts {
+            redis_url: None,
+            prefix: prefix.to_string(),
+            node_id: node_id.to_string(),
+            presence_ttl: "3".into(),
+            dev: false,
+            extra: Vec::new(),
+            env: Vec::new(),
+            wrapper: Vec::new(),
+        }
+        .arg("--redis-cluster", &cluster.seeds())
     }
 
     pub fn standalone(node_id: &str) -> Self {

@@ -1,0 +1,486 @@
+//! Redis Cluster: herald nodes on a 3-master/3-replica cluster deliver across nodes to
+//! users whose slots lie on every shard (sharded channels: SSUBSCRIBE on the shard that owns
+//! the user's slot, SPUBLISH by producers and by `herald_notify`), broadcast and topics to
+//! everyone, keep each durable inbox in its user's slot, count a producer's plain PUBLISH
+//! instead of delivering it, and, when a shard master is killed (`kill -9`) under a steady
+//! stream of durable and plain publishes, go not-ready only for the failover and deliver
+//! every durable message exactly once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+/// The bound this suite states for a shard failover: from `kill -9` of a shard master until
+/// every node answers /readyz with 200 again. The cluster needs its node timeout (2 s) to
+/// call the master failed and about a second more for the replica's election; the node
+/// then needs up to one probe interval (1 s at `--presence-ttl 3`) for every shard's canary
+/// to come back and one to resubscribe; the rest is slack for a loaded 2-core machine.
+const READY_AGAIN_WITHIN: Duration = Duration::from_secs(15);
+
+/// A user's key or channel of `kind` as herald names it: the user id is the hash tag, so
+/// all of a user's state (inbox, cursor, channel) lives in one slot (docs/redis.md).
+fn user_key(prefix: &str, kind: &str, user: &str) -> String {
+    format!("{prefix}:{kind}:{{{user}}}")
+}
+
+/// Users `<stem>0`, `<stem>1`, ... until their slots cover every master, at least `min`.
+fn users_on_every_shard(cluster: &RedisCluster, stem: &str, min: usize) -> Vec<String> {
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "three shards");
+    let mut users = Vec::new();
+    let mut covered = BTreeSet::new();
+    for i in 0..200 {
+        let u = format!("{stem}{i}");
+        covered.insert(cluster.master_of(&format!("{{{u}}}")));
+        users.push(u);
+        if covered.len() == masters.len() && users.len() >= min {
+            return users;
+        }
+    }
+    panic!("200 users did not cover every shard");
+}
+
+/// Entry ids of `user`'s inbox stream, read on the master that owns it.
+fn inbox_ids(cluster: &RedisCluster, prefix: &str, user: &str) -> Vec<String> {
+    let key = user_key(prefix, "inbox", user);
+    let entries: Vec<(String, HashMap<String, redis::Value>)> = cluster
+        .cmd_for(&key, &["XRANGE", &key, "-", "+"])
+        .expect("xrange on the owning master");
+    entries.into_iter().map(|(id, _)| id).collect()
+}
+
+async fn ready_nodes(cluster: &RedisCluster, prefix: &str, ids: &[&str]) -> Vec<Herald> {
+    let mut nodes = Vec::new();
+    for id in ids {
+        nodes.push(Herald::spawn(NodeOpts::redis_cluster(cluster, prefix, id)).await);
+    }
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_every_shard_get_plain_durable_and_raw_sharded_messages_across_nodes() {
+    let cluster = RedisCluster::start("deliver");
+    let nodes = ready_nodes(&cluster, "cx", &["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let users = users_on_every_shard(&cluster, "u", 6);
+
+    let mut on_a = Vec::new();
+    let mut on_b = Vec::new();
+    for u in &users {
+        on_a.push(connect(a, u, &[]).await);
+        on_b.push(connect(b, u, &[]).await);
+    }
+    // Each user's channel is a sharded channel on the master that owns its slot, with one
+    // subscriber per node; nothing is subscribed classically.
+    for u in &users {
+        let ch = user_key("cx", "user", u);
+        let n: Vec<redis::Value> = cluster
+            .cmd_for(&ch, &["PUBSUB", "SHARDNUMSUB", &ch])
+            .expect("shardnumsub");
+        assert_eq!(n.get(1), Some(&redis::Value::Int(2)), "{ch}: {n:?}");
+    }
+
+    for (i, u) in users.iter().enumerate() {
+        // Through the API of the node the sessions are not on, and the other.
+        b.publish(json!({"user": u, "data": {"plain": i}})).await;
+        let id = a.publish_durable(u, json!({"durable": i})).await;
+        for c in [&mut on_a[i], &mut on_b[i]] {
+            let m = recv_message(&mut c.ws, WAIT).await.expect("plain");
+            assert_eq!(m["data"], json!({"plain": i}));
+            assert_eq!(m["channel"], format!("user:{u}"));
+            let m = recv_message(&mut c.ws, WAIT).await.expect("durable");
+            assert_eq!(m["data"], json!({"durable": i}));
+            assert_eq!(m["id"], id.as_str());
+        }
+        assert_eq!(inbox_ids(&cluster, "cx", u), vec![id]);
+    }
+
+    // The producer contract, straight to Redis: SPUBLISH on the user's channel, and
+    // FCALL herald_notify on the user's inbox key, each on the master that owns the slot.
+    let u = &users[0];
+    let ch = user_key("cx", "user", u);
+    let n: i64 = cluster
+        .cmd_for(&ch, &["SPUBLISH", &ch, "raw sharded"])
+        .expect("spublish");
+    assert_eq!(n, 2, "one subscriber per node");
+    let inbox = user_key("cx", "inbox", u);
+    let id: String = cluster
+        .cmd_for(&inbox, &["FCALL", "herald_notify", "1", &inbox, "{\"via\":\"fcall\"}"])
+        .expect("fcall herald_notify");
+    for c in [&mut on_a[0], &mut on_b[0]] {
+        assert_eq!(
+            recv_message(&mut c.ws, WAIT).await.expect("spublish")["data"],
+            "raw sharded"
+        );
+        let m = recv_message(&mut c.ws, WAIT).await.expect("fcall");
+        assert_eq!(m["id"], id.as_str());
+        assert_eq!(m["data"], json!({"via": "fcall"}));
+    }
+
+    // A plain PUBLISH is not delivered under Redis Cluster: each node counts it.
+    let _: i64 = cluster
+        .cmd_for(&ch, &["PUBLISH", &ch, "unsharded"])
+        .expect("publish");
+    for n in [a, b] {
+        eventually(WAIT, "the plain PUBLISH counted", || async {
+            (n.metric("herald_messages_dropped_total{reason=\"unsharded_publish\"}")
+                .await
+                == 1.0)
+                .then_some(())
+        })
+        .await;
+    }
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        assert_silent(&mut c.ws, Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_topics_presence_stats_and_disconnect_work_on_a_cluster() {
+    let cluster = RedisCluster::start("shared");
+    let nodes = ready_nodes(&cluster, "cs", &["a", "b", "c"]).await;
+    let users = users_on_every_shard(&cluster, "p", 3);
+
+    // Broadcast: every session on every node, once.
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        clients.push(connect(n, &users[i], &["news"]).await);
+    }
+    let (status, body) = nodes[1]
+        .api_post("/api/publish", &json!({"broadcast": true, "data": "all"}))
+        .await;
+    assert_eq!((status, body), (200, json!({"ok": true, "channels": 1})));
+    for c in clients.iter_mut() {
+        let m = recv_message(&mut c.ws, WAIT).await.expect("broadcast");
+        assert_eq!(m, json!({"type":"message","channel":"broadcast","data":"all"}));
+    }
+    // Topics: only the sessions that joined.
+    let mut sports = connect(&nodes[2], &users[0], &["sports"]).await;
+    nodes[0]
+        .publish(json!({"topic": "sports", "data": "score"}))
+        .await;
+    let m = recv_message(&mut sports.ws, WAIT).await.expect("topic");
+    assert_eq!(m, json!({"type":"message","channel":"topic:sports","data":"score"}));
+    nodes[0].publish(json!({"topic": "news", "data": "headline"})).await;
+    for c in clients.iter_mut() {
+        assert_eq!(
+            recv_message(&mut c.ws, WAIT).await.expect("news")["data"],
+            "headline"
+        );
+        assert_silent(&mut c.ws, Duration::from_millis(100)).await;
+    }
+    assert_silent(&mut sports.ws, Duration::from_millis(100)).await;
+
+    // Presence and stats, read on any node.
+    nodes[0].wait_presence_nodes(&users[0], &["a", "c"]).await;
+    nodes[1].wait_presence_nodes(&users[2], &["c"]).await;
+    let stats = eventually(WAIT, "stats count every session", || async {
+        let s = nodes[2].stats().await;
+        (s["connections"] == 4).then_some(s)
+    })
+    .await;
+    assert_eq!(stats["users"], 3, "{stats}");
+
+    // The disconnect API reaches the user's sessions on every node.
+    let (status, _) = nodes[1]
+        .api_post(&format!("/api/disconnect/{}", users[0]), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(expect_close(&mut clients[0].ws, WAIT).await, Ended::Close(4002));
+    assert_eq!(expect_close(&mut sports.ws, WAIT).await, Ended::Close(4002));
+    eventually(WAIT, "the kicked user offline", || async {
+        (!nodes[1].online(&users[0]).await).then_some(())
+    })
+    .await;
+    assert!(nodes[0].online(&users[1]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_inbox_replays_and_acks_on_the_users_shard() {
+    let cluster = RedisCluster::start("inbox");
+    let nodes = ready_nodes(&cluster, "ci", &["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for u in users_on_every_shard(&cluster, "i", 3) {
+        let id1 = a.publish_durable(&u, json!(1)).await;
+        let id2 = b.publish_durable(&u, json!(2)).await;
+        let id3 = a.publish_durable(&u, json!(3)).await;
+        assert_eq!(inbox_ids(&cluster, "ci", &u), vec![id1.clone(), id2.clone(), id3.clone()]);
+
+        // A session on the other node replays after `since`, and its ack moves the cursor
+        // (in the user's slot, next to the inbox).
+        let url = b.ws_url(&format!("?token={}&since={id1}", token(&u, &[])));
+        let mut c = connect_url(&url).await;
+        let m = recv_message(&mut c.ws, WAIT).await.expect("replay 2");
+        assert_eq!(m["id"], id2.as_str());
+        let m = recv_message(&mut c.ws, WAIT).await.expect("replay 3");
+        assert_eq!(m["id"], id3.as_str());
+        send_text(&mut c.ws, &format!(r#"{{"type":"ack","id":"{id3}"}}"#)).await;
+        let cursor = user_key("ci", "cursor", &u);
+        eventually(WAIT, "cursor moved", || async {
+            let v: Option<String> = cluster.cmd_for(&cursor, &["GET", &cursor]).ok()?;
+            (v.as_deref() == Some(id3.as_str())).then_some(())
+        })
+        .await;
+        let fresh = connect(a, &u, &[]).await;
+        assert_eq!(fresh.welcome["unread"], 0, "everything was acknowledged");
+        close_client(fresh.ws).await;
+        close_client(c.ws).await;
+    }
+}
+
+/// What one client received, read by its own task.
+#[derive(Default)]
+struct Received {
+    /// Durable messages: (inbox id, data).
+    durable: Vec<(String, i64)>,
+    /// Plain messages' data.
+    plain: Vec<i64>,
+    gaps: Vec<Value>,
+    /// How the session ended, if it did (a close code, or 0 for a dropped connection).
+    ended: Option<u16>,
+}
+
+/// Reads `ws` until `stop`, recording every message.
+fn spawn_reader(
+    mut ws: Ws,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Received>>, tokio::task::JoinHandle<()>) {
+    let got = Arc::new(Mutex::new(Received::default()));
+    let out = got.clone();
+    let task = tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let next = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Err(_) => continue,
+                Ok(n) => n,
+            };
+            let text = match next {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(f))) => {
+                    out.lock().unwrap().ended = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                    return;
+                }
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => {
+                    out.lock().unwrap().ended = Some(0);
+                    return;
+                }
+            };
+            let v: Value = serde_json::from_str(text.as_str()).expect("json frame");
+            let mut r = out.lock().unwrap();
+            match v["type"].as_str() {
+                Some("message") => match v["id"].as_str() {
+                    Some(id) => r
+                        .durable
+                        .push((id.to_string(), v["data"]["k"].as_i64().expect("k"))),
+                    None => r.plain.push(v["data"]["p"].as_i64().expect("p")),
+                },
+                Some("gap") => r.gaps.push(v),
+                _ => {}
+            }
+        }
+    });
+    (got, task)
+}
+
+/// When a node's /readyz first failed after the kill and when it was 200 again, polled
+/// every 50 ms from the kill on.
+async fn not_ready_window(
+    node: Arc<Herald>,
+    since: Instant,
+) -> (Option<Duration>, Option<Duration>) {
+    let mut down = None;
+    let deadline = since + READY_AGAIN_WITHIN + WAIT;
+    while Instant::now() < deadline {
+        let ready = node.ready().await;
+        match (down, ready) {
+            (None, false) => down = Some(since.elapsed()),
+            (Some(_), true) => return (down, Some(since.elapsed())),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (down, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing() {
+    let mut cluster = RedisCluster::start("failover");
+    let nodes = ready_nodes(&cluster, "cf", &["a", "b"]).await;
+    let mut nodes = nodes.into_iter();
+    let a = Arc::new(nodes.next().expect("a"));
+    let b = Arc::new(nodes.next().expect("b"));
+    let user = "fo";
+    // One session of the user on each node: each must end up with the whole inbox.
+    let c1 = connect(&a, user, &[]).await;
+    let c2 = connect(&b, user, &[]).await;
+    b.wait_presence_nodes(user, &["a", "b"]).await;
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let (got1, r1) = spawn_reader(c1.ws, stop_readers.clone());
+    let (got2, r2) = spawn_reader(c2.ws, stop_readers.clone());
+
+    // The producer: every 50 ms one durable message (retried with its idempotency key until
+    // a node accepts it) and one plain message (not retried), alternating between nodes.
+    let stop_producer = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let producer = {
+        let (a, b) = (a.clone(), b.clone());
+        let (stop, accepted) = (stop_producer.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let mut durable: Vec<(i64, String)> = Vec::new();
+            let mut plain_ok: Vec<i64> = Vec::new();
+            let mut refused = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut k = 0i64;
+            let mut attempt = 0usize;
+            // Bounded in count (3,000 attempts) and time (90 s).
+            while !stop.load(Ordering::Relaxed) && attempt < 3000 && Instant::now() < deadline {
+                tick.tick().await;
+                attempt += 1;
+                let node = if attempt.is_multiple_of(2) { &a } else { &b };
+                let body = json!({"user": user, "durable": true, "data": {"k": k},
+                                  "idempotency_key": format!("k-{k}")});
+                match node
+                    .http
+                    .post(node.url("/api/publish"))
+                    .bearer_auth(API_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        let v: Value = r.json().await.expect("publish body");
+                        durable.push((k, v["ids"][user].as_str().expect("id").to_string()));
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        k += 1;
+                    }
+                    _ => refused += 1,
+                }
+                let p = attempt as i64;
+                let plain = json!({"user": user, "data": {"p": p}});
+                if let Ok(r) = node
+                    .http
+                    .post(node.url("/api/publish"))
+                    .bearer_auth(API_KEY)
+                    .json(&plain)
+                    .send()
+                    .await
+                {
+                    if r.status() == 200 {
+                        plain_ok.push(p);
+                    }
+                }
+            }
+            (durable, plain_ok, refused)
+        })
+    };
+
+    // Kill the master of the user's shard once a steady stream is flowing.
+    eventually(WAIT, "20 durable messages accepted", || async {
+        (accepted.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
+    let tag = format!("{{{user}}}");
+    let killed_at = Instant::now();
+    let old = cluster.kill_master_of(&tag);
+    let watch_a = tokio::spawn(not_ready_window(a.clone(), killed_at));
+    let watch_b = tokio::spawn(not_ready_window(b.clone(), killed_at));
+    let (wa, wb) = (watch_a.await.unwrap(), watch_b.await.unwrap());
+    for (name, (down, up)) in [("a", wa), ("b", wb)] {
+        let down =
+            down.unwrap_or_else(|| panic!("node {name} never went not-ready after the kill"));
+        let up = up.unwrap_or_else(|| panic!("node {name} not ready again after the kill"));
+        assert!(
+            up <= READY_AGAIN_WITHIN,
+            "node {name} ready again only after {up:?} (bound {READY_AGAIN_WITHIN:?}); down at {down:?}"
+        );
+    }
+    let new = cluster.master_of(&tag);
+    assert_ne!(new, old, "the replica took over the shard");
+    // Presence is back: both sessions, each on its node.
+    a.wait_presence_nodes(user, &["a", "b"]).await;
+
+    // Twenty more after both nodes are back, then stop.
+    let after = accepted.load(Ordering::Relaxed);
+    eventually(
+        WAIT,
+        "20 more durable messages accepted after the failover",
+        || async { (accepted.load(Ordering::Relaxed) >= after + 20).then_some(()) },
+    )
+    .await;
+    stop_producer.store(true, Ordering::Relaxed);
+    let (durable, plain_ok, refused) = producer.await.unwrap();
+
+    // Both sessions survived and hold exactly the inbox: every accepted message, each once,
+    // in inbox order.
+    let inbox = inbox_ids(&cluster, "cf", user);
+    let accepted_ids: BTreeSet<String> = durable.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(
+        accepted_ids.len(),
+        durable.len(),
+        "one inbox id per accepted message"
+    );
+    let in_inbox: BTreeSet<String> = inbox.iter().cloned().collect();
+    // Asynchronous replication may lose what the old master accepted and had not yet sent
+    // to its replica (docs/operations.md): counted and printed, and every message the
+    // clients got must be in the inbox.
+    let durable_lost = accepted_ids.difference(&in_inbox).count();
+    assert!(
+        in_inbox.is_subset(&accepted_ids),
+        "the inbox holds only accepted messages"
+    );
+    for (name, got) in [("a", &got1), ("b", &got2)] {
+        eventually(
+            WAIT,
+            &format!("the session on {name} has the whole inbox"),
+            || async {
+                let r = got.lock().unwrap();
+                assert!(
+                    r.ended.is_none(),
+                    "the session on {name} ended: {:?}",
+                    r.ended
+                );
+                (r.durable.len() >= inbox.len()).then_some(())
+            },
+        )
+        .await;
+    }
+    stop_readers.store(true, Ordering::Relaxed);
+    let _ = (r1.await, r2.await);
+    let mut plain_lost = Vec::new();
+    for (name, got) in [("a", &got1), ("b", &got2)] {
+        let r = got.lock().unwrap();
+        assert!(r.gaps.is_empty(), "gap frames on {name}: {:?}", r.gaps);
+        let ids: Vec<String> = r.durable.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            ids, inbox,
+            "the session on {name} received the inbox, in order, once each"
+        );
+        let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
+        plain_lost.push(plain_ok.iter().filter(|p| !seen.contains(p)).count());
+    }
+    // Printed for the record (bench/history.md), not asserted: plain messages are
+    // fire-and-forget, and how many a failover costs depends on timing.
+    eprintln!(
+        "cluster failover: not ready a {:?}..{:?}, b {:?}..{:?} after the kill; durable \
+         accepted {} (refused attempts {refused}), lost by replication {durable_lost}, \
+         duplicated 0; plain accepted {}, lost {:?} (a, b)",
+        wa.0,
+        wa.1,
+        wb.0,
+        wb.1,
+        durable.len(),
+        plain_ok.len(),
+        plain_lost
+    );
+}

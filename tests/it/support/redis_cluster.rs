@@ -1,0 +1,295 @@
+//! A Redis Cluster owned by one test: three masters and three replicas
+//! (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster create
+//! --cluster-replicas 1`), each node on a free loopback port below 55535 (its cluster bus
+//! listens on the port + 10000) with its own directory and cluster config file. A master
+//! can be killed (`kill -9`) on demand; every process is stopped by its PID on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use super::WAIT;
+
+/// The cluster's node timeout: how long a master may be unreachable before its replica
+/// takes over. Short so a failover fits in a test, long enough that a loaded 2-core machine
+/// does not trip it.
+pub const NODE_TIMEOUT_MS: u64 = 2000;
+
+/// One cluster node (master or replica).
+pub struct ClusterNode {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    /// The process id, while it runs (for CPU readings from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// Three masters, each with one replica.
+pub struct RedisCluster {
+    /// Every node, in the order given to `redis-cli --cluster create` (the first three
+    /// start as masters). A killed node stays in the list, stopped.
+    pub nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+/// Data ports are taken from 20000-22767, so that they and their bus ports (30000-32767)
+/// stay below the kernel's ephemeral range (32768 and up), where a port free a moment ago
+/// may be taken by any outgoing connection. The walk starts at an offset of this process's
+/// id so parallel test binaries do not race for the same ports; each candidate and its bus
+/// port are checked free.
+fn cluster_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 20000;
+    const SPAN: u16 = 2768;
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start.wrapping_add(n.wrapping_mul(7))) % SPAN;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10000) {
+            return port;
+        }
+    }
+    panic!("no free cluster port pair");
+}
+
+fn redis_bin() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+impl RedisCluster {
+    /// Starts six nodes, creates the cluster and waits until every node says
+    /// `cluster_state:ok` and every replica is in sync with its master.
+    pub fn start(name: &str) -> RedisCluster {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("redis-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..6 {
+            let port = cluster_port();
+            let own = cluster.dir.join(port.to_string());
+            std::fs::create_dir_all(&own).expect("cluster node dir");
+            let child = Command::new(redis_bin())
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &own.join("nodes.conf").display().to_string()])
+                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                .args(["--dir", &own.display().to_string()])
+                .args(["--logfile", &own.join("redis.log").display().to_string()])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--repl-diskless-sync-delay", "0", "--loglevel", "notice"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (see README)");
+            cluster.nodes.push(ClusterNode {
+                port,
+                child: Some(child),
+            });
+        }
+        let deadline = Instant::now() + WAIT;
+        for n in &cluster.nodes {
+            while cluster.cmd_on::<String>(n.port, &["PING"]).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start on {}", n.port);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be installed (see README)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_healthy(3);
+        cluster
+    }
+
+    /// Waits until every running node says `cluster_state:ok`, the slot map names
+    /// `masters` masters, and each of them has a replica in sync.
+    pub fn wait_healthy(&self, masters: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.running()).all(|n| {
+                self.cmd_on::<String>(n.port, &["CLUSTER", "INFO"])
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            });
+            let synced = ok && {
+                let m = self.masters();
+                m.len() == masters
+                    && m.iter().all(|&p| {
+                        self.cmd_on::<String>(p, &["INFO", "replication"])
+                            .is_ok_and(|i| i.contains("connected_slaves:1") && i.contains("state=online"))
+                    })
+            };
+            if synced {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never became healthy (logs in {})",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs one command on the node on `port`.
+    pub fn cmd_on<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut conn)
+    }
+
+    /// Runs one command on the first running node that answers.
+    fn cmd_any<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut last = None;
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            match self.cmd_on(n.port, args) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no node"))))
+    }
+
+    /// The seed nodes as `--redis-cluster` takes them (every node: any may be killed).
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The slot of `key`, as the cluster computes it.
+    pub fn slot(&self, key: &str) -> u16 {
+        let s: i64 = self
+            .cmd_any(&["CLUSTER", "KEYSLOT", key])
+            .expect("cluster keyslot");
+        u16::try_from(s).expect("slot")
+    }
+
+    /// The masters' ports and slot ranges, from `CLUSTER SLOTS` on a running node.
+    fn slot_map(&self) -> Vec<(u16, u16, u16)> {
+        let reply: Vec<redis::Value> = self.cmd_any(&["CLUSTER", "SLOTS"]).unwrap_or_default();
+        let mut out = Vec::new();
+        for entry in reply {
+            let redis::Value::Array(fields) = entry else {
+                continue;
+            };
+            if let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(m))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            {
+                if let Some(redis::Value::Int(port)) = m.get(1) {
+                    out.push((*a as u16, *b as u16, *port as u16));
+                }
+            }
+        }
+        out
+    }
+
+    /// The ports of the masters that own slots, sorted.
+    pub fn masters(&self) -> Vec<u16> {
+        let mut m: Vec<u16> = self.slot_map().into_iter().map(|(_, _, p)| p).collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    }
+
+    /// The port of the master that owns `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot = self.slot(key);
+        self.slot_map()
+            .into_iter()
+            .find(|&(a, b, _)| (a..=b).contains(&slot))
+            .map(|(_, _, p)| p)
+            .expect("a master owns every slot")
+    }
+
+    /// Runs one command on the master that owns `key`.
+    pub fn cmd_for<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        self.cmd_on(self.master_of(key), args)
+    }
+
+    /// `kill -9` of the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("one of the cluster's nodes");
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `kill -9` of the master that owns `key`; returns its port.
+    pub fn kill_master_of(&mut self, key: &str) -> u16 {
+        let port = self.master_of(key);
+        self.kill(port);
+        port
+    }
+
+    /// The process ids of the running masters (port, pid), for CPU readings.
+    pub fn master_pids(&self) -> Vec<(u16, u32)> {
+        let masters = self.masters();
+        self.nodes
+            .iter()
+            .filter(|n| masters.contains(&n.port))
+            .filter_map(|n| n.pid().map(|pid| (n.port, pid)))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Kept when the test failed, for a look at the nodes' logs.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
