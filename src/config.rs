@@ -479,7 +479,9 @@ impl Config {
 
     /// Whether the node runs on Redis (a URL, or sentinels), rather than standalone.
     pub(crate) fn uses_redis(&self) -> bool {
-        self.redis_url.is_some() || !self.redis_sentinel.is_empty() || !self.redis_cluster.is_empty()
+        self.redis_url.is_some()
+            || !self.redis_sentinel.is_empty()
+            || !self.redis_cluster.is_empty()
     }
 
     /// The liveness limits the sweeper applies to every session.

@@ -171,7 +171,9 @@ impl Health {
     pub(crate) fn canary_reset(&self) {
         if let Ok(mut shards) = self.shard_canaries.lock() {
             let sent = self.canary_sent.load(Ordering::Relaxed);
-            shards.values_mut().for_each(|seen| *seen = (*seen).max(sent));
+            shards
+                .values_mut()
+                .for_each(|seen| *seen = (*seen).max(sent));
         }
         self.canary_seen
             .store(self.canary_sent.load(Ordering::Relaxed), Ordering::Relaxed);

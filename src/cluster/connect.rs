@@ -63,15 +63,18 @@ impl ClusterTarget {
         &self,
         push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
     ) -> Result<redis::cluster::ClusterClient, redis::RedisError> {
-        let mut b = redis::cluster::ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
-            .connection_timeout(Duration::from_secs(1))
-            .response_timeout(crate::cluster::error::CALL_TIMEOUT)
-            .retries(4)
-            .min_retry_wait(50)
-            .max_retry_wait(500);
+        let mut b =
+            redis::cluster::ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(crate::cluster::error::CALL_TIMEOUT)
+                .retries(4)
+                .min_retry_wait(50)
+                .max_retry_wait(500);
         if let Some(tx) = push {
             // Pushes (sharded messages) exist only in RESP3.
-            b = b.use_protocol(redis::ProtocolVersion::RESP3).push_sender(tx);
+            b = b
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx);
         }
         b.build()
     }
@@ -110,7 +113,11 @@ impl RedisTarget {
         }
         if !config.redis_cluster.is_empty() {
             let target = ClusterTarget {
-                nodes: config.redis_cluster.iter().map(|e| sentinel_url(e)).collect(),
+                nodes: config
+                    .redis_cluster
+                    .iter()
+                    .map(|e| sentinel_url(e))
+                    .collect(),
             };
             // Building the client parses every URL and checks that they agree on credentials.
             target

@@ -98,7 +98,11 @@ impl RedisBroker {
         channel: &str,
         payload: &[u8],
     ) -> Result<u64, RedisError> {
-        let verb = if self.sharded() { "SPUBLISH" } else { "PUBLISH" };
+        let verb = if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
         let result = bounded(async {
             let mut conn = self.pool.get().await?;
             let n: u64 = ::redis::cmd(verb)

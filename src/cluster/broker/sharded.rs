@@ -16,8 +16,10 @@
 //! makes the node not ready and parks every session's live deliveries; once every shard has
 //! returned a fresh canary, it subscribes the whole channel set again (idempotent, and it
 //! confirms each channel on its current owner), has every session caught up from its inbox
-//! and becomes ready. Only a shard silent for [`REBUILD_AFTER`] makes it rebuild the
-//! connection from the seed nodes.
+//! and becomes ready. While a shard is silent, the loop subscribes the canaries again now and
+//! then: a command on the lost master's slots is what makes redis-rs ask for the slot map
+//! again (and then move its subscriptions). Only a shard silent for [`REBUILD_AFTER`] makes
+//! it rebuild the connection from the seed nodes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{PushInfo, PushKind, Value};
+use redis::{PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -48,8 +50,9 @@ const MAX_BATCH: usize = 1024;
 /// How long asking a node for the slot map may take; the loop waits for it.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_millis(800);
 /// A shard silent this long, although redis-rs keeps recovering it, makes the loop rebuild
-/// the whole connection. Longer than a failover (node timeout plus election, a few seconds).
-const REBUILD_AFTER: Duration = Duration::from_secs(20);
+/// the whole connection. Longer than a failover (node timeout plus election, a few seconds
+/// with the tests' 2 s node timeout).
+const REBUILD_AFTER: Duration = Duration::from_secs(10);
 /// While a shard is in doubt, a canary round unanswered this long is replaced by a new one.
 const RESEND_AFTER_MS: u64 = 1000;
 /// Bounds of the wait between two attempts to connect.
@@ -297,6 +300,16 @@ pub(super) async fn run(
                             if health.canary_overdue(RESEND_AFTER_MS) {
                                 canary_seq += 1;
                                 send_canaries(broker, &keys, &health, &canaries, canary_seq);
+                                // Subscribing the canaries again (idempotent) is a command
+                                // on the silent shard's slots: while its master is gone it
+                                // fails, which makes redis-rs ask for the slot map again, and
+                                // with the new map it moves every tracked subscription to the
+                                // promoted replica. From a task, so reading goes on.
+                                let conn = conn.clone();
+                                let channels: Vec<String> = canaries.iter().map(|t| keys.shard_canary_channel(t)).collect();
+                                tokio::spawn(async move {
+                                    subscribe(&conn, channels, Verb::Subscribe).await;
+                                });
                             }
                         }
                         None if health.canary_overdue(s.probe_timeout.as_millis() as u64) => {
@@ -341,7 +354,9 @@ fn send_canaries(broker: &RedisBroker, keys: &Keys, health: &Health, tags: &[Str
     let broker = broker.clone();
     tokio::spawn(async move {
         let payload = seq.to_string();
-        let sends = channels.iter().map(|ch| broker.publish_on(ch, payload.as_bytes()));
+        let sends = channels
+            .iter()
+            .map(|ch| broker.publish_on(ch, payload.as_bytes()));
         for r in futures_util::future::join_all(sends).await {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "canary publish failed");
@@ -453,12 +468,10 @@ fn tags_for(ranges: &BTreeMap<String, Vec<(u16, u16)>>) -> Vec<String> {
     let mut tags: Vec<String> = ranges
         .values()
         .filter_map(|owned| {
-            (0u32..1_000_000)
-                .map(|n| n.to_string())
-                .find(|n| {
-                    let slot = slot_of(n);
-                    owned.iter().any(|&(a, b)| (a..=b).contains(&slot))
-                })
+            (0u32..1_000_000).map(|n| n.to_string()).find(|n| {
+                let slot = slot_of(n);
+                owned.iter().any(|&(a, b)| (a..=b).contains(&slot))
+            })
         })
         .collect();
     tags.sort();
@@ -482,7 +495,10 @@ impl UnshardedWarning {
         }
         metrics::counter!(m::MESSAGES_DROPPED, "reason" => "unsharded_publish").increment(1);
         self.since_last += 1;
-        if self.last.is_none_or(|t| t.elapsed() >= UNSHARDED_WARN_EVERY) {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= UNSHARDED_WARN_EVERY)
+        {
             tracing::warn!(
                 channel,
                 count = self.since_last,

@@ -330,8 +330,10 @@ mod tests {
                 max_bytes: 777,
                 idempotency_window: Duration::from_secs(60),
             },
+            false,
         );
         assert!(lib.starts_with("#!lua name=herald\n"));
+        assert!(lib.contains("local PUBLISH = 'PUBLISH'"));
         assert!(lib.contains("local PREFIX = 'hx'"));
         assert!(lib.contains("local MAXLEN = 42"));
         assert!(lib.contains("local RETENTION = 2000"));

@@ -23,11 +23,6 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    /// The process id, while it runs (for CPU readings from /proc).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
@@ -84,7 +79,10 @@ impl RedisCluster {
             let child = Command::new(redis_bin())
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &own.join("nodes.conf").display().to_string()])
+                .args([
+                    "--cluster-config-file",
+                    &own.join("nodes.conf").display().to_string(),
+                ])
                 .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
                 .args(["--dir", &own.display().to_string()])
                 .args(["--logfile", &own.join("redis.log").display().to_string()])
@@ -102,7 +100,11 @@ impl RedisCluster {
         let deadline = Instant::now() + WAIT;
         for n in &cluster.nodes {
             while cluster.cmd_on::<String>(n.port, &["PING"]).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not start on {}", n.port);
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start on {}",
+                    n.port
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -143,7 +145,9 @@ impl RedisCluster {
                 m.len() == masters
                     && m.iter().all(|&p| {
                         self.cmd_on::<String>(p, &["INFO", "replication"])
-                            .is_ok_and(|i| i.contains("connected_slaves:1") && i.contains("state=online"))
+                            .is_ok_and(|i| {
+                                i.contains("connected_slaves:1") && i.contains("state=online")
+                            })
                     })
             };
             if synced {
@@ -210,8 +214,11 @@ impl RedisCluster {
             let redis::Value::Array(fields) = entry else {
                 continue;
             };
-            if let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(m))) =
-                (fields.first(), fields.get(1), fields.get(2))
+            if let (
+                Some(redis::Value::Int(a)),
+                Some(redis::Value::Int(b)),
+                Some(redis::Value::Array(m)),
+            ) = (fields.first(), fields.get(1), fields.get(2))
             {
                 if let Some(redis::Value::Int(port)) = m.get(1) {
                     out.push((*a as u16, *b as u16, *port as u16));
@@ -266,16 +273,6 @@ impl RedisCluster {
         let port = self.master_of(key);
         self.kill(port);
         port
-    }
-
-    /// The process ids of the running masters (port, pid), for CPU readings.
-    pub fn master_pids(&self) -> Vec<(u16, u32)> {
-        let masters = self.masters();
-        self.nodes
-            .iter()
-            .filter(|n| masters.contains(&n.port))
-            .filter_map(|n| n.pid().map(|pid| (n.port, pid)))
-            .collect()
     }
 }
 
