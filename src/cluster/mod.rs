@@ -83,11 +83,16 @@ impl Engines {
                 node_id,
                 &config.listen.to_string(),
                 config.presence_ttl,
+                config.heartbeat_interval(),
                 EventPolicy {
                     grace: config.offline_grace,
                     max_len: config.events_max_len,
                     retention: config.events_retention,
                 },
+                // One Redis (or Sentinel): presence scripts write events themselves,
+                // atomically. Redis Cluster: the events stream lives in another slot than a
+                // user's keys, so the scripts hand events back and the node appends them.
+                !sharded,
             )),
             inbox: Arc::new(Inbox::Redis(RedisInbox::new(
                 pool.clone(),
