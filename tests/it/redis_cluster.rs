@@ -68,7 +68,6 @@ async fn ready_nodes(cluster: &RedisCluster, prefix: &str, ids: &[&str]) -> Vec<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs slot-correct presence and hash-tagged keys (issue 11 items 2 and 4, landing on main): until then presence scripts are cross-slot and nodes never become ready"]
 async fn users_on_every_shard_get_plain_durable_and_raw_sharded_messages_across_nodes() {
     let cluster = RedisCluster::start("deliver");
     let nodes = ready_nodes(&cluster, "cx", &["a", "b"]).await;
@@ -150,7 +149,6 @@ async fn users_on_every_shard_get_plain_durable_and_raw_sharded_messages_across_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs slot-correct presence and hash-tagged keys (issue 11 items 2 and 4, landing on main): until then presence scripts are cross-slot and nodes never become ready"]
 async fn broadcast_topics_presence_stats_and_disconnect_work_on_a_cluster() {
     let cluster = RedisCluster::start("shared");
     let nodes = ready_nodes(&cluster, "cs", &["a", "b", "c"]).await;
@@ -222,7 +220,6 @@ async fn broadcast_topics_presence_stats_and_disconnect_work_on_a_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs slot-correct presence and hash-tagged keys (issue 11 items 2 and 4, landing on main): until then presence scripts are cross-slot and nodes never become ready"]
 async fn the_durable_inbox_replays_and_acks_on_the_users_shard() {
     let cluster = RedisCluster::start("inbox");
     let nodes = ready_nodes(&cluster, "ci", &["a", "b"]).await;
@@ -333,7 +330,6 @@ async fn not_ready_window(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs slot-correct presence and hash-tagged keys (issue 11 items 2 and 4, landing on main): until then presence scripts are cross-slot and nodes never become ready"]
 async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing() {
     let mut cluster = RedisCluster::start("failover");
     let nodes = ready_nodes(&cluster, "cf", &["a", "b"]).await;
@@ -641,4 +637,79 @@ async fn when_a_shard_master_dies_the_subscriptions_move_to_the_promoted_replica
     eprintln!(
         "cluster subscription failover: in doubt {down:?} after the kill, proven again {back:?}"
     );
+}
+
+/// Every event in `<prefix>:events` (on the master that owns it), as (type, user, reason).
+fn events(cluster: &RedisCluster, prefix: &str) -> Vec<(String, String, String)> {
+    let key = format!("{prefix}:events");
+    let raw: Vec<(String, Vec<(String, String)>)> = cluster
+        .cmd_for(&key, &["XRANGE", &key, "-", "+"])
+        .unwrap_or_default();
+    raw.into_iter()
+        .map(|(_, fields)| {
+            let f: HashMap<String, String> = fields.into_iter().collect();
+            (
+                f.get("type").cloned().unwrap_or_default(),
+                f.get("user").cloned().unwrap_or_default(),
+                f.get("reason").cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn count(evs: &[(String, String, String)], kind: &str, user: &str) -> usize {
+    evs.iter()
+        .filter(|(k, u, _)| k == kind && u == user)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_users_on_every_shard_get_exactly_one_offline() {
+    let cluster = RedisCluster::start("offline");
+    let node = |id: &str| NodeOpts::redis_cluster(&cluster, "co", id).arg("--offline-grace", "1");
+    let mut a = Herald::spawn(node("a")).await;
+    let b = Herald::spawn(node("b")).await;
+    let c = Herald::spawn(node("c")).await;
+    for n in [&a, &b, &c] {
+        n.wait_ready().await;
+    }
+    let users = users_on_every_shard(&cluster, "k", 3);
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(connect(&a, u, &[]).await);
+    }
+    clients.push(connect(&a, "shared", &[]).await);
+    let _shared_on_b = connect(&b, "shared", &[]).await;
+    for u in &users {
+        eventually(WAIT, &format!("online event for {u}"), || async {
+            (count(&events(&cluster, "co"), "online", u) == 1).then_some(())
+        })
+        .await;
+    }
+
+    a.kill9();
+    drop(clients);
+    // TTL 3 s + grace 1 s + reaper cadence, with slack for a loaded machine.
+    for u in &users {
+        eventually(
+            Duration::from_secs(20),
+            &format!("offline event for {u}"),
+            || async {
+                events(&cluster, "co")
+                    .into_iter()
+                    .find(|(k, user, _)| k == "offline" && user == u)
+                    .map(|(_, _, reason)| assert_eq!(reason, "expired"))
+            },
+        )
+        .await;
+    }
+    // b and c both run the reaper; give them time to (wrongly) emit twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let evs = events(&cluster, "co");
+    for u in &users {
+        assert_eq!(count(&evs, "offline", u), 1, "{evs:?}");
+    }
+    assert_eq!(count(&evs, "offline", "shared"), 0, "{evs:?}");
+    assert_eq!(count(&evs, "online", "shared"), 1, "{evs:?}");
+    assert!(b.online("shared").await);
 }
