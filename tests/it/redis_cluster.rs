@@ -560,13 +560,13 @@ async fn nodes_hold_sharded_channels_with_one_canary_per_shard_and_count_plain_p
     // on the presence events channel is not a publication for clients and is not counted.
     let any = masters[0];
     let _: i64 = cluster
-        .cmd_on(any, &["PUBLISH", "cb:user:someone", "hi"])
+        .cmd_on(any, &["PUBLISH", "cb:user:{someone}", "hi"])
         .expect("publish");
     let _: i64 = cluster
         .cmd_on(any, &["PUBLISH", "cb:events", "{}"])
         .expect("publish");
     let _: i64 = cluster
-        .cmd_on(any, &["PUBLISH", "cb:topic:t", "hi"])
+        .cmd_on(any, &["PUBLISH", "cb:topic:{t}", "hi"])
         .expect("publish");
     for n in [&a, &b] {
         eventually(WAIT, "plain PUBLISH counted", || async {
