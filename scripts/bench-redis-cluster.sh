@@ -45,7 +45,8 @@ if [ "${PROFILE:-release}" = debug ]; then
     # What is measured here is the Redis side (each shard's CPU and command counts), which
     # does not depend on how herald was built; debug binaries save a release build on a
     # busy machine. Node CPU figures from such a run mean nothing.
-    cargo build --bins -p herald -p herald-bench
+    [ -x target/debug/herald ] && [ -x target/debug/herald-bench ] ||
+        cargo build --workspace --bins
     BUILT_FROM="$(git describe --always --dirty 2>/dev/null || echo unknown) (debug build)"
     HERALD=target/debug/herald
     BENCH=target/debug/herald-bench
@@ -110,7 +111,7 @@ calls() {
 }
 # master_of <port>: the port of the master of the shard this node belongs to.
 master_of() {
-    if [ "$(role "$1")" = master ]; then echo "$1"; else redis-cli -p "$1" role | sed -n 2p; fi
+    if [ "$(role "$1")" = master ]; then echo "$1"; else redis-cli -p "$1" role | sed -n 3p; fi
 }
 
 declare -A T0 S0 P0
