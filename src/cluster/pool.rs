@@ -175,7 +175,7 @@ impl Deref for Conn {
     type Target = Link;
     fn deref(&self) -> &Link {
         match self {
-            Conn::Pooled { conn, .. } => &**conn,
+            Conn::Pooled { conn, .. } => conn,
             Conn::Cluster(link) => link,
         }
     }
@@ -184,7 +184,7 @@ impl Deref for Conn {
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut Link {
         match self {
-            Conn::Pooled { conn, .. } => &mut **conn,
+            Conn::Pooled { conn, .. } => conn,
             Conn::Cluster(link) => link,
         }
     }

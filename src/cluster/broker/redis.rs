@@ -130,7 +130,7 @@ impl RedisBroker {
         if let Connector::Cluster(target) = &self.connector {
             return super::sharded::run(self, target, cmds, s, shutdown).await;
         }
-        self.run_classic(cmds, s, shutdown).await
+        self.run_classic(cmds, s, shutdown).await;
     }
 
     /// The subscriber on one instance (or the master the sentinels name): one classic

@@ -192,14 +192,12 @@ pub(super) async fn run(
                                 unsharded.saw(&keys, channel);
                             }
                         }
-                        PushKind::Disconnection => {
-                            if down_since.is_none() {
-                                tracing::warn!("a connection to a cluster node was lost; holding deliveries until every shard answers");
-                                go_down(&s, &health);
-                                down_since = Some(Instant::now());
-                                canary_seq += 1;
-                                send_canaries(broker, &keys, &health, &canaries, canary_seq);
-                            }
+                        PushKind::Disconnection if down_since.is_none() => {
+                            tracing::warn!("a connection to a cluster node was lost; holding deliveries until every shard answers");
+                            go_down(&s, &health);
+                            down_since = Some(Instant::now());
+                            canary_seq += 1;
+                            send_canaries(broker, &keys, &health, &canaries, canary_seq);
                         }
                         PushKind::SUnsubscribe => {
                             // Redis drops a sharded subscription by itself when the slot moves
