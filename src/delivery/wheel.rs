@@ -337,4 +337,32 @@ mod tests {
             "{most_pinged}"
         );
     }
+
+    /// The cost of a mass disconnect: 100,000 sessions at the default shape (10 slots of
+    /// 10,000), then every one removed, in connect order, as the hub does under its write
+    /// lock. Prints the times; run with
+    /// `cargo test --workspace --lib -- --ignored --nocapture wheel::tests::remove_100k`.
+    #[test]
+    #[ignore = "a timing, not a check: run by hand"]
+    fn remove_100k_sessions_timing() {
+        let shape = WheelShape::new(&settings(25_000, 60_000, 10_000));
+        let n = 100_000;
+        let items: Vec<std::sync::Arc<usize>> = (0..n).map(std::sync::Arc::new).collect();
+        let mut wheel = Wheel::new(shape);
+        let start = std::time::Instant::now();
+        let places: Vec<u32> = items.iter().map(|i| wheel.insert(i.clone())).collect();
+        let inserted = start.elapsed();
+        let start = std::time::Instant::now();
+        for (item, place) in items.iter().zip(&places) {
+            assert!(wheel.remove(*place, |c| std::sync::Arc::ptr_eq(c, item)));
+        }
+        let removed = start.elapsed();
+        assert_eq!(wheel.len(), 0);
+        eprintln!(
+            "wheel: {n} sessions inserted in {:.1} ms, removed in {:.1} ms ({:.0} ns per remove)",
+            inserted.as_secs_f64() * 1e3,
+            removed.as_secs_f64() * 1e3,
+            removed.as_nanos() as f64 / n as f64
+        );
+    }
 }
