@@ -85,7 +85,8 @@ node_flags=()
 
 rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
 # One field of INFO (all sections), e.g. info_field total_commands_processed.
-info_field() { rcli info everything | tr -d '\r' | awk -F: -v k="$1" '$1 == k { print $2; exit }'; }
+# awk reads to the end: leaving early would break the pipe, and pipefail would end the run.
+info_field() { rcli info everything | tr -d '\r' | awk -F: -v k="$1" '$1 == k { v = $2 } END { print v }'; }
 # "cmd calls" per line from INFO commandstats.
 cmdstats() {
     rcli info commandstats | tr -d '\r' |
