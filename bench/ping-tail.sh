@@ -5,7 +5,7 @@
 # Topology: one private redis-server (never 6379), two herald nodes on 127.0.0.1,
 # CLIENTS node processes of SESSIONS_PER_CLIENT sessions each (user bench-<i>, HS256 JWT),
 # every client spread over both nodes and over SOURCE_IPS. A producer (ws-latency.js
-# producer) publishes per-user messages on Redis (PUBLISH hbench:user:bench-<u>, u random)
+# producer) publishes per-user messages on Redis (PUBLISH hbench:user:{bench-<u>}, u random)
 # with a CLOCK_MONOTONIC timestamp in the payload, at each of RATES msg/s for DURATION s
 # (GAP s between rates), starting HOLD s after every session is open. The same run is made
 # twice on fresh nodes:

@@ -15,7 +15,7 @@
 //             --out: per phase count, p50/p90/p99/p99.9/max in ms; pings received and the
 //             most in any 100 ms window, in total and per phase; sessions closed early.
 //
-//   producer  publishes on Redis (PUBLISH <prefix>:user:bench-<u>, u drawn at random among
+//   producer  publishes on Redis (PUBLISH <prefix>:user:{bench-<u>}, u drawn at random among
 //             --users) the payload {"seq","ts","phase","pad"} at each --phases entry's rate
 //             for its duration ("2000:20,5000:20"), with --gap seconds between phases. A timer
 //             fires every millisecond and publishes what is due (floor(elapsed * rate)); the
@@ -325,7 +325,7 @@ async function producer(o) {
             phase: name,
             pad,
           });
-          pending.push(redis.publish(`${prefix}:user:${u}`, payload).catch(() => failed++));
+          pending.push(redis.publish(`${prefix}:user:{${u}}`, payload).catch(() => failed++));
           sent++;
         }
         if (pending.length > 10000) pending.splice(0, pending.length - 10000);

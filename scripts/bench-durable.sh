@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Durable-inbox benchmark against one herald node and a private redis-server:
-#   (a) MESSAGES x PUBLISH <prefix>:user:<u> against MESSAGES x FCALL herald_notify (same
+#   (a) MESSAGES x PUBLISH <prefix>:user:{<u>} against MESSAGES x FCALL herald_notify (same
 #       payloads, back to back or at RATE/s) to SESSIONS live users: per-call latency,
 #       end-to-end latency, Redis and node CPU per 10k; with IDEMPOTENCY=1 (the default)
 #       also MESSAGES x FCALL herald_notify ... idem <new key> and MESSAGES retries of those

@@ -277,13 +277,16 @@ pub(crate) struct InboxEntry {
 }
 
 /// User ids and topic names travel inside channel names, keys, logs and events. They may be
-/// any text of 1-256 bytes without white-space, control or invisible characters (the
-/// Functions library applies the same rule to inbox keys: keep `lua/herald.lua` in step).
+/// any text of 1-256 bytes without white-space, control or invisible characters, and
+/// without braces: in every Redis key and channel the name is wrapped in `{}` as its Redis
+/// Cluster hash tag, and a brace inside it would end the tag early or start another one
+/// (the Functions library applies the same rule to inbox keys: keep `lua/herald.lua` in
+/// step).
 pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && s.chars()
-            .all(|c| !c.is_control() && !c.is_whitespace() && !invisible(c))
+            .all(|c| !c.is_control() && !c.is_whitespace() && !invisible(c) && c != '{' && c != '}')
 }
 
 /// Format characters that render as nothing but change what a reader sees: zero-width
@@ -345,6 +348,9 @@ mod tests {
             assert!(!valid_name(&format!("a{c}b")), "U+{:04X}", c as u32);
         }
         assert!(valid_name("José-Ñandú"));
+        for bad in ["{a}", "a{", "}a", "a}b"] {
+            assert!(!valid_name(bad), "{bad}: braces would break the hash tag");
+        }
     }
 
     #[test]

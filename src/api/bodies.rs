@@ -76,9 +76,9 @@ pub(crate) enum PublishError {
     Json(#[from] serde_json::Error),
     #[error("give exactly one of \"user\", \"users\", \"topic\" or \"broadcast\": true")]
     TargetCount,
-    #[error("invalid user id {0:?}: 1-256 printable characters without whitespace")]
+    #[error("invalid user id {0:?}: 1-256 printable characters without whitespace or braces")]
     BadUser(String),
-    #[error("invalid topic {0:?}: 1-256 printable characters without whitespace")]
+    #[error("invalid topic {0:?}: 1-256 printable characters without whitespace or braces")]
     BadTopic(String),
     #[error("\"users\" must hold 1 to {0} ids")]
     UserCount(usize),

@@ -386,7 +386,7 @@ fn decode_user(raw: &str) -> Result<String, Box<Response>> {
     };
     if !valid_name(&user) {
         return Err(Box::new(bad_request(
-            "invalid user id: 1-256 bytes without whitespace or control characters",
+            "invalid user id: 1-256 bytes without whitespace, control characters or braces",
         )));
     }
     Ok(user)

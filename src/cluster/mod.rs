@@ -82,11 +82,14 @@ impl Engines {
                 node_id,
                 &config.listen.to_string(),
                 config.presence_ttl,
+                config.heartbeat_interval(),
                 EventPolicy {
                     grace: config.offline_grace,
                     max_len: config.events_max_len,
                     retention: config.events_retention,
                 },
+                // One Redis: presence scripts write events themselves, atomically.
+                true,
             )),
             inbox: Arc::new(Inbox::Redis(RedisInbox::new(
                 pool.clone(),

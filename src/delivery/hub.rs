@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::wheel::{Wheel, WheelShape};
+use super::wheel::{Wheel, WheelKey, WheelShape};
 use crate::protocol::CloseReason;
 use crate::transport::Client;
 
@@ -50,8 +50,8 @@ pub(crate) struct SessionInfo {
 struct Entry {
     info: SessionInfo,
     client: Arc<Client>,
-    /// Its place in the sweeper's wheel.
-    place: u32,
+    /// Its place in the sweeper's wheel (what removes it from there in O(1)).
+    wheel_key: WheelKey,
 }
 
 struct Inner {
@@ -159,13 +159,13 @@ impl Hub {
             }
             members.insert(info.id);
         }
-        let place = inner.wheel.insert(client.clone());
+        let wheel_key = inner.wheel.insert(client.clone());
         inner.sessions.insert(
             info.id,
             Entry {
                 info,
                 client,
-                place,
+                wheel_key,
             },
         );
         // Sent under the lock so the broker sees joins and leaves in the order decided here.
@@ -190,9 +190,8 @@ impl Hub {
     pub(crate) fn unregister(&self, id: Uuid) -> Option<Removed> {
         let mut inner = self.write();
         let entry = inner.sessions.remove(&id)?;
-        inner
-            .wheel
-            .remove(entry.place, |c| Arc::ptr_eq(c, &entry.client));
+        let in_wheel = inner.wheel.remove(entry.wheel_key);
+        debug_assert!(in_wheel.is_some_and(|c| Arc::ptr_eq(&c, &entry.client)));
         let mut interests = Vec::new();
         let mut last_of_user = false;
         if let Some(list) = inner.users.get_mut(&entry.info.user) {

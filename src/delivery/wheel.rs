@@ -96,13 +96,49 @@ impl WheelShape {
     }
 }
 
+/// Where an item is in the wheel: returned by [`Wheel::insert`], given back to
+/// [`Wheel::remove`]. It names a location record, not a position in a slot, so it stays
+/// valid while other items move; the generation makes a key that outlived its item miss
+/// instead of removing whichever item took over the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WheelKey {
+    index: u32,
+    generation: u32,
+}
+
+/// One item in a slot: the item, the phase that pings it, and its location record.
+#[derive(Debug)]
+struct Slotted<T> {
+    item: T,
+    phase: u32,
+    key: u32,
+}
+
+/// Where the item of one key is: its place (slot and phase) and its index in the slot's
+/// list. `generation` 0 marks a free record.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    generation: u32,
+    place: u32,
+    position: u32,
+}
+
 /// Items (the hub's session handles) in their places.
 #[derive(Debug)]
 pub(crate) struct Wheel<T> {
     shape: WheelShape,
-    /// One list per slot; each item with its phase. Removal scans one slot (N/slots items
-    /// of a pointer and a phase each), which stays cheap next to the hub's map updates.
-    slots: Vec<Vec<(T, u32)>>,
+    /// One list per slot. Removal is O(1): the item's location record gives its index, the
+    /// last item of the list takes its index (`swap_remove`), and that item's record is
+    /// updated. A scan of the slot instead (N/slots items) made a mass disconnect of N
+    /// sessions cost O(N²/slots) under the hub's write lock.
+    slots: Vec<Vec<Slotted<T>>>,
+    /// Location records, one per item in the wheel plus the free ones in `free`: 12 bytes
+    /// each, as many as the most items held at once since the wheel was last empty.
+    locations: Vec<Location>,
+    /// Free records, reused before new ones are added.
+    free: Vec<u32>,
+    /// The generation the next inserted item gets (never 0).
+    next_generation: u32,
     /// Items per place (`slots × phases` places; place `p` is slot `p % slots`, phase
     /// `p / slots`): 4 bytes a place, 5 KiB at the default settings.
     load: Vec<u32>,
@@ -118,6 +154,9 @@ impl<T: Clone> Wheel<T> {
         Wheel {
             shape,
             slots: (0..shape.slots).map(|_| Vec::new()).collect(),
+            locations: Vec::new(),
+            free: Vec::new(),
+            next_generation: 1,
             load: vec![0; places],
             len: 0,
             cursor: 0,
@@ -129,12 +168,12 @@ impl<T: Clone> Wheel<T> {
     }
 
     /// Places `item` at the next place in sequence that holds no more than the average;
-    /// returns the place (needed to remove it). Consecutive registrations go to consecutive
+    /// returns its key (needed to remove it). Consecutive registrations go to consecutive
     /// slots, and once every slot has one, to the next phase: N registrations in a burst
     /// fill the places evenly, and places emptied by disconnects are refilled first. Usually
     /// the first place looked at will do; at worst one pass over the places (one exists:
     /// not all can be above the average).
-    pub(crate) fn insert(&mut self, item: T) -> u32 {
+    pub(crate) fn insert(&mut self, item: T) -> WheelKey {
         let places = self.load.len();
         let fair = self.len / places as u64;
         let mut place = self.cursor % places;
@@ -148,29 +187,69 @@ impl<T: Clone> Wheel<T> {
         self.load[place] = self.load[place].saturating_add(1);
         self.len += 1;
         let (slot, phase) = self.shape.at(place as u64);
-        self.slots[slot].push((item, phase));
-        place as u32
+        let list = &mut self.slots[slot];
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.checked_add(1).unwrap_or(1);
+        let location = Location {
+            generation,
+            place: place as u32,
+            position: list.len() as u32,
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.locations[index as usize] = location;
+                index
+            }
+            None => {
+                self.locations.push(location);
+                (self.locations.len() - 1) as u32
+            }
+        };
+        list.push(Slotted {
+            item,
+            phase,
+            key: index,
+        });
+        WheelKey { index, generation }
     }
 
-    /// Removes the item at `place` for which `is` holds; false if there is none.
-    pub(crate) fn remove(&mut self, place: u32, is: impl Fn(&T) -> bool) -> bool {
-        let (slot, _) = self.shape.at(u64::from(place));
-        let Some(list) = self.slots.get_mut(slot) else {
-            return false;
-        };
-        let Some(i) = list.iter().position(|(t, _)| is(t)) else {
-            return false;
-        };
-        list.swap_remove(i);
-        if let Some(l) = self.load.get_mut(place as usize) {
-            *l = l.saturating_sub(1);
+    /// Removes the item of `key` and returns it; `None` if it was removed already. O(1).
+    pub(crate) fn remove(&mut self, key: WheelKey) -> Option<T> {
+        let location = *self.locations.get(key.index as usize)?;
+        if location.generation == 0 || location.generation != key.generation {
+            return None;
         }
-        self.len = self.len.saturating_sub(1);
+        let (slot, _) = self.shape.at(u64::from(location.place));
+        let list = self.slots.get_mut(slot)?;
+        let position = location.position as usize;
+        if position >= list.len() {
+            return None;
+        }
+        let removed = list.swap_remove(position);
+        // The item that was last in the list now sits where the removed one was.
+        if let Some(moved) = list.get(position) {
+            if let Some(l) = self.locations.get_mut(moved.key as usize) {
+                l.position = location.position;
+            }
+        }
         if list.is_empty() {
             // A slot emptied by a wave of disconnects gives its memory back.
             *list = Vec::new();
         }
-        true
+        if let Some(l) = self.load.get_mut(location.place as usize) {
+            *l = l.saturating_sub(1);
+        }
+        self.len = self.len.saturating_sub(1);
+        if self.len == 0 {
+            // So do the location records once the wheel is empty. Keys handed out before
+            // cannot match a later item: generations keep counting.
+            self.locations = Vec::new();
+            self.free = Vec::new();
+        } else if let Some(l) = self.locations.get_mut(key.index as usize) {
+            l.generation = 0;
+            self.free.push(key.index);
+        }
+        Some(removed.item)
     }
 
     /// Appends the items tick `tick` visits to `out`, each with whether it is pinged.
@@ -178,15 +257,53 @@ impl<T: Clone> Wheel<T> {
         let (slot, phase) = self.shape.at(tick);
         if let Some(list) = self.slots.get(slot) {
             out.reserve(list.len());
-            out.extend(list.iter().map(|(t, p)| (t.clone(), *p == phase)));
+            out.extend(list.iter().map(|s| (s.item.clone(), s.phase == phase)));
         }
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        let listed: usize = self.slots.iter().map(Vec::len).sum();
-        assert_eq!(listed as u64, self.len);
-        listed
+        self.check();
+        self.len as usize
+    }
+
+    /// Panics unless every item's location record points at it, every place's load is its
+    /// number of items, and every record is either in use by exactly one item or free.
+    #[cfg(test)]
+    fn check(&self) {
+        let mut load = vec![0u32; self.load.len()];
+        let mut used = vec![false; self.locations.len()];
+        let mut listed = 0u64;
+        for (slot, list) in self.slots.iter().enumerate() {
+            for (position, s) in list.iter().enumerate() {
+                let l = self.locations[s.key as usize];
+                assert_ne!(
+                    l.generation, 0,
+                    "slot {slot} item {position}: a free record"
+                );
+                assert_eq!(l.position as usize, position, "slot {slot}: wrong position");
+                let (at_slot, phase) = self.shape.at(u64::from(l.place));
+                assert_eq!((at_slot, phase), (slot, s.phase), "wrong place");
+                assert!(!used[s.key as usize], "two items share record {}", s.key);
+                used[s.key as usize] = true;
+                load[l.place as usize] += 1;
+                listed += 1;
+            }
+        }
+        assert_eq!(listed, self.len);
+        assert_eq!(load, self.load);
+        for &f in &self.free {
+            assert_eq!(
+                self.locations[f as usize].generation, 0,
+                "free record {f} in use"
+            );
+            assert!(!used[f as usize]);
+        }
+        assert_eq!(
+            self.free.len() + listed as usize,
+            self.locations.len(),
+            "records neither used nor free"
+        );
     }
 }
 
@@ -300,24 +417,24 @@ mod tests {
         let shape = WheelShape::new(&settings(3_000, 9_000, 2_000));
         let places = u64::from(shape.slots() * shape.phases());
         let mut wheel = Wheel::new(shape);
-        let mut place_of = Vec::new();
+        let mut key_of = Vec::new();
         let n = 5_000;
         for i in 0..n {
-            place_of.push(wheel.insert(i));
+            key_of.push(wheel.insert(i));
         }
         // Every third session leaves (which empties every third place: the number of places
         // is a multiple of 3, the worst case for a plain sequence), then as many new ones
         // come (a reconnect wave).
         assert_eq!(places % 3, 0);
         for i in (0..n).step_by(3) {
-            assert!(wheel.remove(place_of[i], |&x| x == i));
-            assert!(!wheel.remove(place_of[i], |&x| x == i), "removed once");
+            assert_eq!(wheel.remove(key_of[i]), Some(i));
+            assert_eq!(wheel.remove(key_of[i]), None, "removed once");
         }
         let left = n - n.div_ceil(3);
         assert_eq!(wheel.len(), left);
         let total = n + n / 3;
         for i in n..total {
-            place_of.push(wheel.insert(i));
+            key_of.push(wheel.insert(i));
         }
         let live = left + (total - n);
         assert_eq!(wheel.len(), live);
@@ -335,6 +452,148 @@ mod tests {
         assert!(
             most_pinged <= live.div_ceil(places as usize) + 1,
             "{most_pinged}"
+        );
+    }
+
+    /// splitmix64: a fixed-seed generator, so a failure replays exactly (no new dependency).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_inserts_and_removes_keep_every_location_right() {
+        // Several shapes (one slot and one phase; the defaults; a short test interval),
+        // each with a random walk of inserts and removes that grows, shrinks to empty and
+        // grows again, checked against a model after every step.
+        for (seed, (p, i, w)) in [
+            (1u64, (1_000, 1_000, 1_000)),
+            (2, (25_000, 60_000, 10_000)),
+            (3, (100, 300, 200)),
+            (4, (3_000, 9_000, 2_000)),
+        ] {
+            let shape = WheelShape::new(&settings(p, i, w));
+            let mut rng = Rng(seed);
+            let mut wheel = Wheel::new(shape);
+            let mut live: Vec<(usize, WheelKey)> = Vec::new();
+            let mut gone: Vec<WheelKey> = Vec::new();
+            let mut next = 0usize;
+            for step in 0..6_000 {
+                // Mostly inserts in the first and third thousand-steps, mostly removes in
+                // the second, until empty (which also frees the location records).
+                let insert_odds = match step / 1_000 {
+                    0 | 2 | 4 => 70,
+                    _ => 25,
+                };
+                if live.is_empty() || rng.below(100) < insert_odds {
+                    let key = wheel.insert(next);
+                    live.push((next, key));
+                    next += 1;
+                } else {
+                    let (item, key) = live.swap_remove(rng.below(live.len()));
+                    assert_eq!(wheel.remove(key), Some(item), "seed {seed} step {step}");
+                    gone.push(key);
+                }
+                // A key already used misses, whoever holds its record now.
+                if !gone.is_empty() && rng.below(10) == 0 {
+                    let key = gone[rng.below(gone.len())];
+                    assert_eq!(
+                        wheel.remove(key),
+                        None,
+                        "seed {seed} step {step}: stale key"
+                    );
+                }
+                assert_eq!(wheel.len(), live.len(), "seed {seed} step {step}");
+            }
+            // Every live item is still visited exactly once per rotation.
+            let mut seen = vec![0u32; next];
+            let mut out = Vec::new();
+            for t in 0..u64::from(shape.slots()) {
+                wheel.visit(t, &mut out);
+                for (item, _) in out.drain(..) {
+                    seen[item] += 1;
+                }
+            }
+            let mut want = vec![0u32; next];
+            for (item, _) in &live {
+                want[*item] = 1;
+            }
+            assert_eq!(seen, want, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn removing_many_sessions_leaves_the_rest_in_place() {
+        let shape = WheelShape::new(&settings(25_000, 60_000, 10_000));
+        let mut wheel = Wheel::new(shape);
+        let n = 50_000;
+        let keys: Vec<WheelKey> = (0..n).map(|i| wheel.insert(i)).collect();
+        // A mass disconnect of all but every seventh session, newest first (each removal
+        // moves the slot's last item into the hole, the case the location records exist for).
+        for i in (0..n).rev().filter(|i| i % 7 != 0) {
+            assert_eq!(wheel.remove(keys[i]), Some(i));
+        }
+        let kept: Vec<usize> = (0..n).filter(|i| i % 7 == 0).collect();
+        assert_eq!(wheel.len(), kept.len());
+        let places = u64::from(shape.slots() * shape.phases());
+        let (visits, pings, _, _) = turn(&wheel, n, 0, places);
+        for i in 0..n {
+            let want = if i % 7 == 0 {
+                (shape.phases(), 1)
+            } else {
+                (0, 0)
+            };
+            assert_eq!((visits[i], pings[i]), want, "session {i}");
+        }
+        // The rest leave too, oldest first: the wheel is empty and gives its memory back.
+        for &i in &kept {
+            assert_eq!(wheel.remove(keys[i]), Some(i));
+        }
+        assert_eq!(wheel.len(), 0);
+        assert!(wheel.slots.iter().all(|l| l.capacity() == 0));
+        assert_eq!(wheel.locations.capacity(), 0);
+        // Keys from before the wheel emptied miss; new sessions are placed as before.
+        assert_eq!(wheel.remove(keys[0]), None);
+        let k = wheel.insert(7);
+        assert_eq!(wheel.remove(keys[0]), None);
+        assert_eq!(wheel.remove(k), Some(7));
+    }
+
+    /// The cost of a mass disconnect: 100,000 sessions at the default shape (10 slots of
+    /// 10,000), then every one removed, in connect order, as the hub does under its write
+    /// lock. Prints the times; run with
+    /// `cargo test --workspace --lib -- --ignored --nocapture wheel::tests::remove_100k`.
+    #[test]
+    #[ignore = "a timing, not a check: run by hand"]
+    fn remove_100k_sessions_timing() {
+        let shape = WheelShape::new(&settings(25_000, 60_000, 10_000));
+        let n = 100_000;
+        let items: Vec<std::sync::Arc<usize>> = (0..n).map(std::sync::Arc::new).collect();
+        let mut wheel = Wheel::new(shape);
+        let start = std::time::Instant::now();
+        let keys: Vec<WheelKey> = items.iter().map(|i| wheel.insert(i.clone())).collect();
+        let inserted = start.elapsed();
+        let start = std::time::Instant::now();
+        for (item, key) in items.iter().zip(&keys) {
+            let removed = wheel.remove(*key).expect("in the wheel");
+            assert!(std::sync::Arc::ptr_eq(&removed, item));
+        }
+        let removed = start.elapsed();
+        assert_eq!(wheel.len(), 0);
+        eprintln!(
+            "wheel: {n} sessions inserted in {:.1} ms, removed in {:.1} ms ({:.0} ns per remove)",
+            inserted.as_secs_f64() * 1e3,
+            removed.as_secs_f64() * 1e3,
+            removed.as_nanos() as f64 / n as f64
         );
     }
 }

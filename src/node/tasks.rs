@@ -66,12 +66,13 @@ pub(super) async fn sweep_loop(node: Arc<Node>) {
     }
 }
 
-/// Refreshes presence every third of the TTL, at once after a pub/sub reconnect, and every
-/// second while Redis fails (so readiness recovers quickly).
+/// Extends the node's presence lease every third of the TTL, at once after a pub/sub
+/// reconnect, and every second while Redis fails (so readiness recovers quickly). A lease
+/// that expired meanwhile (the node was frozen, partitioned, or Redis lost its data) is
+/// replaced and every session written again: presence/redis.rs.
 pub(super) async fn heartbeat_loop(node: Arc<Node>, reassert: Arc<Notify>) {
     let interval = node.config.heartbeat_interval();
     let mut wait = Duration::ZERO;
-    let mut last_ok: Option<Instant> = None;
     // Redis Functions are not persisted by a Redis without RDB/AOF, so the inbox function
     // is (re)loaded after start, after failures and after every reconnect.
     let mut functions_loaded = false;
@@ -79,18 +80,9 @@ pub(super) async fn heartbeat_loop(node: Arc<Node>, reassert: Arc<Notify>) {
         tokio::select! {
             _ = node.stop_background.cancelled() => return,
             _ = sleep(wait) => {}
-            _ = reassert.notified() => functions_loaded = false,
-        }
-        // Longer than the TTL since the last successful heartbeat means this node's records
-        // have expired (it was frozen, partitioned or Redis lost them): the heartbeat below
-        // rewrites every session, so it doubles as the re-assertion.
-        if let Some(t) = last_ok {
-            if t.elapsed() > node.config.presence_ttl {
-                tracing::warn!(
-                    away_ms = t.elapsed().as_millis() as u64,
-                    "presence expired while this node was away; re-asserting"
-                );
-                metrics::counter!(m::PRESENCE_REASSERTS).increment(1);
+            _ = reassert.notified() => {
+                functions_loaded = false;
+                node.engines.presence.reassert_next();
             }
         }
         let sessions = node.hub.snapshot();
@@ -100,7 +92,6 @@ pub(super) async fn heartbeat_loop(node: Arc<Node>, reassert: Arc<Notify>) {
         let started = Instant::now();
         match node.engines.presence.heartbeat(&sessions, counts).await {
             Ok(()) => {
-                last_ok = Some(Instant::now());
                 if !functions_loaded {
                     match node.engines.inbox.load().await {
                         Ok(()) => functions_loaded = true,

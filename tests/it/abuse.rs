@@ -90,7 +90,7 @@ async fn flooded_slow_consumers_are_cut_with_bounded_memory_and_others_unaffecte
         for _ in 0..150 {
             for i in 0..SLOW {
                 let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(format!("sc:user:slow-{i}"))
+                    .arg(format!("sc:user:{{slow-{i}}}"))
                     .arg(&payload)
                     .query(&mut conn);
             }
@@ -235,7 +235,7 @@ async fn churn_soak_leaves_no_sessions_no_memory_growth_and_no_keys() {
         "no presence keys left",
         || async {
             let keys = redis.keys("ch:presence");
-            let users: i64 = redis.cmd(&["ZCARD", "ch:users"]).unwrap_or(-1);
+            let users: i64 = redis.cmd(&["ZCARD", "ch:online:{ch:events}"]).unwrap_or(-1);
             (keys.is_empty() && users == 0).then_some(())
         },
     )
@@ -254,10 +254,10 @@ async fn hostile_redis_payloads_are_dropped_and_counted_never_delivered_half() {
 
     redis.publish("bi:ctl", b"\xff\xfe not json");
     redis.publish("bi:ctl", br#"{"op":"explode"}"#);
-    redis.publish("bi:user:victim", &[b'x'; 1025]);
-    redis.publish("bi:user:victim", b"\xff\xfe\x00binary");
-    redis.publish("bi:user:victim", br#"{"unterminated": "#);
-    redis.publish("bi:user:victim", b"last");
+    redis.publish("bi:user:{victim}", &[b'x'; 1025]);
+    redis.publish("bi:user:{victim}", b"\xff\xfe\x00binary");
+    redis.publish("bi:user:{victim}", br#"{"unterminated": "#);
+    redis.publish("bi:user:{victim}", b"last");
 
     let first = recv_message(&mut c.ws, WAIT)
         .await

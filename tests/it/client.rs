@@ -265,7 +265,7 @@ async fn a_client_that_never_reads_is_disconnected_when_its_outbox_fills() {
     let slow = connect_small_rcvbuf(&n, "slow").await;
     let mut fast = connect(&n, "fast", &[]).await;
 
-    flood_until_slow(&redis, &n, "cl-slow:user:slow").await;
+    flood_until_slow(&redis, &n, "cl-slow:user:{slow}").await;
     n.publish(json!({"user": "fast", "data": "after the flood"}))
         .await;
     let m = recv_message(&mut fast.ws, WAIT).await.expect("message");
@@ -287,7 +287,7 @@ async fn a_client_whose_socket_stays_blocked_past_write_timeout_is_disconnected(
     let slow = connect_small_rcvbuf(&n, "slow").await;
     let mut fast = connect(&n, "fast", &[]).await;
 
-    flood_until_slow(&redis, &n, "cl-wto:user:slow").await;
+    flood_until_slow(&redis, &n, "cl-wto:user:{slow}").await;
     n.publish(json!({"user": "fast", "data": "after the flood"}))
         .await;
     let m = recv_message(&mut fast.ws, WAIT).await.expect("message");
@@ -332,7 +332,7 @@ async fn outbox_metrics_show_a_slow_consumer_backing_up_and_draining() {
             "no backlog seen after {published} messages"
         );
         assert_eq!(
-            redis.publish_many("cl-obx:user:slow", payload.as_bytes(), 50),
+            redis.publish_many("cl-obx:user:{slow}", payload.as_bytes(), 50),
             50
         );
         published += 50;

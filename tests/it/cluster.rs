@@ -30,7 +30,7 @@ async fn user_message_published_on_one_node_reaches_sessions_on_every_node() {
         );
     }
     // Raw Redis publish, the producer contract, with a non-JSON payload.
-    assert!(redis.publish("t1:user:42", b"plain text") >= 2);
+    assert!(redis.publish("t1:user:{42}", b"plain text") >= 2);
     for c in [&mut on_a, &mut on_b] {
         let m = recv_message(&mut c.ws, WAIT).await.expect("message");
         assert_eq!(m["data"], "plain text");
@@ -147,7 +147,7 @@ async fn raw_redis_publish_to_topic_and_broadcast_channels_is_delivered() {
     let mut other = connect(&nodes[1], "3", &[]).await;
 
     assert_eq!(
-        redis.publish("cl-raw:topic:alerts", br#"{"level":"high"}"#),
+        redis.publish("cl-raw:topic:{alerts}", br#"{"level":"high"}"#),
         2,
         "both nodes subscribe to the topic"
     );
@@ -242,12 +242,19 @@ async fn presence_and_stats_of_one_node_are_visible_from_another_and_drop_at_clo
     })
     .await;
     assert_eq!(stats["users"], 1);
-    assert!(
-        !redis
-            .keys("cl-pres")
-            .contains(&"cl-pres:presence:42".to_string()),
-        "no presence key left for user 42"
+    assert_eq!(
+        redis.session_fields("cl-pres:presence:{42}"),
+        0,
+        "no session of user 42 left in Redis"
     );
+    // The key itself holds the pending offline until the grace window is over, then goes.
+    eventually(WAIT, "no presence key left for user 42", || async {
+        (!redis
+            .keys("cl-pres")
+            .contains(&"cl-pres:presence:{42}".to_string()))
+        .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +300,7 @@ async fn an_oversize_redis_payload_is_dropped_and_counted_and_the_next_is_delive
     );
 
     let big = format!("\"{}\"", "x".repeat(2000));
-    assert_eq!(redis.publish("cl-over:user:1", big.as_bytes()), 1);
+    assert_eq!(redis.publish("cl-over:user:{1}", big.as_bytes()), 1);
     eventually(WAIT, "oversize drop counted", || async {
         (a.metric("herald_messages_dropped_total{reason=\"oversize\"}")
             .await
@@ -304,7 +311,7 @@ async fn an_oversize_redis_payload_is_dropped_and_counted_and_the_next_is_delive
     // At the limit exactly is delivered; it must be the first message the client sees.
     let fits = format!("\"{}\"", "y".repeat(1022));
     assert_eq!(fits.len(), 1024);
-    assert_eq!(redis.publish("cl-over:user:1", fits.as_bytes()), 1);
+    assert_eq!(redis.publish("cl-over:user:{1}", fits.as_bytes()), 1);
     let m = recv_message(&mut c.ws, WAIT).await.expect("message");
     assert_eq!(m["data"], "y".repeat(1022));
     assert_silent(&mut c.ws, Duration::from_millis(200)).await;
@@ -320,7 +327,7 @@ async fn a_node_subscribes_to_a_user_channel_only_while_it_holds_a_session_of_th
     let redis = RedisServer::start();
     let nodes = ready_nodes(&redis, "cl-sub", &["a", "b"], "3").await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let chan = "cl-sub:user:9";
+    let chan = "cl-sub:user:{9}";
     let subscribers = |want: i64| {
         let redis = &redis;
         async move {
@@ -345,13 +352,13 @@ async fn a_node_subscribes_to_a_user_channel_only_while_it_holds_a_session_of_th
         redis.pubsub_channels("cl-sub:user:*"),
         vec![chan.to_string()]
     );
-    assert_eq!(redis.numsub("cl-sub:topic:t9"), 1);
+    assert_eq!(redis.numsub("cl-sub:topic:{t9}"), 1);
 
     close_client(first_a.ws).await;
     // Still one session of user 9 on a: a stays subscribed. Give a wrong unsubscribe a
     // chance to show before checking.
     eventually(WAIT, "topic t9 unsubscribed", || async {
-        (redis.numsub("cl-sub:topic:t9") == 0).then_some(())
+        (redis.numsub("cl-sub:topic:{t9}") == 0).then_some(())
     })
     .await;
     assert_eq!(redis.numsub(chan), 2);

@@ -92,10 +92,10 @@ async fn pubsub_output_buffer_overflow_is_detected_and_resubscribed() {
     let deadline = Instant::now() + WAIT;
     loop {
         for _ in 0..50 {
-            redis.publish("ob:user:flooded", &chunk);
+            redis.publish("ob:user:{flooded}", &chunk);
         }
         let subscribers: i64 = redis
-            .cmd(&["PUBSUB", "NUMSUB", "ob:user:flooded"])
+            .cmd(&["PUBSUB", "NUMSUB", "ob:user:{flooded}"])
             .map(|v: Vec<redis::Value>| match v.get(1) {
                 Some(redis::Value::Int(n)) => *n,
                 _ => -1,

@@ -84,7 +84,7 @@ async fn reconnect_during_a_stream_of_durable_messages_loses_and_duplicates_noth
             let _: String = redis::cmd("FCALL")
                 .arg("herald_notify")
                 .arg(1)
-                .arg("hs:inbox:u")
+                .arg("hs:inbox:{u}")
                 .arg(i.to_string())
                 .query(&mut conn)
                 .expect("fcall");
@@ -225,14 +225,14 @@ async fn redis_function_is_reloaded_after_a_redis_restart_and_durable_rejects_to
     let deadline = Instant::now() + WAIT;
     loop {
         let r: redis::RedisResult<String> =
-            redis.cmd(&["FCALL", "herald_notify", "1", "fr:inbox:u", "x"]);
+            redis.cmd(&["FCALL", "herald_notify", "1", "fr:inbox:{u}", "x"]);
         if r.is_ok() {
             break;
         }
         assert!(Instant::now() < deadline, "function never reloaded: {r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ttl: i64 = redis.cmd(&["PTTL", "fr:inbox:u"]).expect("pttl");
+    let ttl: i64 = redis.cmd(&["PTTL", "fr:inbox:{u}"]).expect("pttl");
     assert!(ttl > 0, "the inbox key has an expiry");
 }
 

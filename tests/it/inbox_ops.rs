@@ -65,7 +65,7 @@ async fn a_live_session_gets_what_was_stored_while_its_node_was_cut_from_redis()
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
 
-    let first = fcall_notify(&redis, "cu:inbox:u", "1", &[]);
+    let first = fcall_notify(&redis, "cu:inbox:{u}", "1", &[]);
     assert_eq!(messages(&mut c.ws, 1).await[0]["id"], first.as_str());
 
     // The node loses Redis; the user stays connected; a producer stores three durable
@@ -73,7 +73,7 @@ async fn a_live_session_gets_what_was_stored_while_its_node_was_cut_from_redis()
     proxy.cut();
     a.wait_not_ready().await;
     let missed: Vec<String> = (2..=4)
-        .map(|i| fcall_notify(&redis, "cu:inbox:u", &i.to_string(), &[]))
+        .map(|i| fcall_notify(&redis, "cu:inbox:{u}", &i.to_string(), &[]))
         .collect();
     proxy.heal();
     a.wait_ready().await;
@@ -84,7 +84,7 @@ async fn a_live_session_gets_what_was_stored_while_its_node_was_cut_from_redis()
     assert_eq!(data_of(&got), vec![json!(2), json!(3), json!(4)]);
 
     // Live delivery goes on after the catch-up, and nothing comes twice.
-    let fifth = fcall_notify(&redis, "cu:inbox:u", "5", &[]);
+    let fifth = fcall_notify(&redis, "cu:inbox:{u}", "5", &[]);
     assert_eq!(messages(&mut c.ws, 1).await[0]["id"], fifth.as_str());
     assert_silent(&mut c.ws, Duration::from_millis(500)).await;
     assert!(a.metric("herald_catch_up_sessions_total").await >= 1.0);
@@ -175,7 +175,7 @@ async fn acks_move_the_cursor_at_most_to_the_newest_entry() {
     assert_eq!((status, body["moved"].clone()), (200, json!(false)));
     assert_eq!(
         redis
-            .cmd::<Option<String>>(&["GET", "av:cursor:nobody"])
+            .cmd::<Option<String>>(&["GET", "av:cursor:{nobody}"])
             .unwrap(),
         None
     );
@@ -187,7 +187,7 @@ async fn a_forged_envelope_with_a_future_id_is_dropped_and_hides_nothing() {
     let a = Herald::spawn(NodeOpts::cluster(&redis, "fe", "a")).await;
     a.wait_ready().await;
     let mut c = connect(&a, "u", &[]).await;
-    redis.publish("fe:user:u", b"\x009999999999999-0\x00forged");
+    redis.publish("fe:user:{u}", b"\x009999999999999-0\x00forged");
     let real = notify(&a, "u", json!("real")).await;
     let got = messages(&mut c.ws, 1).await;
     assert_eq!(
@@ -219,28 +219,32 @@ async fn herald_notify_refuses_what_no_node_would_deliver() {
         err.to_string()
     };
     let big = "x".repeat(101);
-    assert!(refused("nv:inbox:u", &big, &[]).contains("the limit is 100"));
+    assert!(refused("nv:inbox:{u}", &big, &[]).contains("the limit is 100"));
     for key in [
-        "other:inbox:u",
+        "other:inbox:{u}",
         "nv:inbox:",
-        "nv:inbox:a b",
-        "nv:inbox:tab\there",
-        "nv:inbox:nbsp\u{a0}x",
-        "nv:inbox:line\u{2028}sep",
-        "nv:inbox:rtl\u{202e}x",
-        "nv:inbox:zw\u{200b}x",
-        "nv:inbox:bom\u{feff}x",
-        "nv:user:u",
+        "nv:inbox:{a b}",
+        "nv:inbox:{tab\there}",
+        "nv:inbox:{nbsp\u{a0}x}",
+        "nv:inbox:{line\u{2028}sep}",
+        "nv:inbox:{rtl\u{202e}x}",
+        "nv:inbox:{zw\u{200b}x}",
+        "nv:inbox:{bom\u{feff}x}",
+        "nv:user:{u}",
+        "nv:inbox:u",
+        "nv:inbox:{}",
+        "nv:inbox:{a{b}",
+        "nv:inbox:{a}b}",
     ] {
         assert!(
-            refused(key, "1", &[]).contains("key must be nv:inbox:<user>"),
+            refused(key, "1", &[]).contains("key must be nv:inbox:{<user>}"),
             "{key}"
         );
     }
-    assert!(refused("nv:inbox:u", "1", &["ttl", "0"]).contains("ttl"));
-    assert!(refused("nv:inbox:u", "1", &["idem", "a b"]).contains("idem"));
-    assert!(refused("nv:inbox:u", "1", &["nope", "1"]).contains("unknown option"));
-    assert!(refused("nv:inbox:u", "1", &["idem"]).contains("needs a value"));
+    assert!(refused("nv:inbox:{u}", "1", &["ttl", "0"]).contains("ttl"));
+    assert!(refused("nv:inbox:{u}", "1", &["idem", "a b"]).contains("idem"));
+    assert!(refused("nv:inbox:{u}", "1", &["nope", "1"]).contains("unknown option"));
+    assert!(refused("nv:inbox:{u}", "1", &["idem"]).contains("needs a value"));
     // Nothing was stored by any refusal.
     assert!(
         redis.keys("nv").iter().all(|k| !k.contains(":inbox:")),
@@ -248,8 +252,8 @@ async fn herald_notify_refuses_what_no_node_would_deliver() {
         redis.keys("nv")
     );
     // What is valid is stored: 100 bytes, and user ids with any printable characters.
-    fcall_notify(&redis, "nv:inbox:u", &"y".repeat(100), &[]);
-    fcall_notify(&redis, "nv:inbox:ünï:cödé@x", "1", &[]);
+    fcall_notify(&redis, "nv:inbox:{u}", &"y".repeat(100), &[]);
+    fcall_notify(&redis, "nv:inbox:{ünï:cödé@x}", "1", &[]);
     let (_, body) = a
         .api_get("/api/inbox/%C3%BCn%C3%AF%3Ac%C3%B6d%C3%A9%40x")
         .await;
@@ -276,10 +280,10 @@ async fn an_idempotency_key_makes_a_retried_durable_publish_store_nothing_new() 
         );
     }
     // Through Redis directly, the same.
-    let x = fcall_notify(&redis, "ik:inbox:w", "a", &["idem", "k"]);
-    let y = fcall_notify(&redis, "ik:inbox:w", "b", &["idem", "k"]);
+    let x = fcall_notify(&redis, "ik:inbox:{w}", "a", &["idem", "k"]);
+    let y = fcall_notify(&redis, "ik:inbox:{w}", "b", &["idem", "k"]);
     assert_eq!(x, y);
-    let z = fcall_notify(&redis, "ik:inbox:w", "c", &["idem", "other"]);
+    let z = fcall_notify(&redis, "ik:inbox:{w}", "c", &["idem", "other"]);
     assert_ne!(x, z);
     // A plain publish takes no idempotency key, and a bad key is refused.
     let (status, _) = durable(&a, json!({"user": "u", "idempotency_key": "k", "data": 1})).await;

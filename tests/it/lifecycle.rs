@@ -36,16 +36,14 @@ async fn a_killed_nodes_sessions_and_record_expire_within_ttl_plus_one_heartbeat
     b.wait_presence_nodes("shared", &["a", "b"]).await;
     assert_eq!(b.stats_nodes().await, vec!["a", "b"]);
     let keys = redis.keys(p);
-    for k in [
-        "lc-kill:presence:gone1",
-        "lc-kill:presence:gone2",
-        "lc-kill:node:a",
-    ] {
+    for k in ["lc-kill:presence:{gone1}", "lc-kill:presence:{gone2}"] {
         assert!(
             keys.contains(&k.to_string()),
             "{k} exists before the kill: {keys:?}"
         );
     }
+    let lease_of_a = |keys: &[String]| keys.iter().any(|k| k.starts_with("lc-kill:lease:{a~"));
+    assert!(lease_of_a(&keys), "node a holds a lease: {keys:?}");
 
     a.kill9();
     let killed = Instant::now();
@@ -54,11 +52,9 @@ async fn a_killed_nodes_sessions_and_record_expire_within_ttl_plus_one_heartbeat
         let gone = !b.online("gone1").await
             && !b.online("gone2").await
             && b.stats_nodes().await == vec!["b".to_string()]
-            && !keys.iter().any(|k| {
-                k == "lc-kill:presence:gone1"
-                    || k == "lc-kill:presence:gone2"
-                    || k == "lc-kill:node:a"
-            });
+            && !lease_of_a(&keys)
+            && redis.session_fields("lc-kill:presence:{gone1}") == 0
+            && redis.session_fields("lc-kill:presence:{gone2}") == 0;
         gone.then_some(())
     })
     .await;
@@ -130,9 +126,9 @@ async fn sigterm_drains_refuses_upgrades_closes_with_1012_cleans_up_and_exits_0(
     eventually(WAIT, "node a gone from stats and keys", || async {
         let keys = redis.keys(p);
         let clean = b.stats_nodes().await == vec!["b".to_string()]
-            && !keys
-                .iter()
-                .any(|k| k == "lc-drain:node:a" || k.starts_with("lc-drain:presence:d"));
+            && !keys.iter().any(|k| {
+                k.starts_with("lc-drain:lease:{a~") || k.starts_with("lc-drain:presence:{d")
+            });
         clean.then_some(())
     })
     .await;
@@ -190,8 +186,8 @@ async fn after_a_redis_restart_the_node_recovers_rewrites_presence_at_once_and_d
         || async {
             let keys = redis.keys(p);
             let ok = a.online("r1").await
-                && keys.contains(&"lc-redis:presence:r1".to_string())
-                && keys.contains(&"lc-redis:node:a".to_string())
+                && keys.contains(&"lc-redis:presence:{r1}".to_string())
+                && keys.iter().any(|k| k.starts_with("lc-redis:lease:{a~"))
                 && a.stats_nodes().await == vec!["a".to_string()];
             ok.then_some(())
         },
@@ -207,7 +203,7 @@ async fn after_a_redis_restart_the_node_recovers_rewrites_presence_at_once_and_d
     let m = recv_message(&mut c.ws, WAIT).await.expect("user message");
     assert_eq!(m["data"], "after restart");
     assert_eq!(
-        redis.publish("lc-redis:topic:news", b"topic after restart"),
+        redis.publish("lc-redis:topic:{news}", b"topic after restart"),
         1,
         "the topic is subscribed again"
     );

@@ -137,7 +137,7 @@ async fn a_producer_acl_user_can_notify_and_publish_but_not_kick_or_touch_state(
         "FCALL",
         "herald_notify",
         "1",
-        "acl:inbox:u",
+        "acl:inbox:{u}",
         "durable",
         "idem",
         "k",
@@ -150,7 +150,7 @@ async fn a_producer_acl_user_can_notify_and_publish_but_not_kick_or_touch_state(
         recv_message(&mut c.ws, WAIT).await.expect("durable")["data"],
         "durable"
     );
-    as_producer(&["PUBLISH", "acl:user:u", "plain"]).expect("the producer may publish");
+    as_producer(&["PUBLISH", "acl:user:{u}", "plain"]).expect("the producer may publish");
     assert_eq!(
         recv_message(&mut c.ws, WAIT).await.expect("plain")["data"],
         "plain"
@@ -168,15 +168,16 @@ async fn a_producer_acl_user_can_notify_and_publish_but_not_kick_or_touch_state(
         "FCALL",
         "herald_ack",
         "2",
-        "acl:cursor:u",
-        "acl:inbox:u",
+        "acl:cursor:{u}",
+        "acl:inbox:{u}",
         "9999999999999-0",
         "",
     ]);
-    denied(&["SET", "acl:presence:u", "x"]);
-    denied(&["ZADD", "acl:users", "1", "u"]);
+    denied(&["SET", "acl:presence:{u}", "x"]);
+    denied(&["ZADD", "acl:nodes", "1", "u"]);
+    denied(&["ZADD", "acl:online:{acl:events}", "1", "u"]);
     denied(&["PUBLISH", "acl:events", "{}"]);
-    denied(&["DEL", "acl:inbox:u"]);
+    denied(&["DEL", "acl:inbox:{u}"]);
     // The session is still there: nothing the producer may do could kick it.
     assert_silent(&mut c.ws, Duration::from_millis(300)).await;
     assert_eq!(a.presence_sessions("u").await.len(), 1);

@@ -40,7 +40,7 @@ async fn messages(ws: &mut Ws, n: usize) -> Vec<Value> {
 fn inbox_ids(set: &SentinelSet, prefix: &str, user: &str) -> Vec<String> {
     let entries: Vec<(String, HashMap<String, redis::Value>)> = set
         .master()
-        .cmd(&["XRANGE", &format!("{prefix}:inbox:{user}"), "-", "+"])
+        .cmd(&["XRANGE", &format!("{prefix}:inbox:{{{user}}}"), "-", "+"])
         .expect("xrange on the master");
     entries.into_iter().map(|(id, _)| id).collect()
 }
@@ -88,7 +88,7 @@ async fn sentinel_nodes_deliver_across_nodes_and_keep_the_inbox_on_the_master() 
     assert_eq!(got[1]["id"], id3.as_str());
     send_text(&mut c.ws, &format!(r#"{{"type":"ack","id":"{id3}"}}"#)).await;
     eventually(WAIT, "cursor moved on the master", || async {
-        let cursor: Option<String> = set.master().cmd(&["GET", "sx:cursor:u"]).ok()?;
+        let cursor: Option<String> = set.master().cmd(&["GET", "sx:cursor:{u}"]).ok()?;
         (cursor.as_deref() == Some(id3.as_str())).then_some(())
     })
     .await;

@@ -198,7 +198,7 @@ async fn a_slow_sse_client_is_cut_as_a_slow_consumer() {
     // It never reads again; a flood fills its buffers and then its outbox.
     let pad = "x".repeat(4000);
     for _ in 0..400 {
-        redis.publish("sslow:user:slow", pad.as_bytes());
+        redis.publish("sslow:user:{slow}", pad.as_bytes());
         if n.metric("herald_sessions_closed_total{reason=\"slow_consumer\"}")
             .await
             >= 1.0

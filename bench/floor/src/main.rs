@@ -4,7 +4,7 @@
 //!
 //! What it does, as herald does it: `GET /ws?token=<HS256 JWT>` upgrades to a WebSocket and
 //! sends a `welcome` frame once the session's channels are subscribed; a message published
-//! on `<prefix>:user:<sub>`, `<prefix>:topic:<t>` (for each of the token's `topics`) or
+//! on `<prefix>:user:{<sub>}`, `<prefix>:topic:{<t>}` (for each of the token's `topics`) or
 //! `<prefix>:broadcast` reaches the session as
 //! `{"type":"message","channel":"user:42","data":<payload>}` (with `"id"` for a durable
 //! `\0<id>\0` envelope). `GET /readyz` answers 200. One Redis pub/sub connection for the
@@ -117,7 +117,11 @@ impl Hub {
         let Some(name) = channel.strip_prefix(&self.prefix) else {
             return;
         };
-        let frame = message_frame(name, payload);
+        // Redis channels carry the user id or topic as a hash tag (`user:{42}`); clients see
+        // herald's plain name (`user:42`). Names never contain braces, so dropping them is
+        // exact.
+        let plain: String = name.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+        let frame = message_frame(&plain, payload);
         if channel == self.broadcast {
             for conn in self.all.borrow().values() {
                 conn.send(&frame, self.max_backlog);
@@ -308,11 +312,15 @@ async fn serve(hub: Rc<Hub>, mut stream: TcpStream) {
         return;
     }
 
-    let mut channels = vec![format!("{}user:{}", hub.prefix, claims.sub)];
+    let mut channels = vec![format!("{}user:{{{}}}", hub.prefix, claims.sub)];
     let mut topics: Vec<String> = claims.topics.unwrap_or_default();
     topics.sort();
     topics.dedup();
-    channels.extend(topics.iter().map(|t| format!("{}topic:{}", hub.prefix, t)));
+    channels.extend(
+        topics
+            .iter()
+            .map(|t| format!("{}topic:{{{}}}", hub.prefix, t)),
+    );
 
     let id = hub.next_id.get() + 1;
     hub.next_id.set(id);

@@ -212,7 +212,7 @@ async fn store_all(
     let failed = futures_util::stream::iter(users.iter())
         .map(|u| {
             let mut conn = conn.clone();
-            let inbox = format!("{prefix}:inbox:{u}");
+            let inbox = format!("{prefix}:inbox:{{{u}}}");
             let body = payload(seq, mono_ns(), pad);
             async move {
                 redis::cmd("FCALL")
@@ -325,7 +325,7 @@ pub(crate) async fn run(args: CatchupArgs) -> anyhow::Result<u8> {
     let mut conn = redis_conn(&client).await?;
     let pad = "x".repeat(args.payload_bytes);
     // The function must be there (a node loads it with its first heartbeat).
-    let probe_inbox = format!("{}:inbox:bench-catchup-probe", args.prefix);
+    let probe_inbox = format!("{}:inbox:{{bench-catchup-probe}}", args.prefix);
     redis::cmd("FCALL")
         .arg("herald_notify")
         .arg(1)

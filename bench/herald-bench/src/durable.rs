@@ -244,7 +244,7 @@ async fn phase(
         let ok = match method {
             Method::IdemRepeat => {
                 let call = &idem[m as usize];
-                let inbox = format!("{}:inbox:{}", args.prefix, users[call.user]);
+                let inbox = format!("{}:inbox:{{{}}}", args.prefix, users[call.user]);
                 let t0 = Instant::now();
                 let r = fcall_idem(conn, &inbox, &call.body, Some(&call.key)).await;
                 calls.saturating_record((t0.elapsed().as_micros() as u64).max(1));
@@ -266,16 +266,21 @@ async fn phase(
                 let t0 = Instant::now();
                 let r = match method {
                     Method::Publish => redis::cmd("PUBLISH")
-                        .arg(format!("{}:user:{}", args.prefix, users[k]))
+                        .arg(format!("{}:user:{{{}}}", args.prefix, users[k]))
                         .arg(&body)
                         .query_async::<i64>(conn)
                         .await
                         .map(|_| String::new()),
                     Method::Fcall => {
-                        fcall(conn, &format!("{}:inbox:{}", args.prefix, users[k]), &body).await
+                        fcall(
+                            conn,
+                            &format!("{}:inbox:{{{}}}", args.prefix, users[k]),
+                            &body,
+                        )
+                        .await
                     }
                     _ => {
-                        let inbox = format!("{}:inbox:{}", args.prefix, users[k]);
+                        let inbox = format!("{}:inbox:{{{}}}", args.prefix, users[k]);
                         fcall_idem(conn, &inbox, &body, Some(&key)).await
                     }
                 };
@@ -355,7 +360,7 @@ async fn replays(
             break;
         }
         let user = format!("bench-replay-{run_id}-{r}");
-        let inbox = format!("{}:inbox:{user}", args.prefix);
+        let inbox = format!("{}:inbox:{{{user}}}", args.prefix);
         let mut ids = Vec::with_capacity(args.replay_messages as usize);
         for seq in 1..=args.replay_messages {
             match fcall(conn, &inbox, &payload(seq, mono_ns(), pad)).await {
@@ -448,7 +453,7 @@ pub(crate) async fn run(args: DurableArgs) -> anyhow::Result<u8> {
     let mut conn = redis_conn(&client).await?;
     let pad = "x".repeat(args.payload_bytes);
     // Fail early and clearly when the function is missing (no node has started yet).
-    let probe_inbox = format!("{}:inbox:bench-durable-probe", args.prefix);
+    let probe_inbox = format!("{}:inbox:{{bench-durable-probe}}", args.prefix);
     fcall(&mut conn, &probe_inbox, &payload(0, mono_ns(), &pad))
         .await
         .context("FCALL herald_notify failed: is a herald node running against this Redis with this --prefix?")?;

@@ -44,8 +44,8 @@ pub(crate) struct ProducerArgs {
     #[arg(long)]
     pub(crate) redis_url: Option<String>,
 
-    /// herald's --prefix: channels are <prefix>:user:<uid>, <prefix>:broadcast,
-    /// <prefix>:topic:<name>.
+    /// herald's --prefix: channels are <prefix>:user:{<uid>}, <prefix>:broadcast,
+    /// <prefix>:topic:{<name>}.
     #[arg(long, default_value = "herald")]
     pub(crate) prefix: String,
 
@@ -133,8 +133,8 @@ pub(crate) struct Targets {
 impl Targets {
     pub(crate) fn channel(&self, prefix: &str, key: usize) -> String {
         match self.kind {
-            Kind::User => format!("{prefix}:user:{}", self.names[key]),
-            Kind::Topic => format!("{prefix}:topic:{}", self.names[key]),
+            Kind::User => format!("{prefix}:user:{{{}}}", self.names[key]),
+            Kind::Topic => format!("{prefix}:topic:{{{}}}", self.names[key]),
             Kind::Broadcast => format!("{prefix}:broadcast"),
         }
     }
@@ -700,7 +700,7 @@ mod tests {
             kind: Kind::Topic,
             names: vec!["t0".into()],
         };
-        assert_eq!(t.channel("p", 0), "p:topic:t0");
+        assert_eq!(t.channel("p", 0), "p:topic:{t0}");
         assert_eq!(t.http_prefix(0), r#"{"topic":"t0","data":"#);
     }
 }

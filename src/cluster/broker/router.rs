@@ -151,11 +151,11 @@ mod tests {
     async fn channels_name_their_targets() {
         let (r, client) = setup();
         let one = Routed::Delivered(Outcome::Delivered { queued: 1 });
-        assert_eq!(r.route("p:user:42", b"1").await, one);
-        assert_eq!(r.route("p:topic:t", b"2").await, one);
+        assert_eq!(r.route("p:user:{42}", b"1").await, one);
+        assert_eq!(r.route("p:topic:{t}", b"2").await, one);
         assert_eq!(r.route("p:broadcast", b"3").await, one);
         let none = Routed::Delivered(Outcome::Delivered { queued: 0 });
-        assert_eq!(r.route("p:user:7", b"4").await, none);
+        assert_eq!(r.route("p:user:{7}", b"4").await, none);
         let labels: Vec<String> = client
             .take(8)
             .iter()
@@ -177,7 +177,7 @@ mod tests {
         let id = StreamId { ms: 9, seq: 1 };
         let raw = envelope("9-1", b"{\"x\":2}");
         assert_eq!(
-            r.route("p:user:42", &raw).await,
+            r.route("p:user:{42}", &raw).await,
             Routed::Delivered(Outcome::Delivered { queued: 1 })
         );
         let got = client.take(1).remove(0);
@@ -192,10 +192,10 @@ mod tests {
     async fn foreign_and_oversize_payloads_are_dropped() {
         let (r, client) = setup();
         assert_eq!(
-            r.route("p:user:42", &[b'x'; 17]).await,
+            r.route("p:user:{42}", &[b'x'; 17]).await,
             Routed::Delivered(Outcome::Oversize)
         );
-        assert_eq!(r.route("q:user:42", b"1").await, Routed::UnknownChannel);
+        assert_eq!(r.route("q:user:{42}", b"1").await, Routed::UnknownChannel);
         assert_eq!(
             r.route("p:node:n2:canary", b"1").await,
             Routed::UnknownChannel
@@ -223,11 +223,11 @@ mod tests {
     async fn inbox_events_reach_the_users_other_sessions_and_future_ids_are_refused() {
         let (r, client) = setup();
         assert_eq!(
-            r.route("p:user:42", &envelope("read 9-1", b"")).await,
+            r.route("p:user:{42}", &envelope("read 9-1", b"")).await,
             Routed::InboxEvent
         );
         assert_eq!(
-            r.route("p:user:42", &envelope("retract 9-1", b"")).await,
+            r.route("p:user:{42}", &envelope("retract 9-1", b"")).await,
             Routed::InboxEvent
         );
         let frames: Vec<String> = client
@@ -244,7 +244,7 @@ mod tests {
         );
         let future = format!("{}-0", unix_ms() + 3_600_000);
         assert_eq!(
-            r.route("p:user:42", &envelope(&future, b"1")).await,
+            r.route("p:user:{42}", &envelope(&future, b"1")).await,
             Routed::BadEnvelope
         );
         assert_eq!(client.queued(), 0);

@@ -16,7 +16,7 @@ use crate::transport::replay::{Acked, Opening, Page};
 const LIBRARY: &str = include_str!("../lua/herald.lua");
 
 /// The library's `VERSION`: bumped whenever its functions change.
-const LIBRARY_VERSION: i64 = 2;
+const LIBRARY_VERSION: i64 = 3;
 
 /// Most entries scanned to count a user's unread messages (the welcome's `unread`).
 pub(crate) const UNREAD_CAP: usize = 1000;

@@ -5,21 +5,20 @@
 -- same --prefix, --inbox-max-len, --inbox-retention, --max-message-bytes and
 -- --idempotency-window; one Redis serves one herald deployment).
 --
--- Keys of one user, all built by `key(kind, uid)` below and by src/cluster/keys.rs:
---   <p>:inbox:<uid>     STREAM, entries {d = payload [, x = expiry ms]}
---   <p>:cursor:<uid>    STRING, the last acknowledged id
---   <p>:gone:<uid>      ZSET of withdrawn ids (retracted, or replaced by a collapse key),
---                       score = their ms; replay and reads skip them
---   <p>:trimmed:<uid>   STRING, the newest id the length or age cap removed: a replay from
---                       before it is incomplete
---   <p>:collapse:<n>:<uid>:<key>  STRING, the id that last used a collapse key
---   <p>:idem:<n>:<uid>:<key>      STRING, the id an idempotency key produced
---   (<n> is the byte length of <uid>, so that a user id holding ':' cannot collide with
---   another user's key)
--- and the channel <p>:user:<uid>, where herald_notify publishes `\0<meta>\0<payload>`.
+-- Keys of one user, all built by `key(kind, uid)` below and by src/cluster/keys.rs, all with
+-- the user id as their hash tag so that they share one Redis Cluster slot:
+--   <p>:inbox:{<uid>}     STREAM, entries {d = payload [, x = expiry ms]}
+--   <p>:cursor:{<uid>}    STRING, the last acknowledged id
+--   <p>:gone:{<uid>}      ZSET of withdrawn ids (retracted, or replaced by a collapse key),
+--                         score = their ms; replay and reads skip them
+--   <p>:trimmed:{<uid>}   STRING, the newest id the length or age cap removed: a replay from
+--                         before it is incomplete
+--   <p>:collapse:{<uid>}:<key>  STRING, the id that last used a collapse key
+--   <p>:idem:{<uid>}:<key>      STRING, the id an idempotency key produced
+-- and the channel <p>:user:{<uid>}, where herald_notify publishes `\0<meta>\0<payload>`.
 --
 -- Public (the producer contract, docs/redis.md):
---   FCALL herald_notify 1 <p>:inbox:<uid> <payload> [idem <key>] [ttl <seconds>] [collapse <key>]
+--   FCALL herald_notify 1 <p>:inbox:{<uid>} <payload> [idem <key>] [ttl <seconds>] [collapse <key>]
 -- Internal (called by nodes): herald_open, herald_page, herald_ack, herald_retract,
 -- herald_config.
 
@@ -29,7 +28,7 @@ local RETENTION = __RETENTION_MS__
 local MAX_BYTES = __MAX_BYTES__
 local IDEM_WINDOW = __IDEMPOTENCY_WINDOW_MS__
 local UNREAD_CAP = __UNREAD_CAP__
-local VERSION = 2
+local VERSION = 3
 
 local function fail(msg)
   return redis.error_reply('herald: ' .. msg)
@@ -44,13 +43,17 @@ local function ms_text(x)
   return string.format('%.0f', x)
 end
 
+-- Every key and channel of a user carries the user id as a Redis Cluster hash tag
+-- (`{<uid>}`; user ids never contain braces), so all of them live in one slot and a
+-- Function may touch them together on a cluster.
 local function key(kind, uid)
-  return PREFIX .. ':' .. kind .. ':' .. uid
+  return PREFIX .. ':' .. kind .. ':{' .. uid .. '}'
 end
 
--- A key for one of a user's option keys (collapse, idem).
+-- A key for one of a user's option keys (collapse, idem). The closing brace ends the user
+-- id, so no user's key can collide with another's.
 local function option_key(kind, uid, k)
-  return PREFIX .. ':' .. kind .. ':' .. #uid .. ':' .. uid .. ':' .. k
+  return PREFIX .. ':' .. kind .. ':{' .. uid .. '}:' .. k
 end
 
 -- Compares two canonical stream ids exactly (as decimal strings, no float rounding).
@@ -81,7 +84,8 @@ local function valid_id(s)
 end
 
 -- The rule of src/protocol.rs `valid_name`: 1-256 bytes of UTF-8 without control,
--- white-space (Unicode Cc and White_Space) or invisible characters (`invisible` there).
+-- white-space (Unicode Cc and White_Space) or invisible characters (`invisible` there), and
+-- without braces (the id is a Redis Cluster hash tag in every key).
 local SINGLE = {
   [0x85] = true, [0xA0] = true, [0x1680] = true, [0x2028] = true, [0x2029] = true,
   [0x202F] = true, [0x205F] = true, [0x3000] = true,
@@ -89,7 +93,7 @@ local SINGLE = {
   [0x3164] = true, [0xFEFF] = true, [0xFFA0] = true,
 }
 local function bad_char(c)
-  return c <= 0x20 or (c >= 0x7F and c <= 0x9F) or SINGLE[c]
+  return c <= 0x20 or c == 0x7B or c == 0x7D or (c >= 0x7F and c <= 0x9F) or SINGLE[c]
     or (c >= 0x2000 and c <= 0x200F) or (c >= 0x202A and c <= 0x202E)
     or (c >= 0x2060 and c <= 0x206F) or (c >= 0xFFF9 and c <= 0xFFFB)
 end
@@ -129,9 +133,12 @@ end
 
 -- The user id in an inbox key of this deployment, or nil.
 local function user_of(inbox)
-  local head = PREFIX .. ':inbox:'
-  if type(inbox) ~= 'string' or string.sub(inbox, 1, #head) ~= head then return nil end
-  local uid = string.sub(inbox, #head + 1)
+  local head = PREFIX .. ':inbox:{'
+  if type(inbox) ~= 'string' or string.sub(inbox, 1, #head) ~= head
+    or string.sub(inbox, -1) ~= '}' then
+    return nil
+  end
+  local uid = string.sub(inbox, #head + 1, -2)
   if not valid_name(uid) then return nil end
   return uid
 end
@@ -229,7 +236,7 @@ local function publish_meta(uid, meta, payload)
 end
 
 -- herald_notify: stores a durable notification and publishes it, atomically.
--- KEYS[1] <p>:inbox:<uid>
+-- KEYS[1] <p>:inbox:{<uid>}
 -- ARGV[1] payload, then options as name/value pairs:
 --   idem <key>      the same key within the idempotency window returns the first id and
 --                   stores nothing
@@ -237,14 +244,14 @@ end
 --   collapse <key>  replaces the user's unread entry that last used this key
 -- Returns the entry's id.
 local function notify(keys, args)
-  local usage = 'usage: FCALL herald_notify 1 ' .. PREFIX .. ':inbox:<user> <payload> '
+  local usage = 'usage: FCALL herald_notify 1 ' .. PREFIX .. ':inbox:{<user>} <payload> '
     .. '[idem <key>] [ttl <seconds>] [collapse <key>]'
   if #keys ~= 1 or args[1] == nil then return fail(usage) end
   local inbox, payload = keys[1], args[1]
   local uid = user_of(inbox)
   if not uid then
-    return fail('key must be ' .. PREFIX .. ':inbox:<user>, the user id 1-256 bytes of '
-      .. 'UTF-8 without control or white-space characters')
+    return fail('key must be ' .. PREFIX .. ':inbox:{<user>}, the user id 1-256 bytes of '
+      .. 'UTF-8 without control or white-space characters or braces')
   end
   if #payload > MAX_BYTES then
     return fail('payload is ' .. #payload .. ' bytes; the limit is ' .. MAX_BYTES)

@@ -1,6 +1,6 @@
 -- inbox_ack: moves a user's read cursor forward only, and refreshes its expiry.
 -- Returns 1 when the cursor moved, 0 when it already was at or past the id.
--- KEYS[1] <p>:cursor:<uid>
+-- KEYS[1] <p>:cursor:{<uid>}
 -- ARGV[1] inbox id <ms>-<seq>   ARGV[2] cursor TTL (ms)
 local function parse(id)
   local a, b = string.match(id, '^(%d+)-(%d+)$')

@@ -2,7 +2,7 @@
 -- Returns {first retained id or '' when the stream does not exist,
 --          1 when entries were ever trimmed (entries-added > length; assumed on Redis < 7),
 --          now in Redis-server ms}.
--- KEYS[1] <p>:inbox:<uid>
+-- KEYS[1] <p>:inbox:{<uid>}
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 0, now} end

@@ -1,19 +1,17 @@
--- presence_remove: removes a session at once; the user's last session anywhere starts the
--- offline grace window (the reaper emits `offline` when it runs out).
--- KEYS[1] <p>:users  KEYS[2] <p>:presence:<uid>  KEYS[3] <p>:node:<id>
--- KEYS[4] <p>:events  KEYS[5] <p>:offline-pending
--- ARGV[1..4] prelude   ARGV[5] uid   ARGV[6] member   ARGV[7] last_of_user (0/1)
--- ARGV[8] reason (closed, kicked, drained)
-local uid = ARGV[5]
-local removed = redis.call('ZREM', KEYS[2], ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms(now))
-if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZSCORE', KEYS[1], uid) then
-  redis.call('ZADD', KEYS[1], 'XX', ms(now + grace), uid)
-  redis.call('HSET', KEYS[5], uid, ARGV[8])
-  extend(KEYS[5], ttl + grace)
+-- presence_remove: removes a closed session. When it was the user's last session anywhere,
+-- the offline grace window starts: the reply is 2 and the node records the user in its
+-- lease's pending set, whose reaper settles it (presence_settle) once the window is over.
+-- KEYS[1] <p>:presence:{<uid>}   (KEYS[2..3] events stream and online index, inline only)
+-- ARGV[1..5] prelude   ARGV[6] uid   ARGV[7] session id   ARGV[8] reason (closed, kicked,
+-- drained)   ARGV[9] how long the key must outlive a pending offline (ms)
+-- Replies {0} nothing removed, {1} removed, {2, due} removed and offline pending until due.
+local key = KEYS[1]
+if redis.call('HDEL', key, ARGV[7]) == 0 then return done(0) end
+if sessions_left(key) == 0 and redis.call('HGET', key, '=') == 'on' then
+  local due = ms(now + grace)
+  redis.call('HSET', key, '=', 'off|' .. due .. '|' .. ARGV[8])
+  extend(key, grace + tonumber(ARGV[9]))
+  mark(ARGV[6], 'grace')
+  return done(2, due)
 end
-if removed == 1 and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HINCRBY', KEYS[3], 'connections', -1)
-  if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[3], 'users', -1) end
-end
-return removed
+return done(1)

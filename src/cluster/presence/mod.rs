@@ -83,8 +83,9 @@ impl Presence {
         }
     }
 
-    /// Refreshes the node and every session it holds. Also the re-assertion after Redis
-    /// lost its data: it rewrites everything, not only expiries.
+    /// Extends the node's lease and refreshes a slice of its users; after the lease was
+    /// lost (Redis lost its data, or the node was away past the TTL) or a presence write
+    /// failed, takes a new lease and rewrites every session.
     pub(crate) async fn heartbeat(
         &self,
         sessions: &[SessionInfo],
@@ -100,6 +101,15 @@ impl Presence {
                 let budget = CALL_TIMEOUT * (1 + (sessions.len() / 20_000) as u32);
                 bounded_by(budget, p.heartbeat(sessions, counts)).await
             }
+        }
+    }
+
+    /// Makes the next heartbeat write every session again under a new lease: after the
+    /// pub/sub connection was rebuilt, Redis may have restarted or failed over and lost
+    /// recent writes.
+    pub(crate) fn reassert_next(&self) {
+        if let Presence::Redis(p) = self {
+            p.reassert_next();
         }
     }
 

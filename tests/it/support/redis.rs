@@ -197,6 +197,12 @@ impl RedisServer {
     }
 
     /// Every key under `prefix:`, found with SCAN.
+    /// How many sessions a user's presence hash holds (its fields but the state field `=`).
+    pub fn session_fields(&self, key: &str) -> usize {
+        let fields: Vec<String> = self.cmd(&["HKEYS", key]).expect("HKEYS");
+        fields.iter().filter(|f| f.as_str() != "=").count()
+    }
+
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let mut conn = self.conn().expect("redis connection");
         let mut cursor = 0u64;
