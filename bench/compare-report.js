@@ -1,6 +1,10 @@
 #!/usr/bin/env node
-// Builds the herald vs Socket.IO (vs the floor, bench/floor) table from a bench/compare.sh
-// output directory. Columns appear for the systems the directory has results for.
+// Builds the herald vs Socket.IO vs Sockudo (vs the floor, bench/floor) table from a
+// bench/compare.sh output directory. Columns appear for the systems the directory has
+// results for. Ratio columns: herald against each peer and the floor, herald with the HTTP
+// producer against Sockudo (both published over HTTP), and herald against the best peer of
+// each row (the lowest value among socket.io and sockudo, or the highest where higher is
+// better: handshakes per second, delivery rate), naming that peer.
 //
 //   node bench/compare-report.js <out dir> ["<fanout rates>"] ["<broadcast rates>"]
 //
@@ -20,8 +24,16 @@ if (!dir) {
 const fanoutRates = (process.argv[3] || "2000 5000").split(/\s+/).filter(Boolean);
 const broadcastRates = (process.argv[4] || "1 5").split(/\s+/).filter(Boolean);
 // Fixed order (values are indexed by it); only systems with results get a column.
-const SYSTEMS = ["herald", "socketio", "floor"];
-const NAMES = { herald: "herald", socketio: "socket.io", floor: "floor" };
+const SYSTEMS = ["herald", "socketio", "floor", "sockudo", "herald-http"];
+const NAMES = {
+  herald: "herald", socketio: "socket.io", floor: "floor", sockudo: "sockudo",
+  "herald-http": "herald (HTTP producer)",
+};
+// Peers (other products), by index in SYSTEMS; the floor is not a peer.
+const PEERS = [1, 3];
+// [numerator, denominator] of each pairwise ratio column.
+const PAIRS = [[0, 1], [0, 2], [0, 3], [4, 3]];
+const PAIR_NAMES = { 4: "herald-http" };
 const present = SYSTEMS.map((s, i) => i === 0 || fs.readdirSync(dir).some((f) => f.endsWith(`-${s}.meta.json`)));
 
 function readJson(file) {
@@ -126,17 +138,29 @@ const ratio = (h, s, hp, sp) => {
 
 const rows = [];
 const checks = [];
-function row(label, name, getter, digits = 2) {
+const shownPairs = PAIRS.filter(([a, b]) => present[a] && present[b]);
+const shownPeers = PEERS.filter((i) => present[i]);
+// herald / the best peer of the row, "ratio (peer)"; noisy or missing peers are left out.
+function bestPeer(vals, ph, higherBetter) {
+  if (!shownPeers.length) return undefined;
+  const cands = shownPeers.filter((i) => !ph[i].noisy && !ph[i].missing && typeof vals[i] === "number");
+  if (!cands.length) return "n/a";
+  const best = cands.reduce((a, b) => ((higherBetter ? vals[b] > vals[a] : vals[b] < vals[a]) ? b : a));
+  return `${ratio(vals[0], vals[best], ph[0], ph[best])} (${NAMES[SYSTEMS[best]]})`;
+}
+function row(label, name, getter, digits = 2, higherBetter = false) {
   const ph = SYSTEMS.map((s) => phase(name, s));
   const vals = ph.map((p) => (p.bench || p.meta ? getter(p) : undefined));
   const cells = vals.map((v, i) => {
     const p = ph[i];
     if (p.meta && p.meta.skipped) return `skipped (${p.meta.skipped})`;
-    if (p.missing) return "missing";
+    // herald-http has message phases only (it is herald with another producer).
+    if (p.missing) return SYSTEMS[i] === "herald-http" && !/^(fanout|broadcast)/.test(name) ? "—" : "missing";
     return fmt(v, digits) + (p.noisy ? " ⚠ noisy" : "");
   });
   const shown = cells.filter((_, i) => present[i]);
-  const ratios = [1, 2].filter((i) => present[i]).map((i) => ratio(vals[0], vals[i], ph[0], ph[i]));
+  const ratios = shownPairs.map(([a, b]) => ratio(vals[a], vals[b], ph[a], ph[b]));
+  if (shownPeers.length) ratios.push(bestPeer(vals, ph, higherBetter));
   rows.push([label, ...shown, ...ratios]);
   return { vals, ph };
 }
@@ -167,7 +191,7 @@ row("handshakes per second", "connect", (p) => {
   const connected = total(p.bench, ["connected"]);
   const secs = find(p.bench, ["connect_seconds", "connect_s", "elapsed_s"]);
   return connected && secs ? connected / secs : undefined;
-}, 0);
+}, 0, true);
 
 row("connect: handshake latency p99 (ms)", "connect", (p) => {
   const h = find(p.bench, ["handshake_ms"]);
@@ -203,7 +227,7 @@ for (const r of broadcastRates) {
       const d = total(p.bench, ["delivered"]);
       const e = total(p.bench, ["expected"]);
       return d !== undefined && e ? (100 * d) / e : undefined;
-    }, 3),
+    }, 3, true),
     p50: row(`${t}: latency p50 (ms)`, name, (p) => latency(p.bench, "p50")),
     p99: row(`${t}: latency p99 (ms)`, name, (p) => latency(p.bench, "p99")),
     cpu: row(`${t}: server CPU s / 100k delivered`, name, (p) => cpuPer100k(p)?.v, 3),
@@ -214,7 +238,8 @@ for (const r of broadcastRates) {
 const out = [];
 {
   const cols = SYSTEMS.filter((_, i) => present[i]).map((s) => NAMES[s]);
-  const ratioCols = [1, 2].filter((i) => present[i]).map((i) => `herald/${NAMES[SYSTEMS[i]]}`);
+  const ratioCols = shownPairs.map(([a, b]) => `${PAIR_NAMES[a] || NAMES[SYSTEMS[a]]}/${NAMES[SYSTEMS[b]]}`);
+  if (shownPeers.length) ratioCols.push("herald/best peer");
   out.push(`| metric | ${[...cols, ...ratioCols].join(" | ")} |`);
   out.push(`|---|${[...cols, ...ratioCols].map(() => "---:").join("|")}|`);
 }
@@ -274,7 +299,8 @@ if (broadcast["1"]) {
   if (known.length === hl.length && known.length > 0) {
     const sum = known.reduce((a, b) => a + b, 0);
     check("zero lost messages (herald, every fanout/broadcast phase)", sum === 0,
-      `herald lost ${hl.join(", ")}; socket.io lost ${sl.map((v) => fmt(v, 0)).join(", ")}`);
+      `herald lost ${hl.join(", ")}; socket.io lost ${sl.map((v) => fmt(v, 0)).join(", ")}` +
+      (present[3] ? `; sockudo lost ${lostRows.map((x) => fmt(x.vals[3], 0)).join(", ")}` : ""));
   } else check("zero lost messages", undefined, "some phases missing");
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: herald vs Socket.IO 4 + @socket.io/redis-adapter vs the floor
-# (bench/floor: the smallest server doing herald's observable job), same machine, same run,
-# same topology, same load generator (herald-bench, --protocol herald|socketio).
+# Side-by-side benchmark: herald vs Socket.IO 4 + @socket.io/redis-adapter vs Sockudo 5.2.0
+# (a Pusher-protocol server in Rust, Redis adapter) vs the floor (bench/floor: the smallest
+# server doing herald's observable job), same machine, same run, same topology, same load
+# generator (herald-bench, --protocol herald|socketio|pusher).
 #
 # Topology (both systems): one private redis-server (never 6379), two server nodes on
 # 127.0.0.1, 2 x SESSIONS_PER_NODE authenticated sessions (HS256 JWT, sub = bench-<i>) opened
@@ -13,6 +14,21 @@
 #   socket.io: node bench/socketio-server.js x 2 (Redis adapter, websocket only);
 #              producer: node bench/producer.js (@socket.io/redis-emitter), herald-bench
 #              --producer external --expect-file.
+#   sockudo:   sockudo 5.2.0 x 2 (adapter redis, cache redis, queue none, rate limiter off,
+#              fallback_to_local off, activity_timeout 25 like herald's 25 s ping; one app;
+#              every Redis setting on the bench's Redis, own key prefixes), each started with
+#              a clean environment (env -i) in its own directory with its own config file
+#              (OUT_DIR/sockudo-<i>/config/config.toml); clients: herald-bench --protocol
+#              pusher (private-user-<uid> + broadcast); producer: herald-bench --producer
+#              pusher-api (signed POST /apps/<id>/batch_events, 10 events per request).
+#              Installed when missing (SOCKUDO_BIN unset and target/sockudo/bin/sockudo
+#              absent): cargo install sockudo --version 5.2.0 --locked --no-default-features
+#              --features redis,local --root target/sockudo (needs protoc: Debian's
+#              protobuf-compiler).
+#   herald-http: the herald nodes again, message phases only, published through herald's
+#              POST /api/publish (herald-bench --producer http) instead of Redis: the
+#              like-for-like row for Sockudo's HTTP producer. Added to SYSTEMS when both
+#              herald and sockudo are in it (HERALD_HTTP_ROW=0: not).
 #
 # Phases, each run for herald then for socket.io before the next phase starts:
 #   idle          fresh nodes, open all sessions, hold IDLE_HOLD s: node RSS per idle
@@ -43,13 +59,15 @@
 #                            message takes longer to flush); what has not arrived by then is lost
 #   CONCURRENCY=100          handshakes in flight per bench process
 #   SOURCE_IPS=127.0.0.2-127.0.0.20
-#   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio floor"
+#   PHASES="idle connect fanout broadcast"   SYSTEMS="herald socketio floor sockudo"
 #   WARMUP=5 WARMUP_RATE=1000  unreported fanout warm-up of each system before the first
 #                            message phase (WARMUP=0: none)
 #   NOISY_RETRIES=2  QUIET_WAIT=180  QUIET_CPU=0.25
 #   OUT_DIR=target/bench-compare/<utc time>
 #   HERALD_BIN / BENCH_BIN   use these binaries instead of building target/release/*
-#   SKIP_BUILD=1             do not run cargo build / npm ci (binaries and node_modules exist)
+#   SOCKUDO_BIN              use this sockudo binary instead of target/sockudo/bin/sockudo
+#   SKIP_BUILD=1             do not run cargo build / npm ci / cargo install sockudo
+#                            (binaries and node_modules exist)
 #   HERALD_*                 any herald setting, e.g. HERALD_WORKER_THREADS=1, reaches both
 #                            herald nodes (and is printed with the results)
 #
@@ -70,7 +88,12 @@ BROADCAST_DRAIN=${BROADCAST_DRAIN:-10}
 CONCURRENCY=${CONCURRENCY:-100}
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.20}
 PHASES=${PHASES:-idle connect fanout broadcast}
-SYSTEMS=${SYSTEMS:-herald socketio floor}
+SYSTEMS=${SYSTEMS:-herald socketio floor sockudo}
+if [[ " $SYSTEMS " == *" herald "* ]] && [[ " $SYSTEMS " == *" sockudo "* ]] &&
+    [[ " $SYSTEMS " != *" herald-http "* ]] && [ "${HERALD_HTTP_ROW:-1}" = 1 ]; then
+    SYSTEMS+=" herald-http"
+fi
+SOCKUDO_VERSION=5.2.0
 NOISY_RETRIES=${NOISY_RETRIES:-2}
 QUIET_WAIT=${QUIET_WAIT:-180}
 QUIET_CPU=${QUIET_CPU:-0.25}
@@ -81,10 +104,15 @@ SESSIONS=$((SESSIONS_PER_NODE * NODES))
 HERALD_PREFIX=hbench
 FLOOR_PREFIX=fbench
 SIO_PREFIX=sio-bench
+SOCKUDO_PREFIX=sockudo-bench
+SOCKUDO_APP_ID=herald-bench
+SOCKUDO_APP_KEY="bench-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+SOCKUDO_APP_SECRET="bench-app-secret-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+export HERALD_BENCH_PUSHER_SECRET="$SOCKUDO_APP_SECRET"
 
 JWT_SECRET="bench-jwt-secret-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 API_KEY="bench-api-key-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-export HERALD_BENCH_SECRET="$JWT_SECRET" BENCH_JWT_SECRET="$JWT_SECRET"
+export HERALD_BENCH_SECRET="$JWT_SECRET" BENCH_JWT_SECRET="$JWT_SECRET" HERALD_BENCH_API_KEY="$API_KEY"
 
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
@@ -159,6 +187,25 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         }
     fi
 fi
+SOCKUDO=${SOCKUDO_BIN:-$ROOT/target/sockudo/bin/sockudo}
+if [[ " $SYSTEMS " == *" sockudo "* ]] && [ ! -x "$SOCKUDO" ]; then
+    if [ "${SKIP_BUILD:-0}" = 1 ] || [ -n "${SOCKUDO_BIN:-}" ]; then
+        log "missing $SOCKUDO"
+        exit 2
+    fi
+    command -v protoc >/dev/null || {
+        log "installing sockudo needs protoc (Debian: apt-get install protobuf-compiler)"
+        exit 2
+    }
+    # Its own target directory: the build is large and shares nothing with herald's.
+    log "cargo install sockudo $SOCKUDO_VERSION into target/sockudo (a long build; log in $OUT_DIR/sockudo-install.log)"
+    CARGO_TARGET_DIR="$ROOT/target/sockudo-build" cargo install sockudo --version "$SOCKUDO_VERSION" \
+        --locked --no-default-features --features redis,local --root "$ROOT/target/sockudo" \
+        >"$OUT_DIR/sockudo-install.log" 2>&1 || {
+        tail -30 "$OUT_DIR/sockudo-install.log" >&2
+        exit 1
+    }
+fi
 # The herald tree measured: commit, and anything uncommitted in herald (src/) or the load
 # generator (bench/herald-bench/) (another change in progress would be measured too).
 {
@@ -208,7 +255,7 @@ wait_http() { # url pid logfile name
     return 1
 }
 
-H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=() F_PORTS=() F_PIDS=()
+H_PORTS=() H_PIDS=() S_PORTS=() S_PIDS=() F_PORTS=() F_PIDS=() K_PORTS=() K_PIDS=()
 start_herald() {
     local i port pid
     H_PORTS=() H_PIDS=()
@@ -253,9 +300,100 @@ start_floor() {
         log "floor-$i pid $pid port $port"
     done
 }
+# One Sockudo node: its own directory and config file, a clean environment (it reads
+# ./config/ and many environment variables), every Redis setting pointed at the bench's
+# Redis (its defaults point at 127.0.0.1:6379, which must never be used), the queue off,
+# the rate limiter off (by default it allows 20 WebSocket connects and 100 API calls per IP
+# per minute), fallback_to_local off (a node that misses Redis would silently run alone),
+# a Redis cache (a clustered node with idempotency refuses a memory cache) and
+# activity_timeout 25 (its default 120 s would ping far less often than herald's 25 s).
+sockudo_config() { # port metrics_port node
+    cat <<EOF
+debug = false
+host = "127.0.0.1"
+port = $1
+mode = "production"
+shutdown_grace_period = 2
+max_connections = 0
+activity_timeout = 25
+
+[instance]
+process_id = "sockudo-bench-$3"
+
+[logging]
+colors_enabled = false
+include_target = true
+
+[adapter]
+driver = "redis"
+fallback_to_local = false
+
+[adapter.redis]
+prefix = "$SOCKUDO_PREFIX:adapter"
+
+[cache]
+driver = "redis"
+
+[cache.redis]
+prefix = "$SOCKUDO_PREFIX:cache"
+
+[queue]
+driver = "none"
+
+[rate_limiter]
+enabled = false
+driver = "redis"
+
+[rate_limiter.redis]
+prefix = "$SOCKUDO_PREFIX:rl"
+
+[metrics]
+enabled = true
+host = "127.0.0.1"
+port = $2
+
+[database.redis]
+host = "127.0.0.1"
+port = $REDIS_PORT
+db = 0
+key_prefix = "$SOCKUDO_PREFIX:"
+
+[app_manager]
+driver = "memory"
+
+[[app_manager.array.apps]]
+id = "$SOCKUDO_APP_ID"
+key = "$SOCKUDO_APP_KEY"
+secret = "$SOCKUDO_APP_SECRET"
+enabled = true
+
+[app_manager.array.apps.policy.limits]
+max_connections = 100000
+max_client_events_per_second = 1000
+EOF
+}
+start_sockudo() {
+    local i port mport pid dir
+    K_PORTS=() K_PIDS=()
+    for i in $(seq 1 $NODES); do
+        port=$(free_port)
+        mport=$(free_port)
+        dir="$OUT_DIR/sockudo-$i"
+        mkdir -p "$dir/config"
+        sockudo_config "$port" "$mport" "$i" >"$dir/config/config.toml"
+        (cd "$dir" && exec env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$dir" RUST_LOG=warn \
+            "$SOCKUDO" --config config/config.toml) >"$OUT_DIR/sockudo-$i.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_http "http://127.0.0.1:$port/up/$SOCKUDO_APP_ID" "$pid" "$OUT_DIR/sockudo-$i.log" "sockudo-$i"
+        K_PORTS+=("$port") K_PIDS+=("$pid")
+        log "sockudo-$i pid $pid port $port"
+    done
+}
 [[ " $SYSTEMS " == *" herald "* ]] && start_herald
 [[ " $SYSTEMS " == *" socketio "* ]] && start_socketio
 [[ " $SYSTEMS " == *" floor "* ]] && start_floor
+[[ " $SYSTEMS " == *" sockudo "* ]] && start_sockudo
 sleep 2
 
 # Fresh server processes for a system (before an idle attempt: memory freed by earlier
@@ -270,6 +408,10 @@ restart_system() {
     floor)
         for p in "${F_PIDS[@]}"; do stop_pid "$p"; done
         start_floor
+        ;;
+    sockudo)
+        for p in "${K_PIDS[@]}"; do stop_pid "$p"; done
+        start_sockudo
         ;;
     *)
         for p in "${S_PIDS[@]}"; do stop_pid "$p"; done
@@ -290,8 +432,9 @@ gc_socketio() {
 
 server_pids() {
     case $1 in
-    herald) echo "${H_PIDS[@]}" ;;
+    herald | herald-http) echo "${H_PIDS[@]}" ;;
     floor) echo "${F_PIDS[@]}" ;;
+    sockudo) echo "${K_PIDS[@]}" ;;
     *) echo "${S_PIDS[@]}" ;;
     esac
 }
@@ -300,14 +443,15 @@ prefix_of() { if [ "$1" = floor ]; then echo "$FLOOR_PREFIX"; else echo "$HERALD
 targets() {
     local p ports=() out=()
     case $1 in
-    herald) ports=("${H_PORTS[@]}") ;;
+    herald | herald-http) ports=("${H_PORTS[@]}") ;;
     floor) ports=("${F_PORTS[@]}") ;;
+    sockudo) ports=("${K_PORTS[@]}") ;;
     *) ports=("${S_PORTS[@]}") ;;
     esac
     for p in "${ports[@]}"; do out+=(--target "ws://127.0.0.1:$p"); done
     echo "${out[@]}"
 }
-OUR_PIDS() { echo "$REDIS_PID ${H_PIDS[*]} ${S_PIDS[*]} ${F_PIDS[*]}"; }
+OUR_PIDS() { echo "$REDIS_PID ${H_PIDS[*]} ${S_PIDS[*]} ${F_PIDS[*]} ${K_PIDS[*]}"; }
 
 # ---------------------------------------------------------------- quiet machine
 # CPU (in cores) used over one second by everything except the processes started here.
@@ -374,11 +518,16 @@ run_once() {
     local spids proto pidlist nproc k n first args=() bench_pids=() readies=() rc=0
     read -ra spids <<<"$(server_pids "$sys")"
     pidlist=$(IFS=,; echo "${spids[*]}")
-    proto=$([ "$sys" = socketio ] && echo socketio || echo herald)
+    case $sys in
+    socketio) proto=socketio ;;
+    sockudo) proto=pusher ;;
+    *) proto=herald ;;
+    esac
     rm -f "$json" "$ready"* "$expect" "$pstats"
 
     read -ra args <<<"$(targets "$sys")"
     args+=(--protocol "$proto" --source-ips "$SOURCE_IPS" --pids "$pidlist" --redis-pid "$REDIS_PID")
+    [ "$sys" = sockudo ] && args+=(--pusher-app-id "$SOCKUDO_APP_ID" --pusher-key "$SOCKUDO_APP_KEY")
     has_flag "$scenario" "--secret" && args+=(--secret "$JWT_SECRET")
     case $scenario in
     idle) args+=(--hold "$IDLE_HOLD") ;;
@@ -403,9 +552,14 @@ run_once() {
         elif [ "$scenario" = broadcast ] && [ "$k" -gt 1 ]; then
             echo --rate "$rate" --producer external --expect-file "$expect"
         else
-            echo --rate "$(awk -v r="$rate" -v n="$([ "$scenario" = fanout ] && echo "$nproc" || echo 1)" \
-                'BEGIN { print r / n }')" --hold 0 --producer redis --redis-url "$REDIS_URL" \
-                --prefix "$(prefix_of "$sys")"
+            local r
+            r=$(awk -v r="$rate" -v n="$([ "$scenario" = fanout ] && echo "$nproc" || echo 1)" \
+                'BEGIN { print r / n }')
+            case $sys in
+            sockudo) echo --rate "$r" --hold 0 --producer pusher-api ;;
+            herald-http) echo --rate "$r" --hold 0 --producer http ;;
+            *) echo --rate "$r" --hold 0 --producer redis --redis-url "$REDIS_URL" --prefix "$(prefix_of "$sys")" ;;
+            esac
         fi
     }
 
@@ -460,7 +614,10 @@ run_once() {
     done
     # The other systems' idle nodes belong to the experiment too.
     local others="" o
-    for o in $SYSTEMS; do [ "$o" = "$sys" ] || others+="$(server_pids "$o") "; done
+    for o in $SYSTEMS; do
+        # herald-http measures the herald nodes: they are not "other" nodes of herald.
+        [ "$o" = "$sys" ] || [ "$(server_pids "$o")" = "$(server_pids "$sys")" ] || others+="$(server_pids "$o") "
+    done
     others=$(echo $others)
     (IFS=,; echo "${bench_pids[*]}${prod_pid:+,$prod_pid}${others:+,${others// /,}}") >"$pidsfile"
     touch "$go"
@@ -569,13 +726,17 @@ for phase in $PHASES; do
     if [ "$warmed" = 0 ] && [ "${WARMUP:-5}" != 0 ] && { [ "$phase" = fanout ] || [ "$phase" = broadcast ]; }; then
         warmed=1
         for sys in $SYSTEMS; do
+            [ "$sys" = herald-http ] && continue # the same nodes as herald, warmed with it
             PHASE_DURATION=${WARMUP:-5} run_once warmup "$sys" fanout "${WARMUP_RATE:-1000}" 1 ||
                 log "warm-up of $sys failed (see $OUT_DIR/warmup-$sys.log)"
         done
     fi
     case $phase in
     idle | connect)
-        for sys in $SYSTEMS; do run_phase "$phase" "$sys" "$phase"; done
+        # herald-http differs from herald only in its producer: no idle or connect phase.
+        for sys in $SYSTEMS; do
+            [ "$sys" = herald-http ] || run_phase "$phase" "$sys" "$phase"
+        done
         ;;
     fanout)
         for r in $FANOUT_RATES; do
@@ -597,12 +758,15 @@ done
 {
     echo "machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "herald: $(git describe --always --dirty 2>/dev/null || echo unknown), node $(node --version), socket.io $(node -p 'require("./bench/node_modules/socket.io/package.json").version'), redis $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')"
+    if [[ " $SYSTEMS " == *" sockudo "* ]]; then
+        echo "sockudo: $("$SOCKUDO" --version 2>/dev/null | head -1 || echo "version unknown") ($SOCKUDO)"
+    fi
     if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
         echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
     fi
     node_env=$(env | grep '^HERALD_' | grep -v -e SECRET -e API_KEY | tr '\n' ' ' || true)
     [ -z "$node_env" ] || echo "herald node settings from the environment: $node_env"
-    echo "command: ${node_env}SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} bench/compare.sh"
+    echo "command: ${node_env}SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} NOISY_RETRIES=$NOISY_RETRIES QUIET_WAIT=$QUIET_WAIT SYSTEMS=\"$SYSTEMS\" bench/compare.sh"
     echo
     node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
 } | tee "$OUT_DIR/table.md"

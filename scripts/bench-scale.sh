@@ -5,12 +5,20 @@
 # Each bench process opens its sessions, holds them HOLD s (the idle measurement is taken
 # here, once every process has connected), then publishes per-user messages to its own
 # users at RATE/PROCS msg/s for DURATION s on Redis (total RATE msg/s), and reports
-# latency and loss. Prints: sessions, node RSS (sum and per session), Redis RSS, node and
-# Redis CPU at rest, and the fanout percentiles of every process.
+# latency and loss. Then every process opens its sessions again (herald-bench broadcast)
+# and, once all of them are connected, BROADCASTS messages go to <prefix>:broadcast,
+# BROADCAST_INTERVAL s apart (published by process 0; the others learn the count from a
+# file this script writes): each process times the receipt of every broadcast by each of
+# its sessions. Prints: sessions, node RSS (sum and per session), Redis RSS, node and
+# Redis CPU at rest, the fanout percentiles of every process, and the broadcast's
+# (latency from the PUBLISH to each session's receipt; its max is the time until the last
+# of all sessions had it; loss; node CPU).
 #
 # Knobs (environment):
 #   NODES=8 PROCS=10 PER_PROC=15000 (150,000 sessions; herald-bench takes at most 18,000)  RATE=2000 DURATION=20 HOLD=45
 #   IDLE_WINDOW=10 (s of CPU sampling at rest)  CONCURRENCY=200 (handshakes in flight per process)
+#   BROADCASTS=3 BROADCAST_INTERVAL=10 BROADCAST_DRAIN=15 (s each process keeps reading
+#   after the last broadcast; what has not arrived then is lost)  BROADCASTS=0: no broadcast
 #   SOURCE_IPS=127.0.0.2-127.0.0.40  OUT_DIR=target/bench-scale/<utc time>
 #   HERALD_BIN / BENCH_BIN  (default: cargo build --release)
 #
@@ -26,6 +34,9 @@ DURATION=${DURATION:-20}
 HOLD=${HOLD:-45}
 IDLE_WINDOW=${IDLE_WINDOW:-10}
 CONCURRENCY=${CONCURRENCY:-200}
+BROADCASTS=${BROADCASTS:-3}
+BROADCAST_INTERVAL=${BROADCAST_INTERVAL:-10}
+BROADCAST_DRAIN=${BROADCAST_DRAIN:-15}
 SOURCE_IPS=${SOURCE_IPS:-127.0.0.2-127.0.0.40}
 OUT_DIR=${OUT_DIR:-target/bench-scale/$(date -u +%Y%m%dT%H%M%SZ)}
 # shellcheck source=scripts/bench-lib.sh
@@ -109,10 +120,62 @@ done
 log "connected in ${connect_s} s; measuring fanout"
 for p in "${BENCH_PIDS[@]}"; do wait "$p" || log "a bench process exited with $?"; done
 
+# One broadcast to everyone: every process reconnects its users, and the broadcasts start
+# only when all of them are connected (the start file), so every session can receive each.
+bsessions=0 bconnect_s=0 bcpu_nodes=0 bcpu_redis=0 bwindow=0
+if [ "$BROADCASTS" -gt 0 ]; then
+    bdur=$((BROADCASTS * BROADCAST_INTERVAL))
+    brate=$(awk -v i="$BROADCAST_INTERVAL" 'BEGIN { print 1 / i }')
+    rm -f "$OUT_DIR"/bready-* "$OUT_DIR/bstart" "$OUT_DIR/bexpect.json"
+    B_PIDS=()
+    for k in $(seq 0 $((PROCS - 1))); do
+        if [ "$k" = 0 ]; then
+            # Messages are due at 0, INTERVAL, 2 x INTERVAL ... s after the start.
+            prod=(--producer redis --redis-url "$REDIS_URL" --prefix "$PREFIX" --rate "$brate" --hold 0)
+        else
+            prod=(--producer external --expect-file "$OUT_DIR/bexpect.json"
+                --expect-timeout $((bdur + BROADCAST_DRAIN + 120)))
+        fi
+        "$BENCH" broadcast --target "$targets" --secret "$SECRET" --sessions "$PER_PROC" \
+            --first-user $((k * PER_PROC)) --source-ips "$SOURCE_IPS" --concurrency "$CONCURRENCY" \
+            --duration "$bdur" --drain "$BROADCAST_DRAIN" --cover-pings 0 --payload-bytes 100 \
+            --ready-file "$OUT_DIR/bready-$k" --start-file "$OUT_DIR/bstart" \
+            --json "$OUT_DIR/broadcast-$k.json" "${prod[@]}" >"$OUT_DIR/bench-broadcast-$k.log" 2>&1 &
+        B_PIDS+=("$!")
+        PIDS+=("$!")
+    done
+    t0=$SECONDS
+    while :; do
+        n=0
+        for k in $(seq 0 $((PROCS - 1))); do [ -e "$OUT_DIR/bready-$k" ] && n=$((n + 1)); done
+        [ "$n" = "$PROCS" ] && break
+        [ $((SECONDS - t0)) -gt 300 ] && { log "broadcast: not every process connected within 300 s"; break; }
+        sleep 0.5
+    done
+    bconnect_s=$((SECONDS - t0))
+    for t in "${TARGETS[@]}"; do
+        s=$(curl -fsS "http://127.0.0.1:${t##*:}/metrics" | awk '/^herald_connections / {print $2}')
+        bsessions=$((bsessions + ${s%.*}))
+    done
+    sleep 2
+    log "broadcast: $bsessions sessions connected in ${bconnect_s} s; $BROADCASTS broadcasts ${BROADCAST_INTERVAL} s apart"
+    ba_nodes=$(sum_ticks "${NODE_PIDS[@]}") ba_redis=$(cpu_ticks "$REDIS_PID") ta=$(date +%s.%N)
+    touch "$OUT_DIR/bstart"
+    # Process 0 published; the others read how much from bexpect.json.
+    wait "${B_PIDS[0]}" || log "broadcast process 0 exited with $?"
+    bb_nodes=$(sum_ticks "${NODE_PIDS[@]}") bb_redis=$(cpu_ticks "$REDIS_PID") tb=$(date +%s.%N)
+    jq -c '{sent: (.result.produced.sent // 0)}' "$OUT_DIR/broadcast-0.json" >"$OUT_DIR/bexpect.tmp" 2>/dev/null ||
+        echo '{"sent":0}' >"$OUT_DIR/bexpect.tmp"
+    mv "$OUT_DIR/bexpect.tmp" "$OUT_DIR/bexpect.json"
+    for p in "${B_PIDS[@]:1}"; do wait "$p" || log "a broadcast process exited with $?"; done
+    bcpu_nodes=$((bb_nodes - ba_nodes)) bcpu_redis=$((bb_redis - ba_redis))
+    bwindow=$(awk -v a="$ta" -v b="$tb" 'BEGIN { printf "%.1f", b - a }')
+fi
+
 {
     echo "machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -r), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "herald: $(git rev-parse --short HEAD), redis $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')"
-    echo "command: NODES=$NODES PROCS=$PROCS PER_PROC=$PER_PROC RATE=$RATE DURATION=$DURATION HOLD=$HOLD scripts/bench-scale.sh"
+    echo "command: NODES=$NODES PROCS=$PROCS PER_PROC=$PER_PROC RATE=$RATE DURATION=$DURATION HOLD=$HOLD BROADCASTS=$BROADCASTS BROADCAST_INTERVAL=$BROADCAST_INTERVAL BROADCAST_DRAIN=$BROADCAST_DRAIN scripts/bench-scale.sh"
     echo
     echo "| figure | value |"
     echo "|---|---|"
@@ -137,5 +200,27 @@ for p in "${BENCH_PIDS[@]}"; do wait "$p" || log "a bench process exited with $?
             | "| " + (map(tostring) | join(" | ")) + " |"' "$OUT_DIR/fanout-$k.json" 2>/dev/null ||
             echo "| $k | no result (see bench-$k.log) |"
     done
+    if [ "$BROADCASTS" -gt 0 ]; then
+        echo
+        echo "Broadcast to everyone: $BROADCASTS messages on $PREFIX:broadcast, $BROADCAST_INTERVAL s apart, to $bsessions sessions (reconnected in $bconnect_s s)."
+        echo "Latency is from the PUBLISH to each session's receipt; max is when the last session had it."
+        echo
+        echo "| process | delivered / expected | lost | p50 | p90 | p99 | p99.9 | max (ms) |"
+        echo "|---|---|---|---|---|---|---|---|"
+        for k in $(seq 0 $((PROCS - 1))); do
+            jq -r --arg k "$k" '[$k, "\(.delivered) / \(.expected)", .lost,
+                .latency_ms.p50, .latency_ms.p90, .latency_ms.p99, .latency_ms.p999, .latency_ms.max]
+                | "| " + (map(tostring) | join(" | ")) + " |"' "$OUT_DIR/broadcast-$k.json" 2>/dev/null ||
+                echo "| $k | no result (see bench-broadcast-$k.log) |"
+        done
+        jq -rs '"| all | \(map(.delivered) | add) / \(map(.expected) | add) | \(map(.lost) | add) | " +
+            "\(map(.latency_ms.p50) | add / length | . * 1000 | round / 1000) (mean) | " +
+            "\(map(.latency_ms.p90) | max) (worst) | \(map(.latency_ms.p99) | max) (worst) | " +
+            "\(map(.latency_ms.p999) | max) (worst) | \(map(.latency_ms.max) | max) |"' \
+            "$OUT_DIR"/broadcast-*.json 2>/dev/null || true
+        echo
+        awk -v n="$bcpu_nodes" -v r="$bcpu_redis" -v w="$bwindow" 'BEGIN {
+            printf "Node CPU from the first broadcast to the end of process 0 (%s s, drain included): %.2f s (all nodes), Redis %.2f s.\n", w, n / 100, r / 100 }'
+    fi
 } | tee "$OUT_DIR/table.md"
 log "results: $OUT_DIR"

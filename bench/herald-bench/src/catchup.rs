@@ -173,7 +173,7 @@ async fn receive(mut session: Session, sh: Arc<Shared>) {
                 }
                 Incoming::Gap => o.gaps += 1,
                 Incoming::Foreign => o.foreign += 1,
-                Incoming::EioPing | Incoming::Other => {}
+                Incoming::Ping | Incoming::Other => {}
             },
             Some(Ok(Message::Close(f))) => {
                 o.ended = Some(format!(

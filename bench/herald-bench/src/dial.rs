@@ -18,9 +18,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::hist::{new_hist, Lat};
+use crate::pusher::PusherArgs;
 use crate::sse::SseConn;
 use crate::util::{require_loopback, round3, unix_secs};
-use crate::wire::{handshake, session_url, Protocol, Ws};
+use crate::wire::{handshake, session_url, Protocol, PusherHello, Ws};
 
 /// One bench process keeps at most this many sessions: the open-file hard limit is 20,000
 /// and the process needs some descriptors of its own. Run several processes for more.
@@ -74,6 +75,9 @@ pub(crate) struct ClientArgs {
     /// against the same nodes use distinct users (process 2 of 2 x 8,000: --first-user 8000).
     #[arg(long, default_value_t = 0)]
     pub(crate) first_user: usize,
+
+    #[command(flatten)]
+    pub(crate) pusher: PusherArgs,
 }
 
 /// Raises the soft open-file limit to the hard one and refuses session counts that cannot fit.
@@ -107,12 +111,27 @@ struct Claims<'a> {
 
 /// Makes the token of a session.
 pub(crate) enum Tokens {
-    Jwt { key: EncodingKey, exp: u64 },
+    Jwt {
+        key: EncodingKey,
+        exp: u64,
+    },
     Dev,
+    /// Pusher: the URL carries the app key; the session signs its private channel with the
+    /// app secret instead of presenting a token.
+    Pusher {
+        key: String,
+        secret: String,
+    },
 }
 
 impl Tokens {
     pub(crate) fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        if args.protocol == Protocol::Pusher {
+            return Ok(Tokens::Pusher {
+                key: args.pusher.pusher_key.clone(),
+                secret: args.pusher.secret()?.to_string(),
+            });
+        }
         match (&args.secret, args.dev) {
             (_, true) => Ok(Tokens::Dev),
             (Some(secret), false) => Ok(Tokens::Jwt {
@@ -134,6 +153,7 @@ impl Tokens {
                 encode(&Header::default(), &claims, key).context("cannot sign a JWT")
             }
             Tokens::Dev => Ok(user.to_string()),
+            Tokens::Pusher { key, .. } => Ok(key.clone()),
         }
     }
 
@@ -379,7 +399,15 @@ impl Dialer {
                 WsError::Http(resp) => format!("handshake: HTTP {}", resp.status()),
                 other => format!("handshake: {other}"),
             })?;
-        handshake(&mut ws, self.protocol).await?;
+        let hello = match &self.tokens {
+            Tokens::Pusher { key, secret } => Some(PusherHello {
+                user: &spec.user,
+                key,
+                secret,
+            }),
+            _ => None,
+        };
+        handshake(&mut ws, self.protocol, hello).await?;
         Ok(Session {
             ws,
             target: t,

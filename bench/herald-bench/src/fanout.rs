@@ -16,8 +16,8 @@ use crate::probe::{
     redis_client, redis_conn, rss_map, scrape_counter, warn_if_noisy, Meter, ProbeArgs,
 };
 use crate::producer::{
-    produced_from_external, read_expect_file, run_http, run_redis, Kind, Pick, Plan, Produced,
-    ProducerArgs, ProducerKind, Targets,
+    produced_from_external, read_expect_file, run_http, run_pusher_api, run_redis, Kind, Pick,
+    Plan, Produced, ProducerArgs, ProducerKind, Targets,
 };
 use crate::recv::{collect, hold_unread, receive, RecvShared, Tally};
 use crate::report::{row, Report};
@@ -49,6 +49,12 @@ pub(crate) struct FanoutArgs {
     /// so the first ping round falls inside it.
     #[arg(long, default_value_t = 25.0)]
     pub(crate) cover_pings: f64,
+
+    /// Wait (up to 10 minutes) for this file to exist after writing --ready-file, before
+    /// the measured phase starts: lets a script start the phase of several bench processes
+    /// at once, when every one of them has connected (scripts/bench-scale.sh's broadcast).
+    #[arg(long)]
+    pub(crate) start_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -185,6 +191,18 @@ pub(crate) async fn run_slow(args: SlowArgs) -> anyhow::Result<u8> {
     run(Mode::Slow(opts), args.base).await
 }
 
+/// Polls for `path` every 10 ms until it exists or `limit` passed.
+async fn wait_for_file(path: &std::path::Path, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// Session `i` is slow when the running count of `share * (i + 1)` steps up at it: spreads
 /// `share` of the sessions evenly.
 fn is_slow(i: usize, share: f64) -> bool {
@@ -212,6 +230,9 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
     let c = &args.client;
     let p = &args.producer;
     p.check()?;
+    if p.producer == ProducerKind::PusherApi {
+        c.pusher.secret()?;
+    }
     check_secs(args.hold, "--hold", true)?;
     check_secs(args.cover_pings, "--cover-pings", true)?;
     if args.cover_pings > 600.0 {
@@ -309,6 +330,9 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
         tokio::time::sleep(Duration::from_secs_f64(hold)).await;
     }
     write_ready_file(args.probe.ready_file.as_deref(), &connect)?;
+    if let Some(path) = &args.start_file {
+        wait_for_file(path, Duration::from_secs(600)).await?;
+    }
     if connect.connected == 0 {
         bail!("no session connected: {:?}", connect.errors);
     }
@@ -409,6 +433,14 @@ pub(crate) async fn run(mode: Mode, args: FanoutArgs) -> anyhow::Result<u8> {
                 }
                 None => (main.await?, None),
             }
+        }
+        ProducerKind::PusherApi => {
+            if flood_plan.is_some() {
+                bail!("slow has no --producer pusher-api");
+            }
+            let produced =
+                run_pusher_api(plan, &http, &dialer.targets, &c.pusher, p.http_connections).await?;
+            (produced, None)
         }
         ProducerKind::External => {
             tokio::time::sleep(Duration::from_secs_f64(p.duration)).await;

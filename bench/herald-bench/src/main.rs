@@ -39,6 +39,7 @@ mod idle;
 mod node_http;
 mod probe;
 mod producer;
+mod pusher;
 mod recv;
 mod report;
 mod sse;

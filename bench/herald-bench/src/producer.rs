@@ -1,5 +1,7 @@
-//! The producing side: paced publishes over Redis (`PUBLISH` on the documented channels) or
-//! the HTTP API (`POST /api/publish`), or expectations read from an external producer.
+//! The producing side: paced publishes over Redis (`PUBLISH` on the documented channels),
+//! herald's HTTP API (`POST /api/publish`) or a Pusher-compatible HTTP API (signed
+//! `POST /apps/<id>/batch_events`, for Sockudo), or expectations read from an external
+//! producer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -14,7 +16,8 @@ use tokio::time::{interval, MissedTickBehavior};
 
 use crate::dial::Target;
 use crate::node_http;
-use crate::util::{mono_ns, round3, Rng};
+use crate::pusher::{self, PusherArgs};
+use crate::util::{mono_ns, round3, unix_secs, Rng};
 use crate::wire::payload;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -24,6 +27,9 @@ pub(crate) enum ProducerKind {
     Redis,
     /// POST /api/publish to the targets (round-robin over connections).
     Http,
+    /// Pusher HTTP API: signed POST /apps/<id>/batch_events to the targets, up to 10 events
+    /// per request (needs --pusher-secret; channels private-user-<uid> and broadcast).
+    PusherApi,
     /// Someone else publishes; expectations come from --expect-file.
     External,
 }
@@ -396,6 +402,150 @@ pub(crate) async fn run_http(
                     Ok((200, _)) => got.sent += 1,
                     Ok((status, _)) => got.fail(k, seq, format!("http: HTTP {status}")),
                     Err(e) => got.fail(k, seq, format!("http: {e}")),
+                }
+            }
+            got
+        }));
+    }
+    let mut pacer = Pacer::new(plan.rate, plan.duration);
+    let mut rng = Rng::seeded();
+    let mut n = 0u64;
+    if !plan.pick.is_empty() {
+        'outer: while let Some(due) = pacer.due(plan.max_batch).await {
+            for _ in 0..due {
+                let key = plan.pick.next(&mut rng, n);
+                n += 1;
+                out.last_seq[key] += 1;
+                if senders[key % workers]
+                    .send((key, out.last_seq[key]))
+                    .await
+                    .is_err()
+                {
+                    break 'outer;
+                }
+            }
+            pacer.done(due);
+        }
+    }
+    drop(senders);
+    for h in handles {
+        if let Ok(got) = h.await {
+            out.sent += got.sent;
+            out.failed += got.failed;
+            for (k, v) in got.failed_seqs {
+                out.failed_seqs.entry(k).or_default().extend(v);
+            }
+            for (e, c) in got.errors {
+                *out.errors.entry(e).or_default() += c;
+            }
+        }
+    }
+    Ok(finish(out, &pacer))
+}
+
+/// Publishes `plan` through a Pusher-compatible HTTP API (Sockudo): signed
+/// `POST /apps/<id>/batch_events` from `connections` workers spread over `targets`. Each
+/// worker sends what is queued for it, up to [`pusher::MAX_BATCH`] events per request, one
+/// request at a time; messages for one key always take the same worker (order kept).
+pub(crate) async fn run_pusher_api(
+    plan: Plan,
+    http: &reqwest::Client,
+    targets: &[Target],
+    app: &PusherArgs,
+    connections: usize,
+) -> anyhow::Result<Produced> {
+    let secret = app.secret()?.to_string();
+    let keys = plan.targets.names.len().max(1);
+    let mut out = Produced {
+        last_seq: vec![0; keys],
+        ..Produced::default()
+    };
+    let channels: std::sync::Arc<Vec<String>> = std::sync::Arc::new(match plan.targets.kind {
+        Kind::User => plan
+            .targets
+            .names
+            .iter()
+            .map(|u| pusher::user_channel(u))
+            .collect(),
+        Kind::Broadcast => vec![pusher::BROADCAST_CHANNEL.to_string()],
+        Kind::Topic => {
+            bail!("--producer pusher-api has no topics (its sessions join no topic channel)")
+        }
+    });
+    if targets.is_empty() {
+        bail!("--producer pusher-api needs a target");
+    }
+    let workers = connections.clamp(1, 256);
+    let deadline = Instant::now() + Duration::from_secs_f64(plan.duration + 10.0);
+    let mut senders = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let (tx, mut rx) = mpsc::channel::<(usize, u64)>(4096);
+        senders.push(tx);
+        let target = &targets[w % targets.len()];
+        let addr = target.addr;
+        let host = node_http::header(&target.authority, "the target's host")?;
+        let http = http.clone();
+        let channels = channels.clone();
+        let pad = plan.pad.clone();
+        let app = app.clone();
+        let secret = secret.clone();
+        handles.push(tokio::spawn(async move {
+            let json = HeaderValue::from_static("application/json");
+            let mut got = Produced::default();
+            let mut batch: Vec<(usize, u64)> = Vec::with_capacity(pusher::MAX_BATCH);
+            while let Some(first) = rx.recv().await {
+                // Whatever else is already queued for this worker goes in the same request.
+                batch.clear();
+                batch.push(first);
+                while batch.len() < pusher::MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
+                }
+                if Instant::now() > deadline {
+                    for &(k, seq) in &batch {
+                        got.fail(k, seq, "pusher-api: not sent before the deadline".into());
+                    }
+                    continue;
+                }
+                let payloads: Vec<String> = batch
+                    .iter()
+                    .map(|&(_, seq)| payload(seq, mono_ns(), &pad))
+                    .collect();
+                let body = pusher::batch_body(
+                    batch
+                        .iter()
+                        .zip(&payloads)
+                        .map(|(&(k, _), p)| (channels[k].as_str(), p.as_str())),
+                );
+                let path = pusher::signed_batch_path(&app, &secret, &body, unix_secs());
+                let result = match node_http::url(addr, &path) {
+                    Ok(url) => {
+                        let req = http
+                            .post(url)
+                            .header(HOST, host.clone())
+                            .header(CONTENT_TYPE, json.clone())
+                            .body(body);
+                        node_http::exchange(req).await
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                match result {
+                    Ok((200, _)) => got.sent += batch.len() as u64,
+                    Ok((status, text)) => {
+                        let detail: String =
+                            String::from_utf8_lossy(&text).chars().take(60).collect();
+                        for &(k, seq) in &batch {
+                            got.fail(k, seq, format!("pusher-api: HTTP {status} {detail}"));
+                        }
+                    }
+                    Err(e) => {
+                        for &(k, seq) in &batch {
+                            got.fail(k, seq, format!("pusher-api: {e}"));
+                        }
+                    }
                 }
             }
             got

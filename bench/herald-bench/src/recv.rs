@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dial::Session;
 use crate::hist::Recorder;
 use crate::util::mono_ns;
-use crate::wire::{classify, Incoming, Protocol};
+use crate::wire::{classify, pong, Incoming, Protocol};
 
 /// Most holes (missing ranges) remembered per session; beyond it further gaps are still
 /// counted as lost but cannot turn into "out of order" when they arrive late.
@@ -172,8 +172,8 @@ fn close_text(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>)
     }
 }
 
-/// Reads a session until `stop`, recording every bench payload; answers Engine.IO pings
-/// (tungstenite answers WebSocket pings itself while reading).
+/// Reads a session until `stop`, recording every bench payload; answers Engine.IO and
+/// Pusher pings (tungstenite answers WebSocket pings itself while reading).
 pub(crate) async fn receive(mut session: Session, shared: Arc<RecvShared>) {
     let mut o = SessionOutcome {
         index: session.index,
@@ -200,8 +200,13 @@ pub(crate) async fn receive(mut session: Session, shared: Arc<RecvShared>) {
                         .record_micros(shard, now.saturating_sub(ts) / 1000);
                     o.seq.observe(seq);
                 }
-                Incoming::EioPing => {
-                    if session.ws.send(Message::text("3")).await.is_err() {
+                Incoming::Ping => {
+                    if session
+                        .ws
+                        .send(Message::text(pong(shared.protocol)))
+                        .await
+                        .is_err()
+                    {
                         o.ended = Some("error: pong write".into());
                         break;
                     }
