@@ -1,5 +1,5 @@
 //! `durable` (herald only): (a) what a durable publish costs next to a plain one — M
-//! `PUBLISH <prefix>:user:<u>` against M `FCALL herald_notify 1 <prefix>:inbox:<u>` with the
+//! `PUBLISH <prefix>:user:{<u>}` against M `FCALL herald_notify 1 <prefix>:inbox:{<u>}` with the
 //! same payloads and pacing, per-call latency and Redis CPU per 10k; with `--idempotency`,
 //! also M calls with `idem <new key>` and M retries of those calls (same key, same payload),
 //! which must return the first id and store and deliver nothing; (b) how long replaying N

@@ -622,8 +622,20 @@ impl RedisPresence {
             .arg(REAP_BATCH)
             .arg(REAPER_CLAIM.as_millis() as u64);
         let raw: Vec<Value> = inv.invoke_async(conn).await?;
-        if raw.first().map(text).as_deref() != Some("work") {
-            return Ok(0);
+        match raw.first().map(text).as_deref() {
+            Some("work") => {}
+            Some("idle") => {
+                // Nothing is left of the dead lease: out of the registry, so reapers stop
+                // visiting it (a retired lease would otherwise be looked at every second
+                // until it is pruned).
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(self.keys.registry_key())
+                    .arg(lease)
+                    .query_async(conn)
+                    .await?;
+                return Ok(0);
+            }
+            _ => return Ok(0),
         }
         let n_due = raw.get(1).map(int).unwrap_or(0).max(0) as usize;
         let names: Vec<String> = raw.iter().skip(2).map(text).collect();
@@ -719,22 +731,32 @@ impl RedisPresence {
             .arg("+inf")
             .query_async(&mut conn)
             .await?;
-        let mut nodes = Vec::with_capacity(scan.live.len());
+        // One round trip for every live lease (redis-rs splits it by slot on a cluster).
+        let mut pipe = redis::pipe();
         for lease in &scan.live {
-            let (node, connections, users): (Option<String>, Option<u64>, Option<u64>) =
-                redis::cmd("HMGET")
-                    .arg(self.keys.lease_key(lease))
-                    .arg("node")
-                    .arg("connections")
-                    .arg("users")
-                    .query_async(&mut conn)
-                    .await?;
+            pipe.cmd("HMGET")
+                .arg(self.keys.lease_key(lease))
+                .arg("node")
+                .arg("connections")
+                .arg("users");
+        }
+        type Record = (Option<String>, Option<i64>, Option<i64>);
+        let records: Vec<Record> = if scan.live.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut nodes = Vec::with_capacity(records.len());
+        for (node, connections, users) in records {
             // A lease in the registry whose hash expired a moment ago is not live.
             let Some(node) = node else { continue };
+            // The heartbeat writes exact counts and opens/closes adjust them in between, so
+            // a close landing just after a heartbeat that no longer counted it can take a
+            // count briefly below the truth, even below zero, until the next heartbeat.
             nodes.push(NodeStats {
                 node,
-                connections: connections.unwrap_or(0),
-                users: users.unwrap_or(0),
+                connections: connections.unwrap_or(0).max(0) as u64,
+                users: users.unwrap_or(0).max(0) as u64,
             });
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
