@@ -731,21 +731,21 @@ impl RedisPresence {
             .arg("+inf")
             .query_async(&mut conn)
             .await?;
-        // One round trip for every live lease (redis-rs splits it by slot on a cluster).
-        let mut pipe = redis::pipe();
-        for lease in &scan.live {
-            pipe.cmd("HMGET")
-                .arg(self.keys.lease_key(lease))
-                .arg("node")
-                .arg("connections")
-                .arg("users");
-        }
+        // One call per live lease: each lease's hash lives in its own slot, and a pipeline
+        // across slots is refused on Redis Cluster. There are as many as there are nodes.
         type Record = (Option<String>, Option<i64>, Option<i64>);
-        let records: Vec<Record> = if scan.live.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
+        let mut records: Vec<Record> = Vec::with_capacity(scan.live.len());
+        for lease in &scan.live {
+            records.push(
+                redis::cmd("HMGET")
+                    .arg(self.keys.lease_key(lease))
+                    .arg("node")
+                    .arg("connections")
+                    .arg("users")
+                    .query_async(&mut conn)
+                    .await?,
+            );
+        }
         let mut nodes = Vec::with_capacity(records.len());
         for (node, connections, users) in records {
             // A lease in the registry whose hash expired a moment ago is not live.
