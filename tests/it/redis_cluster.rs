@@ -255,80 +255,6 @@ async fn the_durable_inbox_replays_and_acks_on_the_users_shard() {
     }
 }
 
-/// What one client received, read by its own task.
-#[derive(Default)]
-struct Received {
-    /// Durable messages: (inbox id, data).
-    durable: Vec<(String, i64)>,
-    /// Plain messages' data.
-    plain: Vec<i64>,
-    gaps: Vec<Value>,
-    /// How the session ended, if it did (a close code, or 0 for a dropped connection).
-    ended: Option<u16>,
-}
-
-/// Reads `ws` until `stop`, recording every message.
-fn spawn_reader(
-    mut ws: Ws,
-    stop: Arc<AtomicBool>,
-) -> (Arc<Mutex<Received>>, tokio::task::JoinHandle<()>) {
-    let got = Arc::new(Mutex::new(Received::default()));
-    let out = got.clone();
-    let task = tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            let next = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
-                Err(_) => continue,
-                Ok(n) => n,
-            };
-            let text = match next {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Close(f))) => {
-                    out.lock().unwrap().ended = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
-                    return;
-                }
-                Some(Ok(_)) => continue,
-                None | Some(Err(_)) => {
-                    out.lock().unwrap().ended = Some(0);
-                    return;
-                }
-            };
-            let v: Value = serde_json::from_str(text.as_str()).expect("json frame");
-            let mut r = out.lock().unwrap();
-            match v["type"].as_str() {
-                Some("message") => match v["id"].as_str() {
-                    Some(id) => r
-                        .durable
-                        .push((id.to_string(), v["data"]["k"].as_i64().expect("k"))),
-                    None => r.plain.push(v["data"]["p"].as_i64().expect("p")),
-                },
-                Some("gap") => r.gaps.push(v),
-                _ => {}
-            }
-        }
-    });
-    (got, task)
-}
-
-/// When a node's /readyz first failed after the kill and when it was 200 again, polled
-/// every 50 ms from the kill on.
-async fn not_ready_window(
-    node: Arc<Herald>,
-    since: Instant,
-) -> (Option<Duration>, Option<Duration>) {
-    let mut down = None;
-    let deadline = since + READY_AGAIN_WITHIN + WAIT;
-    while Instant::now() < deadline {
-        let ready = node.ready().await;
-        match (down, ready) {
-            (None, false) => down = Some(since.elapsed()),
-            (Some(_), true) => return (down, Some(since.elapsed())),
-            _ => {}
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (down, None)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing() {
     let mut cluster = RedisCluster::start("failover");
@@ -345,73 +271,19 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
     let (got1, r1) = spawn_reader(c1.ws, stop_readers.clone());
     let (got2, r2) = spawn_reader(c2.ws, stop_readers.clone());
 
-    // The producer: every 50 ms one durable message (retried with its idempotency key until
-    // a node accepts it) and one plain message (not retried), alternating between nodes.
-    let stop_producer = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let producer = {
-        let (a, b) = (a.clone(), b.clone());
-        let (stop, accepted) = (stop_producer.clone(), accepted.clone());
-        tokio::spawn(async move {
-            let mut durable: Vec<(i64, String)> = Vec::new();
-            let mut plain_ok: Vec<i64> = Vec::new();
-            let mut refused = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let deadline = Instant::now() + Duration::from_secs(90);
-            let mut k = 0i64;
-            let mut attempt = 0usize;
-            // Bounded in count (3,000 attempts) and time (90 s).
-            while !stop.load(Ordering::Relaxed) && attempt < 3000 && Instant::now() < deadline {
-                tick.tick().await;
-                attempt += 1;
-                let node = if attempt.is_multiple_of(2) { &a } else { &b };
-                let body = json!({"user": user, "durable": true, "data": {"k": k},
-                                  "idempotency_key": format!("k-{k}")});
-                match node
-                    .http
-                    .post(node.url("/api/publish"))
-                    .bearer_auth(API_KEY)
-                    .json(&body)
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status() == 200 => {
-                        let v: Value = r.json().await.expect("publish body");
-                        durable.push((k, v["ids"][user].as_str().expect("id").to_string()));
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                        k += 1;
-                    }
-                    _ => refused += 1,
-                }
-                let p = attempt as i64;
-                let plain = json!({"user": user, "data": {"p": p}});
-                if let Ok(r) = node
-                    .http
-                    .post(node.url("/api/publish"))
-                    .bearer_auth(API_KEY)
-                    .json(&plain)
-                    .send()
-                    .await
-                {
-                    if r.status() == 200 {
-                        plain_ok.push(p);
-                    }
-                }
-            }
-            (durable, plain_ok, refused)
-        })
-    };
+    // The producer: every 50 ms one durable and one plain message, alternating nodes.
+    let producer = Producer::start(a.clone(), b.clone(), user);
 
     // Kill the master of the user's shard once a steady stream is flowing.
     eventually(WAIT, "20 durable messages accepted", || async {
-        (accepted.load(Ordering::Relaxed) >= 20).then_some(())
+        (producer.accepted() >= 20).then_some(())
     })
     .await;
     let tag = format!("{{{user}}}");
     let killed_at = Instant::now();
     let old = cluster.kill_master_of(&tag);
-    let watch_a = tokio::spawn(not_ready_window(a.clone(), killed_at));
-    let watch_b = tokio::spawn(not_ready_window(b.clone(), killed_at));
+    let watch_a = tokio::spawn(not_ready_window(a.clone(), killed_at, READY_AGAIN_WITHIN));
+    let watch_b = tokio::spawn(not_ready_window(b.clone(), killed_at, READY_AGAIN_WITHIN));
     let (wa, wb) = (watch_a.await.unwrap(), watch_b.await.unwrap());
     for (name, (down, up)) in [("a", wa), ("b", wb)] {
         let down =
@@ -422,21 +294,34 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
             "node {name} ready again only after {up:?} (bound {READY_AGAIN_WITHIN:?}); down at {down:?}"
         );
     }
-    let new = cluster.master_of(&tag);
-    assert_ne!(new, old, "the replica took over the shard");
+    // The replica took over: every cluster node names a master other than the killed one.
+    eventually(
+        WAIT,
+        "every cluster node names the promoted replica",
+        || async {
+            cluster
+                .agreed_master_of(&tag)
+                .filter(|&m| m != old)
+                .map(|_| ())
+        },
+    )
+    .await;
     // Presence is back: both sessions, each on its node.
     a.wait_presence_nodes(user, &["a", "b"]).await;
 
     // Twenty more after both nodes are back, then stop.
-    let after = accepted.load(Ordering::Relaxed);
+    let after = producer.accepted();
     eventually(
         WAIT,
         "20 more durable messages accepted after the failover",
-        || async { (accepted.load(Ordering::Relaxed) >= after + 20).then_some(()) },
+        || async { (producer.accepted() >= after + 20).then_some(()) },
     )
     .await;
-    stop_producer.store(true, Ordering::Relaxed);
-    let (durable, plain_ok, refused) = producer.await.unwrap();
+    let Produced {
+        durable,
+        plain_ok,
+        refused,
+    } = producer.finish().await;
 
     // Both sessions survived and hold exactly the inbox: every accepted message, each once,
     // in inbox order.
@@ -615,8 +500,18 @@ async fn when_a_shard_master_dies_the_subscriptions_move_to_the_promoted_replica
         back <= PUBSUB_BACK_WITHIN,
         "subscription back only after {back:?} (bound {PUBSUB_BACK_WITHIN:?})"
     );
-    let new = cluster.master_of("cz:broadcast");
-    assert_ne!(new, old, "the replica took over");
+    // The replica took over: every cluster node names a master other than the killed one.
+    eventually(
+        WAIT,
+        "every cluster node names the promoted replica",
+        || async {
+            cluster
+                .agreed_master_of("cz:broadcast")
+                .filter(|&m| m != old)
+                .map(|_| ())
+        },
+    )
+    .await;
     // The broadcast channel is subscribed on the promoted replica, and every shard (the
     // promoted one too) holds the node's canary again.
     assert_eq!(spublish(&cluster, "cz:broadcast", "{}"), 1);

@@ -252,28 +252,15 @@ impl RedisBroker {
                             health.set_pubsub(false);
                             return;
                         };
-                        let mut batch = vec![cmd];
-                        while batch.len() < MAX_BATCH {
-                            match cmds.try_recv() {
-                                Ok(c) => batch.push(c),
-                                Err(_) => break,
-                            }
-                        }
-                        let (subs, unsubs, acks) = apply(&keys, &mut desired, batch);
-                        let mut failed = false;
+                        let (subs, unsubs, acks) = take_batch(&keys, &mut desired, cmd, &mut cmds);
+                        let mut ok = true;
                         if !unsubs.is_empty() {
-                            failed |= !matches!(timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&unsubs)).await, Ok(Ok(())));
+                            ok &= matches!(timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&unsubs)).await, Ok(Ok(())));
                         }
-                        if !failed && !subs.is_empty() {
-                            failed |= !matches!(timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&subs)).await, Ok(Ok(())));
+                        if ok && !subs.is_empty() {
+                            ok &= matches!(timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&subs)).await, Ok(Ok(())));
                         }
-                        // Acks go out even on failure: the channels are in `desired` and the
-                        // reconnect below subscribes them; holding sessions back would not help.
-                        for a in acks {
-                            let _ = a.send(());
-                        }
-                        if failed {
-                            metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                        if !settle(acks, ok) {
                             break "subscribe failed";
                         }
                     }
@@ -343,6 +330,39 @@ pub(super) async fn wait_offline(
             },
         }
     }
+}
+
+/// Takes `first` and the hub commands already queued behind it (at most `MAX_BATCH` in
+/// all), applies them to `desired`, and returns what `apply` returns: one SUBSCRIBE and one
+/// UNSUBSCRIBE for a burst of joins and leaves instead of a round trip each.
+pub(super) fn take_batch(
+    keys: &Keys,
+    desired: &mut HashSet<String>,
+    first: SubCommand,
+    cmds: &mut mpsc::Receiver<SubCommand>,
+) -> (Vec<String>, Vec<String>, Vec<oneshot::Sender<()>>) {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match cmds.try_recv() {
+            Ok(c) => batch.push(c),
+            Err(_) => break,
+        }
+    }
+    apply(keys, desired, batch)
+}
+
+/// Sends a batch's acknowledgements and counts a failed (UN)SUBSCRIBE; returns `ok`.
+///
+/// The acks go out even on failure: the channels are in `desired` and the reconnect that
+/// follows a failure subscribes them; holding the sessions back would not help.
+pub(super) fn settle(acks: Vec<oneshot::Sender<()>>, ok: bool) -> bool {
+    for a in acks {
+        let _ = a.send(());
+    }
+    if !ok {
+        metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+    }
+    ok
 }
 
 /// Applies hub commands in order to `desired` and returns the net channels to subscribe,

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{apply, RedisBroker, SubscriberSettings};
+use super::redis::{apply, settle, take_batch, RedisBroker, SubscriberSettings};
 use crate::cluster::connect::ClusterTarget;
 use crate::cluster::keys::{slot_of, Channel, Keys};
 use crate::delivery::SubCommand;
@@ -45,8 +45,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sharded subscribe commands in flight at once (one per slot: a command may not span slots).
 const SUBSCRIBE_CONCURRENCY: usize = 32;
-/// Most hub commands applied in one batch.
-const MAX_BATCH: usize = 1024;
 /// How long asking a node for the slot map may take; the loop waits for it.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_millis(800);
 /// A shard silent this long, although redis-rs keeps recovering it, makes the loop rebuild
@@ -223,27 +221,15 @@ pub(super) async fn run(
                         health.set_pubsub(false);
                         return;
                     };
-                    let mut batch = vec![cmd];
-                    while batch.len() < MAX_BATCH {
-                        match cmds.try_recv() {
-                            Ok(c) => batch.push(c),
-                            Err(_) => break,
-                        }
-                    }
-                    let (subs, unsubs, acks) = apply(&keys, &mut desired, batch);
-                    let mut failed = false;
+                    let (subs, unsubs, acks) = take_batch(&keys, &mut desired, cmd, &mut cmds);
+                    let mut ok = true;
                     if !unsubs.is_empty() {
-                        failed |= !subscribe(&conn, unsubs, Verb::Unsubscribe).await;
+                        ok &= subscribe(&conn, unsubs, Verb::Unsubscribe).await;
                     }
-                    if !failed && !subs.is_empty() {
-                        failed |= !subscribe(&conn, subs, Verb::Subscribe).await;
+                    if ok && !subs.is_empty() {
+                        ok &= subscribe(&conn, subs, Verb::Subscribe).await;
                     }
-                    // As in the classic loop: the channels are in `desired` either way.
-                    for a in acks {
-                        let _ = a.send(());
-                    }
-                    if failed {
-                        metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                    if !settle(acks, ok) {
                         break "subscribe failed";
                     }
                 }

@@ -17,6 +17,7 @@
 //! process and port it uses, bound every load loop, and wait for conditions with
 //! [`eventually`] and a deadline.
 
+mod failover;
 mod nginx;
 mod node;
 pub mod prom;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use self::failover::{not_ready_window, spawn_reader, Produced, Producer, Received};
 pub use self::nginx::{nginx_bin, Nginx};
 pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;

@@ -208,24 +208,30 @@ impl RedisCluster {
 
     /// The masters' ports and slot ranges, from `CLUSTER SLOTS` on a running node.
     fn slot_map(&self) -> Vec<(u16, u16, u16)> {
-        let reply: Vec<redis::Value> = self.cmd_any(&["CLUSTER", "SLOTS"]).unwrap_or_default();
-        let mut out = Vec::new();
-        for entry in reply {
-            let redis::Value::Array(fields) = entry else {
-                continue;
-            };
-            if let (
-                Some(redis::Value::Int(a)),
-                Some(redis::Value::Int(b)),
-                Some(redis::Value::Array(m)),
-            ) = (fields.first(), fields.get(1), fields.get(2))
-            {
-                if let Some(redis::Value::Int(port)) = m.get(1) {
-                    out.push((*a as u16, *b as u16, *port as u16));
-                }
+        parse_slots(self.cmd_any(&["CLUSTER", "SLOTS"]).unwrap_or_default())
+    }
+
+    /// The master that owns `key`'s slot when every running node says the same, else `None`.
+    ///
+    /// After a failover the nodes learn the promoted replica's new epoch by gossip, one after
+    /// the other; a test that asks one node right after a herald node recovered can still be
+    /// told the killed master. Waiting for agreement makes every later `master_of` and
+    /// `masters` answer the new topology.
+    pub fn agreed_master_of(&self, key: &str) -> Option<u16> {
+        let slot = self.slot(key);
+        let mut agreed = None;
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let map = parse_slots(self.cmd_on(n.port, &["CLUSTER", "SLOTS"]).ok()?);
+            let m = map
+                .into_iter()
+                .find(|&(a, b, _)| (a..=b).contains(&slot))
+                .map(|(_, _, p)| p)?;
+            if agreed.is_some_and(|p| p != m) {
+                return None;
             }
+            agreed = Some(m);
         }
-        out
+        agreed
     }
 
     /// The ports of the masters that own slots, sorted.
@@ -289,4 +295,25 @@ impl Drop for RedisCluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// `CLUSTER SLOTS` as (first slot, last slot, master port) triples.
+fn parse_slots(reply: Vec<redis::Value>) -> Vec<(u16, u16, u16)> {
+    let mut out = Vec::new();
+    for entry in reply {
+        let redis::Value::Array(fields) = entry else {
+            continue;
+        };
+        if let (
+            Some(redis::Value::Int(a)),
+            Some(redis::Value::Int(b)),
+            Some(redis::Value::Array(m)),
+        ) = (fields.first(), fields.get(1), fields.get(2))
+        {
+            if let Some(redis::Value::Int(port)) = m.get(1) {
+                out.push((*a as u16, *b as u16, *port as u16));
+            }
+        }
+    }
+    out
 }
