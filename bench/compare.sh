@@ -764,9 +764,11 @@ done
     if [ "$(wc -l <"$OUT_DIR/tree-status.txt")" -gt 1 ]; then
         echo "note: uncommitted changes under src/ were built (see tree-status.txt)"
     fi
-    node_env=$(env | grep '^HERALD_' | grep -v -e SECRET -e API_KEY | tr '\n' ' ' || true)
+    # HERALD_BIN and HERALD_HTTP_ROW are this script's knobs, not herald settings.
+    node_env=$(env | grep '^HERALD_' | grep -v -e SECRET -e API_KEY -e '^HERALD_BIN=' -e '^HERALD_HTTP_ROW=' | tr '\n' ' ' || true)
+    script_env=$(env | grep -e '^HERALD_HTTP_ROW=' -e '^SKIP_BUILD=' -e '^PHASES=' -e '^FANOUT_RATES=' -e '^BROADCAST_RATES=' | tr '\n' ' ' || true)
     [ -z "$node_env" ] || echo "herald node settings from the environment: $node_env"
-    echo "command: ${node_env}SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} NOISY_RETRIES=$NOISY_RETRIES QUIET_WAIT=$QUIET_WAIT SYSTEMS=\"$SYSTEMS\" bench/compare.sh"
+    echo "command: ${node_env}${script_env}SESSIONS_PER_NODE=$SESSIONS_PER_NODE DURATION=$DURATION IDLE_HOLD=$IDLE_HOLD CONCURRENCY=$CONCURRENCY PAYLOAD_BYTES=$PAYLOAD_BYTES DRAIN=$DRAIN BROADCAST_DRAIN=$BROADCAST_DRAIN WARMUP=${WARMUP:-5} NOISY_RETRIES=$NOISY_RETRIES QUIET_WAIT=$QUIET_WAIT SYSTEMS=\"$SYSTEMS\" bench/compare.sh"
     echo
     node bench/compare-report.js "$OUT_DIR" "$FANOUT_RATES" "$BROADCAST_RATES"
 } | tee "$OUT_DIR/table.md"
