@@ -339,7 +339,7 @@ pub(super) fn take_batch(
     keys: &Keys,
     desired: &mut HashSet<String>,
     first: SubCommand,
-    cmds: &mut mpsc::Receiver<SubCommand>,
+    cmds: &mut mpsc::UnboundedReceiver<SubCommand>,
 ) -> (Vec<String>, Vec<String>, Vec<oneshot::Sender<()>>) {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
