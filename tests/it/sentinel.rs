@@ -4,13 +4,11 @@
 //! failover, follow the promoted replica and deliver every durable message exactly once.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
@@ -263,6 +261,7 @@ async fn sentinel_failover_under_durable_load_loses_and_duplicates_nothing() {
         durable,
         plain_ok,
         refused,
+        ..
     } = producer.finish().await;
 
     // Both sessions survived and hold exactly the inbox: every accepted message, each once,
