@@ -52,6 +52,9 @@ pub(crate) const REDIS_ERRORS: &str = "herald_redis_errors_total";
 pub(crate) const PUBSUB_CONNECTED: &str = "herald_pubsub_connected";
 /// Counter: pub/sub (re)connections that completed their subscriptions.
 pub(crate) const PUBSUB_RECONNECTS: &str = "herald_pubsub_reconnects_total";
+/// Counter: sharded subscriptions Redis Cluster dropped because their slot moved to another
+/// master (resharding), each subscribed again on the new owner.
+pub(crate) const PUBSUB_SLOT_MOVES: &str = "herald_pubsub_slot_moves_total";
 /// Gauge: 1 while the node reports ready.
 pub(crate) const READY: &str = "herald_ready";
 /// Counter: API requests, by `route` and `status`.

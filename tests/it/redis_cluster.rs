@@ -4,7 +4,9 @@
 //! everyone, keep each durable inbox in its user's slot, count a producer's plain PUBLISH
 //! instead of delivering it, and, when a shard master is killed (`kill -9`) under a steady
 //! stream of durable and plain publishes, go not-ready only for the failover and deliver
-//! every durable message exactly once.
+//! every durable message exactly once; and when a user's slot is moved to another master
+//! (manual resharding) under the same stream, keep the user's sessions, subscribe the
+//! user's channel on the new owner and deliver every durable message exactly once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -318,6 +320,7 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
     let Produced {
         durable,
         plain_ok,
+        plain_at,
         refused,
     } = producer.finish().await;
 
@@ -368,6 +371,35 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
         );
         let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
         plain_lost.push(plain_ok.iter().filter(|p| !seen.contains(p)).count());
+        // When each lost plain message was accepted, in ms from the kill (negative: before
+        // it), to tell which part of the failover costs them.
+        let lost_at: Vec<(i64, i128)> = plain_ok
+            .iter()
+            .zip(&plain_at)
+            .filter(|(p, _)| !seen.contains(*p))
+            .map(|(p, t)| {
+                let ms = if *t >= killed_at {
+                    t.duration_since(killed_at).as_millis() as i128
+                } else {
+                    -(killed_at.duration_since(*t).as_millis() as i128)
+                };
+                (*p, ms)
+            })
+            .collect();
+        let accepted_ms: Vec<i128> = plain_at
+            .iter()
+            .map(|t| {
+                if *t >= killed_at {
+                    t.duration_since(killed_at).as_millis() as i128
+                } else {
+                    -(killed_at.duration_since(*t).as_millis() as i128)
+                }
+            })
+            .collect();
+        eprintln!(
+            "cluster failover: plain lost on {name} (p, ms after the kill): {lost_at:?}; \
+             every accepted plain at (ms): {accepted_ms:?}"
+        );
     }
     // Printed for the record (bench/history.md), not asserted: plain messages are
     // fire-and-forget, and how many a failover costs depends on timing.
@@ -605,4 +637,209 @@ async fn a_killed_nodes_users_on_every_shard_get_exactly_one_offline() {
     assert_eq!(count(&evs, "offline", "shared"), 0, "{evs:?}");
     assert_eq!(count(&evs, "online", "shared"), 1, "{evs:?}");
     assert!(b.online("shared").await);
+}
+
+/// The log line the subscriber writes when Redis drops one of its sharded subscriptions
+/// because the channel's slot moved away (src/cluster/broker/sharded.rs).
+const RESUBSCRIBED: &str = "a sharded subscription was dropped by the cluster";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_nothing() {
+    let cluster = RedisCluster::start("reshard");
+    let nodes = ready_nodes(&cluster, "cr", &["a", "b"]).await;
+    let mut nodes = nodes.into_iter();
+    let a = Arc::new(nodes.next().expect("a"));
+    let b = Arc::new(nodes.next().expect("b"));
+    let user = "rs";
+    let tag = format!("{{{user}}}");
+    let channel = user_key("cr", "user", user);
+    // One session of the user on each node: each must end up with the whole inbox.
+    let c1 = connect(&a, user, &[]).await;
+    let c2 = connect(&b, user, &[]).await;
+    b.wait_presence_nodes(user, &["a", "b"]).await;
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let (got1, r1) = spawn_reader(c1.ws, stop_readers.clone());
+    let (got2, r2) = spawn_reader(c2.ws, stop_readers.clone());
+
+    // The producer: every 50 ms one durable and one plain message, alternating nodes.
+    let producer = Producer::start(a.clone(), b.clone(), user);
+    let more = |n: usize| {
+        let target = producer.accepted() + n;
+        let producer = &producer;
+        async move {
+            eventually(
+                WAIT,
+                &format!("{target} durable messages accepted"),
+                || async { (producer.accepted() >= target).then_some(()) },
+            )
+            .await;
+        }
+    };
+    more(10).await;
+
+    // Move the user's slot to another master while the producer goes on, with a pause at
+    // each step: while the slot is migrating with its keys on the source, after the keys
+    // moved (the source answers ASK for them), and after the new owner was announced.
+    let slot = cluster.slot(&tag);
+    let src = cluster.master_of(&tag);
+    let dst = cluster
+        .masters()
+        .into_iter()
+        .find(|&p| p != src)
+        .expect("another master");
+    // While the slot is migrating, Redis refuses a script that touches a key of the slot
+    // it does not hold (herald_notify creates the idempotency key): durable publishes are
+    // refused (503) and retried until the move ends, so here the wait is for ticks of the
+    // producer, not for accepted messages.
+    let ticks = |n: usize| {
+        let target = producer.attempts() + n;
+        let producer = &producer;
+        async move {
+            eventually(WAIT, &format!("{target} producer ticks"), || async {
+                (producer.attempts() >= target).then_some(())
+            })
+            .await;
+        }
+    };
+    let mv = cluster.begin_slot_move(slot, dst);
+    ticks(10).await;
+    let moved = cluster.migrate_slot_keys(&mv);
+    assert!(moved > 0, "the user's inbox and cursor live in the slot");
+    ticks(10).await;
+    cluster.finish_slot_move(&mv);
+    eventually(WAIT, "every cluster node names the new owner", || async {
+        (cluster.agreed_master_of(&tag) == Some(dst)).then_some(())
+    })
+    .await;
+
+    // Redis dropped each node's subscription of the user's channel on the old owner (an
+    // SUNSUBSCRIBE push); each node subscribed again, now on the new owner.
+    for (name, n) in [("a", &a), ("b", &b)] {
+        eventually(
+            WAIT,
+            &format!("node {name} logged the resubscription"),
+            || async {
+                let log = n.log_text();
+                log.lines()
+                    .any(|l| l.contains(RESUBSCRIBED) && l.contains(&channel))
+                    .then_some(())
+            },
+        )
+        .await;
+        assert!(
+            n.metric("herald_pubsub_slot_moves_total").await >= 1.0,
+            "node {name} counted the moved subscription"
+        );
+    }
+    eventually(WAIT, "both nodes subscribed on the new owner", || async {
+        let v: Vec<redis::Value> = cluster
+            .cmd_on(dst, &["PUBSUB", "SHARDNUMSUB", &channel])
+            .ok()?;
+        (v.get(1) == Some(&redis::Value::Int(2))).then_some(())
+    })
+    .await;
+    let on_src: Vec<redis::Value> = cluster
+        .cmd_on(src, &["PUBSUB", "SHARDNUMSUB", &channel])
+        .expect("shardnumsub on the old owner");
+    assert_eq!(on_src.get(1), Some(&redis::Value::Int(0)), "{on_src:?}");
+    for n in [&a, &b] {
+        n.wait_ready().await;
+    }
+    // Presence followed the slot: both sessions, each on its node, read on either node.
+    a.wait_presence_nodes(user, &["a", "b"]).await;
+    b.wait_presence_nodes(user, &["a", "b"]).await;
+    more(20).await;
+    let Produced {
+        durable,
+        plain_ok,
+        refused,
+        ..
+    } = producer.finish().await;
+
+    // Later messages, plain and durable, reach both sessions.
+    a.publish(json!({"user": user, "data": {"p": -1}})).await;
+    let last = b.publish_durable(user, json!({"k": -1})).await;
+    for (name, got) in [("a", &got1), ("b", &got2)] {
+        eventually(
+            WAIT,
+            &format!("the session on {name} got the later messages"),
+            || async {
+                let r = got.lock().unwrap();
+                assert!(
+                    r.ended.is_none(),
+                    "the session on {name} ended: {:?}",
+                    r.ended
+                );
+                (r.plain.contains(&-1) && r.durable.iter().any(|(id, _)| *id == last)).then_some(())
+            },
+        )
+        .await;
+    }
+    stop_readers.store(true, Ordering::Relaxed);
+    let _ = (r1.await, r2.await);
+
+    // No failover: every accepted durable message is in the inbox on the new owner, and
+    // each session received exactly the inbox, in order, once each.
+    let inbox: Vec<String> = {
+        let key = user_key("cr", "inbox", user);
+        let entries: Vec<(String, HashMap<String, redis::Value>)> = cluster
+            .cmd_on(dst, &["XRANGE", &key, "-", "+"])
+            .expect("xrange on the new owner");
+        entries.into_iter().map(|(id, _)| id).collect()
+    };
+    let mut accepted: Vec<String> = durable.iter().map(|(_, id)| id.clone()).collect();
+    accepted.push(last.clone());
+    assert_eq!(
+        inbox.iter().cloned().collect::<BTreeSet<_>>(),
+        accepted.iter().cloned().collect::<BTreeSet<_>>(),
+        "the inbox holds every accepted message"
+    );
+    assert_eq!(inbox.len(), accepted.len(), "one inbox entry per message");
+    let mut plain_lost = Vec::new();
+    for (name, got) in [("a", &got1), ("b", &got2)] {
+        let r = got.lock().unwrap();
+        assert!(r.gaps.is_empty(), "gap frames on {name}: {:?}", r.gaps);
+        let ids: Vec<String> = r.durable.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            ids, inbox,
+            "the session on {name} received the inbox, in order, once each"
+        );
+        let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
+        plain_lost.push(plain_ok.iter().filter(|p| !seen.contains(p)).count());
+    }
+
+    // Replay and ack on the new owner: a session that saw all but the last two replays
+    // them, and its ack moves the cursor, which lives on the new owner.
+    let n = inbox.len();
+    let url = b.ws_url(&format!(
+        "?token={}&since={}",
+        token(user, &[]),
+        inbox[n - 3]
+    ));
+    let mut c = connect_url(&url).await;
+    for id in &inbox[n - 2..] {
+        let m = recv_message(&mut c.ws, WAIT).await.expect("replay");
+        assert_eq!(m["id"], id.as_str());
+    }
+    send_text(&mut c.ws, &format!(r#"{{"type":"ack","id":"{last}"}}"#)).await;
+    let cursor = user_key("cr", "cursor", user);
+    eventually(WAIT, "the cursor moved on the new owner", || async {
+        let v: Option<String> = cluster.cmd_on(dst, &["GET", &cursor]).ok()?;
+        (v.as_deref() == Some(last.as_str())).then_some(())
+    })
+    .await;
+    let fresh = connect(&a, user, &[]).await;
+    assert_eq!(fresh.welcome["unread"], 0, "everything was acknowledged");
+    close_client(fresh.ws).await;
+    close_client(c.ws).await;
+
+    // Printed for the record: plain messages are fire-and-forget, and those published
+    // between the old owner's SUNSUBSCRIBE and the new subscription are not delivered.
+    eprintln!(
+        "resharding: slot {slot} moved {src} -> {dst} with {moved} keys; durable accepted {} \
+         (refused attempts {refused}), lost 0, duplicated 0; plain accepted {}, lost {:?} (a, b)",
+        durable.len(),
+        plain_ok.len(),
+        plain_lost
+    );
 }

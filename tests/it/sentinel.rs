@@ -261,6 +261,7 @@ async fn sentinel_failover_under_durable_load_loses_and_duplicates_nothing() {
         durable,
         plain_ok,
         refused,
+        ..
     } = producer.finish().await;
 
     // Both sessions survived and hold exactly the inbox: every accepted message, each once,

@@ -20,6 +20,12 @@
 //! then: a command on the lost master's slots is what makes redis-rs ask for the slot map
 //! again (and then move its subscriptions). Only a shard silent for [`REBUILD_AFTER`] makes
 //! it rebuild the connection from the seed nodes.
+//!
+//! Resharding: when a slot's new owner is announced, the old owner drops the sharded
+//! subscriptions of the slot's channels (an SUNSUBSCRIBE push, which redis-rs also forgets).
+//! The loop subscribes each wanted channel again (redis-rs routes it to the new owner) and,
+//! because what was published in between reached nobody, has every session caught up from
+//! its inbox, parked first as after a reconnect.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -204,13 +210,27 @@ pub(super) async fn run(
                             let Some((channel, _)) = channel_and_payload(&push.data) else {
                                 continue;
                             };
-                            let wanted = desired.contains(channel)
-                                || keys.parse_shard_canary(channel).is_some_and(|t| canaries.iter().any(|c| c == t));
-                            if wanted {
-                                tracing::info!(channel, "a sharded subscription was dropped by the cluster; subscribing again");
-                                if !subscribe(&conn, vec![channel.to_string()], Verb::Subscribe).await {
-                                    break "resubscribe failed";
-                                }
+                            let canary = keys.parse_shard_canary(channel).is_some_and(|t| canaries.iter().any(|c| c == t));
+                            if !canary && !desired.contains(channel) {
+                                continue;
+                            }
+                            tracing::info!(channel, "a sharded subscription was dropped by the cluster; subscribing again");
+                            metrics::counter!(m::PUBSUB_SLOT_MOVES).increment(1);
+                            // What was published on the channel between the drop and the new
+                            // subscription reached nobody here (the producer's SPUBLISH, or
+                            // herald_notify's, ran on the new owner with no subscriber yet).
+                            // Durable messages are in the inboxes: park every session's live
+                            // deliveries before the new subscription can deliver anything, and
+                            // catch them up once it is confirmed, as after a reconnect.
+                            // A canary carries nothing for sessions and needs no catch-up.
+                            if !canary {
+                                s.router.hold_all_for_catch_up();
+                            }
+                            if !subscribe(&conn, vec![channel.to_string()], Verb::Subscribe).await {
+                                break "resubscribe failed";
+                            }
+                            if !canary {
+                                s.subscribed.send_modify(|g| *g = g.wrapping_add(1));
                             }
                         }
                         _ => {}

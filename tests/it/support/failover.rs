@@ -93,6 +93,8 @@ pub struct Produced {
     pub durable: Vec<(i64, String)>,
     /// Plain messages' data `p` that a node accepted.
     pub plain_ok: Vec<i64>,
+    /// When each of `plain_ok` was accepted (the reply arrived), in the same order.
+    pub plain_at: Vec<Instant>,
     /// Durable attempts a node refused (retried with the same idempotency key).
     pub refused: usize,
 }
@@ -102,6 +104,7 @@ pub struct Produced {
 /// alternating between two nodes. Bounded in count (3,000 attempts) and time (90 s).
 pub struct Producer {
     accepted: Arc<AtomicUsize>,
+    attempts: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Produced>,
 }
@@ -110,13 +113,15 @@ impl Producer {
     pub fn start(a: Arc<Herald>, b: Arc<Herald>, user: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let attempts = Arc::new(AtomicUsize::new(0));
         let user = user.to_string();
         let task = {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
+            let (stop, accepted, attempts) = (stop.clone(), accepted.clone(), attempts.clone());
             tokio::spawn(async move {
                 let mut out = Produced {
                     durable: Vec::new(),
                     plain_ok: Vec::new(),
+                    plain_at: Vec::new(),
                     refused: 0,
                 };
                 let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -126,6 +131,7 @@ impl Producer {
                 while !stop.load(Ordering::Relaxed) && attempt < 3000 && Instant::now() < deadline {
                     tick.tick().await;
                     attempt += 1;
+                    attempts.store(attempt, Ordering::Relaxed);
                     let node = if attempt.is_multiple_of(2) { &a } else { &b };
                     let body = json!({"user": user, "durable": true, "data": {"k": k},
                                       "idempotency_key": format!("k-{k}")});
@@ -144,6 +150,7 @@ impl Producer {
                         .is_some()
                     {
                         out.plain_ok.push(p);
+                        out.plain_at.push(Instant::now());
                     }
                 }
                 out
@@ -151,6 +158,7 @@ impl Producer {
         };
         Self {
             accepted,
+            attempts,
             stop,
             task,
         }
@@ -159,6 +167,11 @@ impl Producer {
     /// Durable messages accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Ticks started so far (each publishes one durable attempt and one plain message).
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(Ordering::Relaxed)
     }
 
     /// Stops publishing and returns what was accepted.

@@ -2,7 +2,8 @@
 //! (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster create
 //! --cluster-replicas 1`), each node on a free loopback port below 55535 (its cluster bus
 //! listens on the port + 10000) with its own directory and cluster config file. A master
-//! can be killed (`kill -9`) on demand; every process is stopped by its PID on drop.
+//! can be killed (`kill -9`) on demand, and a slot can be moved from one master to another
+//! by the manual resharding procedure; every process is stopped by its PID on drop.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -261,6 +262,95 @@ impl RedisCluster {
         self.cmd_on(self.master_of(key), args)
     }
 
+    /// The cluster node id of the node on `port` (`CLUSTER MYID`).
+    pub fn node_id(&self, port: u16) -> String {
+        self.cmd_on(port, &["CLUSTER", "MYID"])
+            .expect("cluster myid")
+    }
+
+    /// Starts moving `slot` from its master to the master on `dst`, the first step of the
+    /// manual resharding procedure: `CLUSTER SETSLOT <slot> IMPORTING <src-id>` on the target,
+    /// then `MIGRATING <dst-id>` on the source. From now on the source answers a command on a
+    /// key it no longer holds with an ASK redirection to the target.
+    pub fn begin_slot_move(&self, slot: u16, dst: u16) -> SlotMove {
+        let src = self
+            .slot_map()
+            .into_iter()
+            .find(|&(a, b, _)| (a..=b).contains(&slot))
+            .map(|(_, _, p)| p)
+            .expect("a master owns every slot");
+        assert_ne!(src, dst, "the slot moves to another master");
+        let m = SlotMove {
+            slot: slot.to_string(),
+            src,
+            dst,
+            src_id: self.node_id(src),
+            dst_id: self.node_id(dst),
+        };
+        let _: () = self
+            .cmd_on(
+                dst,
+                &["CLUSTER", "SETSLOT", &m.slot, "IMPORTING", &m.src_id],
+            )
+            .expect("setslot importing");
+        let _: () = self
+            .cmd_on(
+                src,
+                &["CLUSTER", "SETSLOT", &m.slot, "MIGRATING", &m.dst_id],
+            )
+            .expect("setslot migrating");
+        m
+    }
+
+    /// Moves every key of the slot to the target (`CLUSTER GETKEYSINSLOT` and
+    /// `MIGRATE ... KEYS`, until the source holds none); returns how many moved.
+    pub fn migrate_slot_keys(&self, m: &SlotMove) -> usize {
+        let dst_port = m.dst.to_string();
+        let mut moved = 0;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let keys: Vec<String> = self
+                .cmd_on(m.src, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "100"])
+                .expect("getkeysinslot");
+            if keys.is_empty() {
+                return moved;
+            }
+            assert!(Instant::now() < deadline, "the slot's keys never all moved");
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                dst_port.as_str(),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+            ];
+            args.extend(keys.iter().map(String::as_str));
+            // NOKEY when a key expired between the two commands: the next round sees.
+            let _: redis::Value = self.cmd_on(m.src, &args).expect("migrate");
+            moved += keys.len();
+        }
+    }
+
+    /// Ends the move: `CLUSTER SETSLOT <slot> NODE <dst-id>` on the target, the source and
+    /// then every other master, as the manual procedure says (the replicas learn it by
+    /// gossip). Redis then drops the source's sharded subscriptions of the slot's channels
+    /// (an SUNSUBSCRIBE push to each subscriber).
+    pub fn finish_slot_move(&self, m: &SlotMove) {
+        let others: Vec<u16> = self
+            .masters()
+            .into_iter()
+            .filter(|&p| p != m.dst && p != m.src)
+            .collect();
+        let mut order = vec![m.dst, m.src];
+        order.extend(others);
+        for port in order {
+            let _: () = self
+                .cmd_on(port, &["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.dst_id])
+                .expect("setslot node");
+        }
+    }
+
     /// `kill -9` of the node on `port`.
     pub fn kill(&mut self, port: u16) {
         let node = self
@@ -280,6 +370,17 @@ impl RedisCluster {
         self.kill(port);
         port
     }
+}
+
+/// A slot on its way from one master to another (see [`RedisCluster::begin_slot_move`]).
+pub struct SlotMove {
+    slot: String,
+    /// The source master's port.
+    pub src: u16,
+    /// The target master's port.
+    pub dst: u16,
+    src_id: String,
+    dst_id: String,
 }
 
 impl Drop for RedisCluster {
