@@ -196,6 +196,19 @@ impl Fanout {
         clients.len()
     }
 
+    /// Parks live deliveries to the local sessions of `user` until each is caught up, as
+    /// [`hold_all_for_catch_up`](Self::hold_all_for_catch_up) does for everyone: called when
+    /// only that user's channel lost its subscription (its slot moved to another master).
+    /// Returns how many sessions wait for a catch-up.
+    pub(crate) fn hold_user_for_catch_up(&self, user: &str) -> usize {
+        let mut clients = Vec::new();
+        self.hub.user_sessions(user, &mut clients);
+        for client in &clients {
+            client.hold_for_catch_up();
+        }
+        clients.len()
+    }
+
     /// Closes every local session of `user` with 4002 (`POST /api/disconnect`); returns how
     /// many were told.
     pub(crate) fn kick(&self, user: &str) -> usize {

@@ -660,6 +660,16 @@ async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_not
     let stop_readers = Arc::new(AtomicBool::new(false));
     let (got1, r1) = spawn_reader(c1.ws, stop_readers.clone());
     let (got2, r2) = spawn_reader(c2.ws, stop_readers.clone());
+    // A bystander on node a whose slot stays where it is: the move must not park it or
+    // catch it up (only the moved user channel's sessions need that).
+    let src_before = cluster.master_of(&tag);
+    let bystander = (0..200)
+        .map(|i| format!("by{i}"))
+        .find(|u| cluster.master_of(&format!("{{{u}}}")) != src_before)
+        .expect("a user whose slot is on another master");
+    let _c3 = connect(&a, &bystander, &[]).await;
+    a.wait_presence_nodes(&bystander, &["a"]).await;
+    let caught_up_before = a.metric("herald_catch_up_sessions_total").await;
 
     // The producer: every 50 ms one durable and one plain message, alternating nodes.
     let producer = Producer::start(a.clone(), b.clone(), user);
@@ -745,6 +755,15 @@ async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_not
     for n in [&a, &b] {
         n.wait_ready().await;
     }
+    // Node a caught up the moved user's session, and only it.
+    eventually(
+        WAIT,
+        "node a caught the moved user's session up",
+        || async {
+            (a.metric("herald_catch_up_sessions_total").await > caught_up_before).then_some(())
+        },
+    )
+    .await;
     // Presence followed the slot: both sessions, each on its node, read on either node.
     a.wait_presence_nodes(user, &["a", "b"]).await;
     b.wait_presence_nodes(user, &["a", "b"]).await;
@@ -777,6 +796,11 @@ async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_not
     }
     stop_readers.store(true, Ordering::Relaxed);
     let _ = (r1.await, r2.await);
+    assert_eq!(
+        a.metric("herald_catch_up_sessions_total").await - caught_up_before,
+        1.0,
+        "node a caught up the moved user's one session, not the bystander's"
+    );
 
     // No failover: every accepted durable message is in the inbox on the new owner, and
     // each session received exactly the inbox, in order, once each.

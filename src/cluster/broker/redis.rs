@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{interval, sleep, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -17,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::router::{ControlMessage, Router};
 use crate::cluster::connect::Connector;
 use crate::cluster::error::{bounded, RedisError};
-use crate::cluster::keys::Keys;
-use crate::cluster::pool::Pool;
+use crate::cluster::keys::{slot_of, Keys};
+use crate::cluster::pool::{Link, Pool};
 use crate::delivery::{SubCommand, Target};
 use crate::metrics as m;
 
@@ -105,11 +106,24 @@ impl RedisBroker {
         };
         let result = bounded(async {
             let mut conn = self.pool.get().await?;
-            let n: u64 = ::redis::cmd(verb)
-                .arg(channel)
-                .arg(payload)
-                .query_async(&mut *conn)
-                .await?;
+            let mut cmd = ::redis::cmd(verb);
+            cmd.arg(channel).arg(payload);
+            let n: u64 = match &mut *conn {
+                // redis-rs counts SPUBLISH among the read-only commands, so when a shard's
+                // master cannot be reached it sends the command to the shard's replica,
+                // which answers it for its own subscribers (none: the nodes subscribe on the
+                // master) and returns 0. The publish would "succeed" and reach nobody while
+                // the failover runs. Routed to the master only, it fails instead, and the API
+                // answers 503 so the producer knows to retry.
+                Link::Cluster(c) => {
+                    let route = Route::new(slot_of(channel), SlotAddr::Master);
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    ::redis::from_redis_value(c.route_command(cmd, routing).await?)
+                        .map_err(::redis::RedisError::from)?
+                }
+                link => cmd.query_async(link).await?,
+            };
             Ok(n)
         })
         .await;

@@ -76,6 +76,17 @@ impl Router {
         self.fanout.hold_all_for_catch_up()
     }
 
+    /// Parks the live deliveries of the sessions that `channel` feeds and that a catch-up
+    /// can serve: a user channel's sessions (only user messages are durable, so a topic,
+    /// broadcast or control channel has nothing to catch up). Returns how many sessions
+    /// wait for a catch-up.
+    pub(crate) fn hold_channel_for_catch_up(&self, channel: &str) -> usize {
+        match self.keys.parse_channel(channel) {
+            Some(Channel::User(user)) => self.fanout.hold_user_for_catch_up(user),
+            _ => 0,
+        }
+    }
+
     /// Routes one payload received on `channel`. Returns once it is written to every local
     /// recipient (see [`Fanout::handle_spread`]), so the next one keeps each session's order.
     pub(crate) async fn route(&self, channel: &str, payload: &[u8]) -> Routed {

@@ -24,8 +24,9 @@
 //! Resharding: when a slot's new owner is announced, the old owner drops the sharded
 //! subscriptions of the slot's channels (an SUNSUBSCRIBE push, which redis-rs also forgets).
 //! The loop subscribes each wanted channel again (redis-rs routes it to the new owner) and,
-//! because what was published in between reached nobody, has every session caught up from
-//! its inbox, parked first as after a reconnect.
+//! because what was published in between reached nobody, has the sessions of a moved user
+//! channel caught up from their inbox, parked first as after a reconnect (only they: the
+//! other channels carry nothing durable).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -219,17 +220,18 @@ pub(super) async fn run(
                             // What was published on the channel between the drop and the new
                             // subscription reached nobody here (the producer's SPUBLISH, or
                             // herald_notify's, ran on the new owner with no subscriber yet).
-                            // Durable messages are in the inboxes: park every session's live
-                            // deliveries before the new subscription can deliver anything, and
-                            // catch them up once it is confirmed, as after a reconnect.
-                            // A canary carries nothing for sessions and needs no catch-up.
-                            if !canary {
-                                s.router.hold_all_for_catch_up();
-                            }
+                            // Durable messages are in the user's inbox: park that user's
+                            // sessions before the new subscription can deliver anything, and
+                            // catch them up once it is confirmed, as after a reconnect. Only
+                            // the channel's own users: a reshard moves thousands of slots, and
+                            // parking everyone per moved channel would replay every session
+                            // over and over. Topic, broadcast, control and canary channels
+                            // carry nothing durable, so nothing of theirs is parked.
+                            let held = s.router.hold_channel_for_catch_up(channel);
                             if !subscribe(&conn, vec![channel.to_string()], Verb::Subscribe).await {
                                 break "resubscribe failed";
                             }
-                            if !canary {
+                            if held > 0 {
                                 s.subscribed.send_modify(|g| *g = g.wrapping_add(1));
                             }
                         }
