@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,14 @@ use crate::delivery::{Counts, SessionInfo};
 /// Shared Lua prelude: every script gets the same first five ARGV (presence TTL, offline
 /// grace, events stream cap and TTL, whether events are written inline) and its helpers.
 const PRELUDE: &str = include_str!("../lua/presence_prelude.lua");
+
+/// Values of `dirty`: no rewrite is due; a session write failed; the subscription was
+/// rebuilt (a Redis restart or failover may have lost recent writes).
+const DIRTY_NONE: u8 = 0;
+const DIRTY_WRITE_FAILED: u8 = 1;
+const DIRTY_RESUBSCRIBED: u8 = 2;
+/// The reason a rotation after a rebuilt subscription logs.
+const RESUBSCRIBED: &str = "the subscription was rebuilt";
 
 /// How often every user a node holds has its presence key refreshed (by one heartbeat in
 /// `REFRESH_PERIOD / heartbeat interval`). The key TTL is twice this plus the presence TTL.
@@ -114,8 +122,9 @@ pub(crate) struct RedisPresence {
     /// appended by the node (Redis Cluster: the events stream lives in another slot).
     inline_events: bool,
     lease: Arc<Mutex<Lease>>,
-    /// A session write failed: the next heartbeat takes a new lease and writes everything.
-    dirty: Arc<AtomicBool>,
+    /// Why the next heartbeat takes a new lease and writes everything ([`DIRTY_NONE`] when
+    /// it need not): a session write failed, or the subscription was rebuilt.
+    dirty: Arc<AtomicU8>,
     /// A full rewrite is in flight; sessions closed meanwhile are listed in `closed`.
     reasserting: Arc<AtomicBool>,
     closed: Arc<Mutex<Vec<(SessionInfo, String)>>>,
@@ -296,7 +305,7 @@ impl RedisPresence {
     /// Marks presence for a full rewrite under a new lease when `result` failed.
     fn note<T>(&self, result: Result<T, RedisError>) -> Result<T, RedisError> {
         if result.is_err() {
-            self.dirty.store(true, Ordering::Relaxed);
+            self.dirty.store(DIRTY_WRITE_FAILED, Ordering::Relaxed);
         }
         result
     }
@@ -381,8 +390,10 @@ impl RedisPresence {
     ) -> Result<(), RedisError> {
         let pooled = self.pool.get().await?;
         let mut conn = (*pooled).clone();
-        if self.dirty.swap(false, Ordering::Relaxed) {
-            self.rotate(&mut conn, "a presence write failed").await?;
+        match self.dirty.swap(DIRTY_NONE, Ordering::Relaxed) {
+            DIRTY_NONE => {}
+            DIRTY_RESUBSCRIBED => self.rotate(&mut conn, RESUBSCRIBED).await?,
+            _ => self.rotate(&mut conn, "a presence write failed").await?,
         }
         let (lease, created) = {
             let l = self.lock();
@@ -530,7 +541,13 @@ impl RedisPresence {
     /// A lease not created yet is written whole by its first heartbeat anyway.
     pub(crate) fn reassert_next(&self) {
         if self.lock().created {
-            self.dirty.store(true, Ordering::Relaxed);
+            // A write failure already asks for the same rewrite; its reason is kept.
+            let _ = self.dirty.compare_exchange(
+                DIRTY_NONE,
+                DIRTY_RESUBSCRIBED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -578,7 +595,13 @@ impl RedisPresence {
         let old = self.lease_id();
         let n = self.epochs.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}~{:08x}", self.node, rand_epoch(n));
-        tracing::warn!(old = %old, new = %id, why, "taking a new presence lease; re-asserting every session");
+        if n == 1 && why == RESUBSCRIBED {
+            // The first rotation of a process that follows a subscription follows its first
+            // subscription, which every start makes: routine, and not worth a warning.
+            tracing::info!(old = %old, new = %id, why, "taking a new presence lease; re-asserting every session");
+        } else {
+            tracing::warn!(old = %old, new = %id, why, "taking a new presence lease; re-asserting every session");
+        }
         {
             let mut l = self.lock();
             *l = Lease {
