@@ -164,7 +164,17 @@ pub(crate) async fn catch_up(
 
 /// Pauses between tries of an inbox read: a command connection broken by the same network
 /// event as the subscription fails once and is replaced, so a second try usually works.
-const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+/// The later pauses (3.5 s in all) cover a Redis Cluster failover: a node can hear every
+/// shard's canary again, become ready and start its catch-up while the cluster still
+/// answers the failed shard's slots with `MOVED` to the dead master or `CLUSTERDOWN`
+/// (the promotion reaches every cluster node by gossip, within about a second). Giving up
+/// earlier closed live sessions (1012, "resync") right after such a failover.
+const RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+];
 
 /// Runs an inbox read, trying again after each of [`RETRY_PAUSES`]; `None` when every try
 /// failed (each failure is logged and counted under `op`).

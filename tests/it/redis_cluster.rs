@@ -363,39 +363,24 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
     let mut plain_lost = Vec::new();
     for (name, got) in [("a", &got1), ("b", &got2)] {
         let r = got.lock().unwrap();
-        assert!(r.gaps.is_empty(), "gap frames on {name}: {:?}", r.gaps);
-        let ids: Vec<String> = r.durable.iter().map(|(id, _)| id.clone()).collect();
-        assert_eq!(
-            ids, inbox,
-            "the session on {name} received the inbox, in order, once each"
-        );
-        let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
-        plain_lost.push(plain_ok.iter().filter(|p| !seen.contains(p)).count());
+        plain_lost.push(r.check_inbox(name, &inbox, &plain_ok));
         // When each lost plain message was accepted, in ms from the kill (negative: before
         // it), to tell which part of the failover costs them.
+        let ms_from_kill = |t: &Instant| {
+            if *t >= killed_at {
+                t.duration_since(killed_at).as_millis() as i128
+            } else {
+                -(killed_at.duration_since(*t).as_millis() as i128)
+            }
+        };
+        let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
         let lost_at: Vec<(i64, i128)> = plain_ok
             .iter()
             .zip(&plain_at)
             .filter(|(p, _)| !seen.contains(*p))
-            .map(|(p, t)| {
-                let ms = if *t >= killed_at {
-                    t.duration_since(killed_at).as_millis() as i128
-                } else {
-                    -(killed_at.duration_since(*t).as_millis() as i128)
-                };
-                (*p, ms)
-            })
+            .map(|(p, t)| (*p, ms_from_kill(t)))
             .collect();
-        let accepted_ms: Vec<i128> = plain_at
-            .iter()
-            .map(|t| {
-                if *t >= killed_at {
-                    t.duration_since(killed_at).as_millis() as i128
-                } else {
-                    -(killed_at.duration_since(*t).as_millis() as i128)
-                }
-            })
-            .collect();
+        let accepted_ms: Vec<i128> = plain_at.iter().map(ms_from_kill).collect();
         eprintln!(
             "cluster failover: plain lost on {name} (p, ms after the kill): {lost_at:?}; \
              every accepted plain at (ms): {accepted_ms:?}"
@@ -822,14 +807,7 @@ async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_not
     let mut plain_lost = Vec::new();
     for (name, got) in [("a", &got1), ("b", &got2)] {
         let r = got.lock().unwrap();
-        assert!(r.gaps.is_empty(), "gap frames on {name}: {:?}", r.gaps);
-        let ids: Vec<String> = r.durable.iter().map(|(id, _)| id.clone()).collect();
-        assert_eq!(
-            ids, inbox,
-            "the session on {name} received the inbox, in order, once each"
-        );
-        let seen: BTreeSet<i64> = r.plain.iter().copied().collect();
-        plain_lost.push(plain_ok.iter().filter(|p| !seen.contains(p)).count());
+        plain_lost.push(r.check_inbox(name, &inbox, &plain_ok));
     }
 
     // Replay and ack on the new owner: a session that saw all but the last two replays

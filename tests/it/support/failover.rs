@@ -2,6 +2,7 @@
 //! and plain messages, a reader that records what a client got, and a watch of a node's
 //! not-ready window.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,27 @@ pub struct Received {
     pub gaps: Vec<Value>,
     /// How the session ended, if it did (a close code, or 0 for a dropped connection).
     pub ended: Option<u16>,
+}
+
+impl Received {
+    /// Asserts that the session got no gap frame and exactly `inbox`'s durable messages, in
+    /// order, once each; returns how many of the accepted plain messages `plain_ok` it did
+    /// not get.
+    pub fn check_inbox(&self, name: &str, inbox: &[String], plain_ok: &[i64]) -> usize {
+        assert!(
+            self.gaps.is_empty(),
+            "gap frames on {name}: {:?}",
+            self.gaps
+        );
+        let ids: Vec<&String> = self.durable.iter().map(|(id, _)| id).collect();
+        let want: Vec<&String> = inbox.iter().collect();
+        assert_eq!(
+            ids, want,
+            "the session on {name} received the inbox, in order, once each"
+        );
+        let seen: BTreeSet<i64> = self.plain.iter().copied().collect();
+        plain_ok.iter().filter(|p| !seen.contains(p)).count()
+    }
 }
 
 /// Reads `ws` until `stop`, recording every message.
