@@ -343,19 +343,9 @@ async fn a_shard_master_failover_under_durable_load_loses_and_duplicates_nothing
         "the inbox holds only accepted messages"
     );
     for (name, got) in [("a", &got1), ("b", &got2)] {
-        eventually(
-            WAIT,
-            &format!("the session on {name} has the whole inbox"),
-            || async {
-                let r = got.lock().unwrap();
-                assert!(
-                    r.ended.is_none(),
-                    "the session on {name} ended: {:?}",
-                    r.ended
-                );
-                (r.durable.len() >= inbox.len()).then_some(())
-            },
-        )
+        wait_received(got, name, "has the whole inbox", |r| {
+            r.durable.len() >= inbox.len()
+        })
         .await;
     }
     stop_readers.store(true, Ordering::Relaxed);
@@ -764,19 +754,9 @@ async fn resharding_a_users_slot_under_durable_load_keeps_sessions_and_loses_not
     a.publish(json!({"user": user, "data": {"p": -1}})).await;
     let last = b.publish_durable(user, json!({"k": -1})).await;
     for (name, got) in [("a", &got1), ("b", &got2)] {
-        eventually(
-            WAIT,
-            &format!("the session on {name} got the later messages"),
-            || async {
-                let r = got.lock().unwrap();
-                assert!(
-                    r.ended.is_none(),
-                    "the session on {name} ended: {:?}",
-                    r.ended
-                );
-                (r.plain.contains(&-1) && r.durable.iter().any(|(id, _)| *id == last)).then_some(())
-            },
-        )
+        wait_received(got, name, "got the later messages", |r| {
+            r.plain.contains(&-1) && r.durable.iter().any(|(id, _)| *id == last)
+        })
         .await;
     }
     stop_readers.store(true, Ordering::Relaxed);

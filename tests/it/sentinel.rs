@@ -279,19 +279,9 @@ async fn sentinel_failover_under_durable_load_loses_and_duplicates_nothing() {
         "the inbox holds exactly the accepted messages"
     );
     for (name, got) in [("a", &got1), ("b", &got2)] {
-        eventually(
-            WAIT,
-            &format!("the session on {name} has the whole inbox"),
-            || async {
-                let r = got.lock().unwrap();
-                assert!(
-                    r.ended.is_none(),
-                    "the session on {name} ended: {:?}",
-                    r.ended
-                );
-                (r.durable.len() >= inbox.len()).then_some(())
-            },
-        )
+        wait_received(got, name, "has the whole inbox", |r| {
+            r.durable.len() >= inbox.len()
+        })
         .await;
     }
     stop_readers.store(true, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Herald, Ws, API_KEY, WAIT};
+use super::{eventually, Herald, Ws, API_KEY, WAIT};
 
 /// What one client received, read by its own task.
 #[derive(Default)]
@@ -44,6 +44,26 @@ impl Received {
         let seen: BTreeSet<i64> = self.plain.iter().copied().collect();
         plain_ok.iter().filter(|p| !seen.contains(p)).count()
     }
+}
+
+/// Waits until what the session on node `name` received satisfies `done`; fails the test
+/// at once if the session ended meanwhile.
+pub async fn wait_received(
+    got: &Mutex<Received>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&Received) -> bool,
+) {
+    eventually(WAIT, &format!("the session on {name} {what}"), || async {
+        let r = got.lock().unwrap();
+        assert!(
+            r.ended.is_none(),
+            "the session on {name} ended: {:?}",
+            r.ended
+        );
+        done(&r).then_some(())
+    })
+    .await;
 }
 
 /// Reads `ws` until `stop`, recording every message.

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use self::failover::{not_ready_window, spawn_reader, Produced, Producer};
+pub use self::failover::{not_ready_window, spawn_reader, wait_received, Produced, Producer};
 pub use self::nginx::{nginx_bin, Nginx};
 pub use self::node::{herald_bin, Herald, NodeOpts};
 pub use self::proxy::Proxy;
